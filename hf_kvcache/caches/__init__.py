@@ -1,0 +1,1 @@
+"""Cache strategies, one module each."""

@@ -1,0 +1,31 @@
+"""The `hf-kvcache` command line: one sub-command per tool."""
+
+import argparse
+import sys
+
+from hf_kvcache import demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-kvcache",
+        description="KV-cache strategies for Hugging Face transformers: try them, measure them.",
+        epilog="Run `hf-kvcache COMMAND --help` for the options of each command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        print(f"hf-kvcache {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Group-wise asymmetric (min/max, scale + zero point) quantization with packed codes.
+
+`quantize(x, bits, reduce_dim, group_size)` groups `x` along `reduce_dim` in runs of `group_size`
+elements that share one scale and one zero point (the group minimum). KIVI uses it twice:
+
+- keys per channel: `reduce_dim=-2` (tokens), one statistic per channel for each block of tokens;
+- values per token: `reduce_dim=-1` (channels), one statistic per token for each channel group.
+
+Codes are always packed along the channel dimension, so every token keeps whole bytes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from hf_kvcache.quant.packing import pack_codes, unpack_codes
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes plus the per-group scale and minimum that turn them back into numbers."""
+
+    codes: torch.Tensor  # uint8, [..., tokens, packed channels]
+    scale: torch.Tensor  # compute dtype, one entry per group
+    minimum: torch.Tensor  # compute dtype, same shape as scale
+    bits: int
+    reduce_dim: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes
+
+
+def _grouped(x: torch.Tensor, reduce_dim: int, group_size: int) -> torch.Tensor:
+    """View `x` with `reduce_dim` split into (groups, group_size); the group axis stays at `reduce_dim`."""
+    dim = reduce_dim % x.dim()
+    shape = (*x.shape[:dim], x.shape[dim] // group_size, group_size, *x.shape[dim + 1 :])
+    return x.reshape(shape)
+
+
+def quantize(x: torch.Tensor, bits: int, reduce_dim: int, group_size: int) -> QuantizedTensor:
+    """Quantize `x` to `bits` with one (scale, minimum) per `group_size` run along `reduce_dim`."""
+    if x.shape[reduce_dim] % group_size:
+        raise ValueError(f"size {x.shape[reduce_dim]} along dim {reduce_dim} is not a multiple of {group_size}")
+    dim = reduce_dim % x.dim()
+    grouped = _grouped(x.float(), dim, group_size)
+    minimum = grouped.amin(dim=dim + 1, keepdim=True)
+    maximum = grouped.amax(dim=dim + 1, keepdim=True)
+    levels = (1 << bits) - 1
+    # Statistics are stored in the input dtype; codes are computed from the stored (rounded) values so
+    # that dequantization reproduces the nearest level exactly.
+    scale = ((maximum - minimum) / levels).to(x.dtype)
+    minimum = minimum.to(x.dtype)
+    steps = (grouped - minimum.float()) / scale.float().clamp_min(1e-12)
+    codes = steps.round_().clamp_(0, levels).to(torch.uint8).reshape(x.shape)
+    return QuantizedTensor(
+        codes=pack_codes(codes, bits),
+        scale=scale.squeeze(dim + 1),
+        minimum=minimum.squeeze(dim + 1),
+        bits=bits,
+        reduce_dim=dim,
+        group_size=group_size,
+    )
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """Numbers back from codes: code * scale + minimum, in the dtype of the scales."""
+    codes = unpack_codes(q.codes, q.bits)
+    grouped = _grouped(codes, q.reduce_dim, q.group_size).to(q.scale.dtype)
+    values = grouped * q.scale.unsqueeze(q.reduce_dim + 1) + q.minimum.unsqueeze(q.reduce_dim + 1)
+    return values.reshape(codes.shape)

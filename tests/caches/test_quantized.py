@@ -1,0 +1,203 @@
+"""QuantizedCache against DynamicCache on tiny models of several architectures, and on the real model."""
+
+import pytest
+import torch
+from helpers import chunked_logits, dynamic_logits, left_padded_batch, random_ids
+from transformers import BertConfig, DynamicCache, LlamaConfig, T5Config
+
+from hf_kvcache import QuantizedCache
+
+# Max |logit difference| to DynamicCache on the tiny random models (logits have std ~0.1-1), for a
+# 48-token prompt fed in chunks of 8 with group_size 8 and residual_length 8 (most tokens quantized).
+TOLERANCE = {8: 5e-3, 4: 6e-2, 2: 3e-1}
+
+
+def small_cache(model, bits, **kwargs):
+    kwargs = {"group_size": 8, "residual_length": 8, "sink_tokens": 2, **kwargs}
+    return QuantizedCache(model.config, bits=bits, **kwargs)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_logits_close_to_dynamic_cache(make_model, bits):
+    model = make_model()
+    ids = random_ids(model, 2, 48)
+    reference = dynamic_logits(model, ids, chunk=8)
+    cache = small_cache(model, bits)
+    logits = chunked_logits(model, ids, cache, chunk=8)
+    assert cache.get_seq_length() == 48 == cache.stored_tokens
+    assert cache.layers[0].body.quantized_length >= 24  # most tokens really are quantized
+    difference = (logits - reference).abs().max().item()
+    assert difference < TOLERANCE[bits], difference
+    assert difference > 0  # the quantized path was exercised
+
+
+def test_three_bits_sit_between_two_and_four(make_model):
+    model = make_model()
+    ids = random_ids(model, 1, 48)
+    reference = dynamic_logits(model, ids, chunk=8)
+    errors = {
+        bits: (chunked_logits(model, ids, small_cache(model, bits), chunk=8) - reference).abs().mean()
+        for bits in (2, 3, 4)
+    }
+    assert errors[4] < errors[3] < errors[2]
+
+
+def test_greedy_sampling_and_beam_search_match_dynamic_at_8_bits(make_model):
+    model = make_model()
+    ids = random_ids(model, 2, 20)
+    for kwargs in (
+        {"do_sample": False},
+        {"do_sample": True, "top_k": 0, "temperature": 1.0},
+        {"do_sample": False, "num_beams": 3},
+        {"do_sample": True, "num_return_sequences": 2},
+    ):
+        torch.manual_seed(0)
+        expected = model.generate(ids, max_new_tokens=24, **kwargs)
+        torch.manual_seed(0)
+        actual = model.generate(ids, max_new_tokens=24, past_key_values=small_cache(model, 8), **kwargs)
+        assert torch.equal(actual, expected), kwargs
+
+
+def test_left_padded_batch_matches_dynamic(make_model):
+    model = make_model()
+    ids, mask = left_padded_batch(model, [20, 13, 7])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    actual = model.generate(
+        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, past_key_values=small_cache(model, 8)
+    )
+    assert torch.equal(actual, expected)
+    reference = dynamic_logits(model, ids, chunk=5, attention_mask=mask)
+    logits = chunked_logits(model, ids, small_cache(model, 8), chunk=5, attention_mask=mask)
+    real = mask.bool()
+    assert (logits - reference)[real].abs().max() < TOLERANCE[8]
+
+
+def test_cache_reused_across_generate_calls_and_reset():
+    model = pytest.importorskip("conftest").make_tiny_model("llama")
+    first = random_ids(model, 1, 12)
+    dynamic, quantized = DynamicCache(config=model.config), small_cache(model, 8)
+    out_d = model.generate(first, max_new_tokens=10, do_sample=False, past_key_values=dynamic)
+    out_q = model.generate(first, max_new_tokens=10, do_sample=False, past_key_values=quantized)
+    assert torch.equal(out_d, out_q)
+    follow_up = torch.cat([out_d, random_ids(model, 1, 6, seed=1)], dim=1)
+    out_d = model.generate(follow_up, max_new_tokens=10, do_sample=False, past_key_values=dynamic)
+    out_q = model.generate(follow_up, max_new_tokens=10, do_sample=False, past_key_values=quantized)
+    assert torch.equal(out_d, out_q)
+    quantized.reset()
+    assert quantized.get_seq_length() == 0 and quantized.memory_bytes() == 0
+    again = model.generate(first, max_new_tokens=10, do_sample=False, past_key_values=quantized)
+    assert torch.equal(again, model.generate(first, max_new_tokens=10, do_sample=False))
+
+
+def test_batch_operations_match_dynamic_cache(make_model):
+    model = make_model()
+    ids = random_ids(model, 3, 30)
+    dynamic, quantized = DynamicCache(config=model.config), small_cache(model, 8)
+    chunked_logits(model, ids, dynamic, chunk=30)
+    chunked_logits(model, ids, quantized, chunk=30)
+    for cache in (dynamic, quantized):
+        cache.batch_repeat_interleave(2)
+        cache.batch_select_indices(torch.tensor([5, 0, 3]))
+        cache.reorder_cache(torch.tensor([1, 1, 2]))
+    step = random_ids(model, 3, 1, seed=3)
+    with torch.no_grad():
+        expected = model(step, past_key_values=dynamic).logits
+        actual = model(step, past_key_values=quantized).logits
+    assert (actual - expected).abs().max() < TOLERANCE[8]
+
+
+def test_crop_within_the_full_precision_residual(make_model):
+    model = make_model()
+    ids = random_ids(model, 1, 40)
+    cache = small_cache(model, 8)
+    chunked_logits(model, ids, cache, chunk=40)
+    cache.crop(-5)
+    assert cache.get_seq_length() == 35
+    step = ids[:, 35:36]
+    with torch.no_grad():
+        expected = model(ids[:, :36]).logits[:, -1]
+        actual = model(step, past_key_values=cache).logits[:, -1]
+    assert (actual - expected).abs().max() < TOLERANCE[8]
+    with pytest.raises(ValueError, match="residual_length"):
+        cache.crop(-30)
+
+
+def test_memory_bytes_is_what_the_tensors_hold():
+    model = pytest.importorskip("conftest").make_tiny_model("llama")
+    ids = random_ids(model, 2, 100)
+    dynamic = DynamicCache(config=model.config)
+    chunked_logits(model, ids, dynamic, chunk=100)
+    dynamic_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dynamic.layers)
+    for bits in (2, 4, 8):
+        cache = QuantizedCache(model.config, bits=bits, group_size=16, residual_length=16, sink_tokens=0)
+        chunked_logits(model, ids, cache, chunk=100)
+        tensors = [getattr(layer.body, name) for layer in cache.layers for name in layer.body.tensor_names]
+        tensors += [t for layer in cache.layers for t in (layer.head.keys, layer.head.values)]
+        assert cache.memory_bytes() == sum(t.nbytes for t in tensors)
+        codes = cache.layers[0].body.key_codes
+        assert codes.dtype == torch.uint8 and codes.shape[-1] == 16 * bits // 8
+        assert cache.memory_bytes() < dynamic_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    model = pytest.importorskip("conftest").make_tiny_model("llama").to(dtype)
+    ids = random_ids(model, 1, 40)
+    reference = dynamic_logits(model, ids, chunk=8).float()
+    logits = chunked_logits(model, ids, small_cache(model, 8), chunk=8).float()
+    assert (logits - reference).abs().max() < 5e-2
+    assert small_cache(model, 4).layers[0].storage.bits == 4
+
+
+def test_sliding_window_layers_keep_the_model_window():
+    model = pytest.importorskip("conftest").make_tiny_model("mistral-sliding")
+    ids = random_ids(model, 1, 40)
+    reference = dynamic_logits(model, ids, chunk=4)
+    cache = small_cache(model, 8, residual_length=4)
+    logits = chunked_logits(model, ids, cache, chunk=4)
+    assert cache.stored_tokens == model.config.sliding_window - 1
+    assert (logits - reference).abs().max() < TOLERANCE[8]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 5}, r"bits=5 is not supported; accepted values: 2, 3, 4, 8"),
+        (
+            {"bits": 4, "group_size": 12},
+            r"group_size=12 must divide head_dim=64; accepted values: 1, 2, 4, 8, 16, 32, 64",
+        ),
+        ({"bits": 4, "residual_length": -1}, r"residual_length=-1 must be an integer >= 0"),
+        ({"bits": 4, "sink_tokens": -2}, r"sink_tokens=-2 must be an integer >= 0"),
+    ],
+)
+def test_bad_parameters_name_themselves(kwargs, message):
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_hidden_layers=2)
+    with pytest.raises(ValueError, match=message):
+        QuantizedCache(config, **kwargs)
+
+
+def test_rotation_needs_power_of_two_head_dim():
+    config = LlamaConfig(hidden_size=96, num_attention_heads=1, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="rotate=True needs a power-of-two head_dim"):
+        QuantizedCache(config, bits=4, group_size=32)
+    QuantizedCache(config, bits=4, group_size=32, rotate=False)
+
+
+def test_non_decoder_configs_are_refused():
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        QuantizedCache(T5Config())
+    with pytest.raises(ValueError, match="must be a transformers PreTrainedConfig"):
+        QuantizedCache({"num_hidden_layers": 2})
+    QuantizedCache(BertConfig(is_decoder=True))  # BERT as a causal LM is a decoder config
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_tokens_identical_at_8_bits(real_model):
+    model, tokenizer = real_model
+    prompt = tokenizer("The history of the Roman Empire begins", return_tensors="pt")
+    expected = model.generate(**prompt, max_new_tokens=64, do_sample=False)
+    actual = model.generate(
+        **prompt, max_new_tokens=64, do_sample=False, past_key_values=QuantizedCache(model.config, bits=8)
+    )
+    assert torch.equal(actual, expected)

@@ -1,0 +1,35 @@
+"""Reference runs shared by the cache tests: the same inputs through DynamicCache and a candidate."""
+
+import torch
+from transformers import DynamicCache
+
+
+@torch.no_grad()
+def chunked_logits(model, input_ids: torch.Tensor, cache, chunk: int, attention_mask=None) -> torch.Tensor:
+    """Feed `input_ids` through `cache` in chunks of `chunk` tokens; return all logits."""
+    outputs = []
+    for start in range(0, input_ids.shape[1], chunk):
+        mask = None if attention_mask is None else attention_mask[:, : start + chunk]
+        outputs.append(model(input_ids[:, start : start + chunk], past_key_values=cache, attention_mask=mask).logits)
+    return torch.cat(outputs, dim=1)
+
+
+@torch.no_grad()
+def dynamic_logits(model, input_ids: torch.Tensor, chunk: int, attention_mask=None) -> torch.Tensor:
+    return chunked_logits(model, input_ids, DynamicCache(config=model.config), chunk, attention_mask)
+
+
+def random_ids(model, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (batch, length), generator=generator)
+
+
+def left_padded_batch(model, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of different lengths, left-padded with the pad id, and their attention mask."""
+    longest = max(lengths)
+    ids = random_ids(model, len(lengths), longest, seed)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, : longest - length] = model.config.pad_token_id
+        mask[row, : longest - length] = 0
+    return ids, mask

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from hf_kvcache.quant import dequantize, quantize
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("reduce_dim", [-2, -1])
+def test_error_is_at_most_half_a_step_per_group(bits, reduce_dim):
+    x = torch.randn(2, 3, 32, 64) * torch.linspace(0.1, 10, 64)  # channels of very different ranges
+    q = quantize(x, bits, reduce_dim=reduce_dim, group_size=16)
+    error = (dequantize(q) - x).abs()
+    # Broadcast each group's step (scale) back onto its elements.
+    step = q.scale.repeat_interleave(16, dim=q.reduce_dim)
+    assert torch.all(error <= step / 2 + 1e-5 * x.abs().max())
+
+
+def test_statistics_shapes_follow_kivi_layout():
+    keys = torch.randn(1, 2, 64, 32)
+    per_channel = quantize(keys, 2, reduce_dim=-2, group_size=32)
+    per_token = quantize(keys, 2, reduce_dim=-1, group_size=8)
+    assert per_channel.scale.shape == (1, 2, 2, 32)  # two blocks of 32 tokens, one stat per channel
+    assert per_token.scale.shape == (1, 2, 64, 4)  # one stat per token for each group of 8 channels
+    assert per_channel.codes.shape == per_token.codes.shape == (1, 2, 64, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes_are_preserved_and_constant_groups_are_exact(dtype):
+    x = torch.full((1, 1, 16, 16), 3.25, dtype=dtype)
+    q = quantize(x, 4, reduce_dim=-1, group_size=16)
+    assert q.scale.dtype == dtype
+    assert torch.equal(dequantize(q), x)
+
+
+def test_length_must_be_a_multiple_of_the_group():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize(torch.randn(1, 1, 10, 16), 4, reduce_dim=-2, group_size=16)
