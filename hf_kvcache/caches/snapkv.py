@@ -1,0 +1,72 @@
+"""SnapKV: compress the prompt once, using the attention of its last queries (the observation window)."""
+
+import torch
+from transformers import PreTrainedConfig
+
+from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
+
+
+class SnapKVLayer(ScoredLayer):
+    """After a multi-token forward (a prompt, or a chunk of one) that leaves more than `budget` tokens,
+    keeps the observation window (the forward's last `observation_window` tokens) and the
+    `budget - window` earlier tokens whose window attention, max-pooled over `kernel_size`
+    neighbouring tokens, is highest. Single-token decoding steps never evict: the cache grows."""
+
+    def __init__(self, budget: int, observation_window: int, kernel_size: int):
+        super().__init__(budget)
+        self.observation_window, self.kernel_size = observation_window, kernel_size
+
+    def window(self) -> int:
+        return min(self.observation_window, self.query_length)
+
+    def queries_needed(self, query_length: int) -> int:
+        return self.window() if query_length > 1 and self.stored_tokens > self.budget else 0
+
+    def select(self, scores: torch.Tensor | None) -> torch.Tensor | None:
+        if scores is None:
+            return None
+        stored, window = scores.shape[-1], self.window()
+        prefix = scores[..., : stored - window]
+        pooled = torch.nn.functional.max_pool1d(
+            prefix.flatten(0, 1)[:, None], self.kernel_size, stride=1, padding=self.kernel_size // 2
+        ).view_as(prefix)
+        chosen = pooled.topk(self.budget - window, dim=-1).indices
+        recent = torch.arange(stored - window, stored, device=scores.device).expand(*chosen.shape[:2], -1)
+        return torch.cat([chosen, recent], dim=-1)
+
+
+class SnapKVCache(ScoredCache):
+    """SnapKV: a drop-in `Cache` that compresses each prompt (or prompt chunk) to `budget` tokens per
+    layer and KV head.
+
+    Args:
+        config: the model config (decoder LM).
+        budget: tokens kept per layer and KV head after a prompt is compressed.
+        observation_window: the prompt's last tokens whose queries vote (and which are always kept).
+        kernel_size: odd width of the max-pooling over token positions, which keeps neighbours of
+            important tokens together.
+        bits: must be None (full precision); see `caches/scored.py`.
+
+    Decoding grows the cache: tokens generated after the prompt are all kept, as in the SnapKV
+    paper. Feeding text in chunks (several tokens per forward) compresses after every chunk, with that
+    chunk's last queries as the observation window. Needs `hf_kvcache.enable_score_capture(model)`.
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        budget: int = 256,
+        observation_window: int = 32,
+        kernel_size: int = 7,
+        bits: int | None = None,
+    ):
+        check_budget(budget, observation_window=observation_window)
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size={kernel_size!r} must be an odd integer >= 1")
+        if observation_window < 1:
+            raise ValueError(f"observation_window={observation_window!r} must be an integer >= 1")
+        self.budget, self.observation_window, self.kernel_size = budget, observation_window, kernel_size
+        super().__init__(config, bits)
+
+    def full_attention_layer(self) -> SnapKVLayer:
+        return SnapKVLayer(self.budget, self.observation_window, self.kernel_size)

@@ -1,0 +1,38 @@
+"""TOVA: evict the tokens the newest query attends to least."""
+
+import torch
+from transformers import PreTrainedConfig
+
+from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
+
+
+class TOVALayer(ScoredLayer):
+    """When more than `budget` tokens are held, keeps the `budget` tokens with the highest attention
+    from the latest query (averaged over the query heads sharing each KV head). No state is carried."""
+
+    def queries_needed(self, query_length: int) -> int:
+        return 1 if self.stored_tokens > self.budget else 0
+
+    def select(self, scores: torch.Tensor | None) -> torch.Tensor | None:
+        return None if scores is None else scores.topk(self.budget, dim=-1).indices
+
+
+class TOVACache(ScoredCache):
+    """TOVA (Token Omission Via Attention): a drop-in `Cache` keeping `budget` tokens per layer and KV head.
+
+    Args:
+        config: the model config (decoder LM).
+        budget: tokens kept per layer and KV head.
+        bits: must be None (full precision); see `caches/scored.py`.
+
+    Needs `hf_kvcache.enable_score_capture(model)`. When a chunk of several tokens arrives, the last
+    query of the chunk decides. The newest tokens compete like all others (none is kept by force).
+    """
+
+    def __init__(self, config: PreTrainedConfig, budget: int = 256, bits: int | None = None):
+        check_budget(budget)
+        self.budget = budget
+        super().__init__(config, bits)
+
+    def full_attention_layer(self) -> TOVALayer:
+        return TOVALayer(self.budget)
