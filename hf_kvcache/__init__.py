@@ -1,6 +1,21 @@
 """hf_kvcache: KV-cache strategies for Hugging Face transformers, as drop-in `Cache` objects."""
 
+from hf_kvcache.caches.heavy_hitter import HeavyHitterCache
 from hf_kvcache.caches.quantized import QuantizedCache
+from hf_kvcache.caches.sink import SinkCache
+from hf_kvcache.caches.snapkv import SnapKVCache
+from hf_kvcache.caches.tova import TOVACache
+from hf_kvcache.caches.window import SlidingWindowCache
+from hf_kvcache.scoring import disable_score_capture, enable_score_capture
 
-__all__ = ["QuantizedCache"]
+__all__ = [
+    "HeavyHitterCache",
+    "QuantizedCache",
+    "SinkCache",
+    "SlidingWindowCache",
+    "SnapKVCache",
+    "TOVACache",
+    "disable_score_capture",
+    "enable_score_capture",
+]
 __version__ = "0.1.0"

@@ -31,8 +31,16 @@ _COMMON = dict(
 )
 
 
-def tiny_config(arch: str):
-    """A 2-layer random config; head_dim 16, 2 KV heads where the architecture has GQA."""
+def tiny_config(arch: str, layers: int = 2):
+    """A random config (2 layers by default); head_dim 16, 2 KV heads where the architecture has GQA."""
+    config = _tiny_config(arch)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:1] * layers
+    return config
+
+
+def _tiny_config(arch: str):
     if arch == "llama":
         return LlamaConfig(**_COMMON, num_key_value_heads=2)
     if arch == "llama-rope-scaling":
@@ -76,9 +84,9 @@ ARCHITECTURES = ["llama", "qwen2", "mistral", "phi3", "gpt2"]
 ROPE_ARCHITECTURES = ["llama", "qwen2", "mistral", "phi3", "llama-rope-scaling"]
 
 
-def make_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0):
+def make_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
-    config = tiny_config(arch)
+    config = tiny_config(arch, layers)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.eval()
 
@@ -115,3 +123,21 @@ def wikitext_text() -> str:
 def make_model(arch, attn):
     """Factory for the tiny model of the parametrized architecture and attention implementation."""
     return lambda: make_tiny_model(arch, attn)
+
+
+@pytest.fixture
+def redis_server():
+    """A throwaway `redis-server` on a free loopback port (stopped afterwards): a `LocalRedisServer`.
+
+    Skipped locally when redis-server is not installed; an error in CI (scripts/setup.sh installs it).
+    """
+    from hf_kvcache.prefix.redis_server import LocalRedisServer
+
+    try:
+        server = LocalRedisServer()
+    except FileNotFoundError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide redis-server (scripts/setup.sh installs it): {error}")
+        pytest.skip(str(error))
+    with server:
+        yield server

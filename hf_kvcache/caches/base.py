@@ -14,6 +14,7 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hf_kvcache.caches.config import WINDOWED_LAYER_TYPES, ModelGeometry, model_geometry
+from hf_kvcache.caches.masking import announce
 from hf_kvcache.caches.storage import FullPrecisionStore, KVStore, QuantizedStore
 from hf_kvcache.quant.packing import SUPPORTED_BITS, packed_size
 
@@ -217,6 +218,12 @@ class KVCache(Cache):
         layer = WindowLayer(self.storage, window=model_window)
         layer.is_sliding = True
         return layer
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        kv_length, kv_offset = super().get_mask_sizes(query_length, layer_idx)
+        if layer_idx < len(self.layers):
+            announce(self.layers[layer_idx], kv_offset)
+        return kv_length, kv_offset
 
     def memory_bytes(self) -> int:
         """Bytes this cache really holds, summed over layers."""

@@ -65,11 +65,12 @@ class FullPrecisionStore(KVStore):
         return self.keys, self.values
 
     def drop_oldest(self, count: int) -> None:
-        self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
+        # Copies, not views: a view would keep the evicted tokens' memory alive.
+        self.keys, self.values = self.keys[:, :, count:].clone(), self.values[:, :, count:].clone()
 
     def drop_newest(self, count: int) -> None:
         keep = len(self) - count
-        self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+        self.keys, self.values = self.keys[:, :, :keep].clone(), self.values[:, :, :keep].clone()
 
 
 class QuantizedStore(KVStore):
@@ -134,8 +135,8 @@ class QuantizedStore(KVStore):
         self.value_codes = torch.cat([self.value_codes, qv.codes], dim=-2)
         self.value_scale = torch.cat([self.value_scale, qv.scale], dim=-2)
         self.value_min = torch.cat([self.value_min, qv.minimum], dim=-2)
-        self.residual_keys = self.residual_keys[:, :, count:]
-        self.residual_values = self.residual_values[:, :, count:]
+        self.residual_keys = self.residual_keys[:, :, count:].clone()
+        self.residual_values = self.residual_values[:, :, count:].clone()
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         # The oldest key block may have lost `block_offset` tokens to eviction: pad its codes back to
@@ -163,24 +164,18 @@ class QuantizedStore(KVStore):
     def drop_oldest(self, count: int) -> None:
         from_quantized = min(count, self.quantized_length)
         if from_quantized:
-            self.key_codes, self.value_codes = (
-                self.key_codes[:, :, from_quantized:],
-                self.value_codes[:, :, from_quantized:],
-            )
-            self.value_scale, self.value_min = (
-                self.value_scale[:, :, from_quantized:],
-                self.value_min[:, :, from_quantized:],
-            )
             self.block_offset += from_quantized
             emptied_blocks = self.block_offset // self.group_size
-            self.key_scale, self.key_min = self.key_scale[:, :, emptied_blocks:], self.key_min[:, :, emptied_blocks:]
             self.block_offset %= self.group_size
-            if self.quantized_length == 0:  # a fully evicted quantized part leaves no partial block behind
-                self.key_scale, self.key_min = self.key_scale[:, :, :0], self.key_min[:, :, :0]
-                self.block_offset = 0
-        from_residual = count - from_quantized
-        self.residual_keys = self.residual_keys[:, :, from_residual:]
-        self.residual_values = self.residual_values[:, :, from_residual:]
+            if from_quantized == self.quantized_length:  # nothing quantized left: no partial block either
+                emptied_blocks, self.block_offset = self.key_scale.shape[-2], 0
+            for name in ("key_codes", "value_codes", "value_scale", "value_min"):
+                setattr(self, name, getattr(self, name)[:, :, from_quantized:].clone())
+            for name in ("key_scale", "key_min"):
+                setattr(self, name, getattr(self, name)[:, :, emptied_blocks:].clone())
+        if from_residual := count - from_quantized:
+            self.residual_keys = self.residual_keys[:, :, from_residual:].clone()
+            self.residual_values = self.residual_values[:, :, from_residual:].clone()
 
     def drop_newest(self, count: int) -> None:
         residual = self.residual_keys.shape[-2]
@@ -189,5 +184,5 @@ class QuantizedStore(KVStore):
                 f"cannot remove the newest {count} tokens: only the {residual} most recent tokens are still in "
                 "full precision, older ones are quantized in blocks. Use a larger residual_length to crop further."
             )
-        self.residual_keys = self.residual_keys[:, :, : residual - count]
-        self.residual_values = self.residual_values[:, :, : residual - count]
+        self.residual_keys = self.residual_keys[:, :, : residual - count].clone()
+        self.residual_values = self.residual_values[:, :, : residual - count].clone()

@@ -1,0 +1,87 @@
+"""Attention-sink (StreamingLLM) cache: the first `sink_tokens` tokens plus the last `window` tokens.
+
+Sink keys are kept as first rotated and, on every read, rotated by the total shift that puts them
+right before the window (`RopeRotator.shift`), so positions inside the cache stay bounded.
+"""
+
+import torch
+from transformers import PreTrainedConfig
+
+from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer, check_non_negative
+from hf_kvcache.caches.masking import install_padding_relabelling
+from hf_kvcache.caches.window import check_window
+from hf_kvcache.rope import RopeRotator
+
+
+class SinkLayer(WindowLayer):
+    """A window layer whose head (the sinks) is re-rotated to sit just before the window."""
+
+    def __init__(self, storage: Storage, window: int, sink_tokens: int, rotator: RopeRotator | None):
+        super().__init__(storage, window=window, head_tokens=sink_tokens)
+        self.rotator = rotator
+
+    def head_keys(self, kv_offset: int) -> torch.Tensor:
+        # Stored token i is labelled position kv_offset + i; sink i was rotated for position i.
+        if self.rotator is None:
+            return self.head.keys
+        return self.rotator.shift(self.head.keys, kv_offset)
+
+    def relabel_padding_mask(self, attention_mask: torch.Tensor, kv_offset: int) -> torch.Tensor:
+        """Give the sinks' labels (kv_offset + i) the padding status of their true positions (i)."""
+        sinks = len(self.head) if self.is_initialized else 0
+        if kv_offset == 0 or sinks == 0:
+            return attention_mask
+        relabelled = attention_mask.clone()
+        relabelled[:, kv_offset : kv_offset + sinks] = attention_mask[:, :sinks]
+        return relabelled
+
+
+class SinkCache(KVCache):
+    """StreamingLLM: keeps `sink_tokens` initial tokens and the `window` most recent ones per layer.
+
+    Args:
+        config: the model config (decoder LM with rotary embeddings, unless `rerotate=False`).
+        sink_tokens: initial tokens kept for the whole generation (full precision).
+        window: recent tokens kept.
+        bits: None for full precision, or 2/3/4/8 to hold the window in `QuantizedCache`'s format
+            (`group_size`, `residual_length`, `rotate` as there). Sinks stay in full precision.
+        rerotate: re-rotate sink keys to sit just before the window (needs RoPE). With False, sinks
+            keep the rotation of their original positions (for models without RoPE).
+
+    A query of a multi-token forward sees the sinks, the window kept before the forward, and every
+    earlier token of the same forward. Left padding is supported with sdpa and eager attention: padding
+    sinks stay masked, so a padded row has fewer real sinks (its first `sink_tokens` positions count).
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        sink_tokens: int = 4,
+        window: int = 1020,
+        bits: int | None = None,
+        group_size: int = 32,
+        residual_length: int = 128,
+        rotate: bool = True,
+        rerotate: bool = True,
+    ):
+        check_non_negative(sink_tokens=sink_tokens)
+        check_window(window)
+        self.sink_tokens, self.window = sink_tokens, window
+        self.rotator = RopeRotator(config) if rerotate else None
+        install_padding_relabelling()
+        super().__init__(config, Storage(bits, group_size, residual_length, rotate))
+
+    def full_attention_layer(self) -> KVLayer:
+        return SinkLayer(self.storage, self.window, self.sink_tokens, self.rotator)
+
+    def windowed_layer(self, model_window: int) -> KVLayer:
+        # The model masks keys further than its window; keep sinks + window inside it.
+        window = min(self.window, model_window - self.sink_tokens)
+        if window < 1:
+            raise ValueError(
+                f"sink_tokens={self.sink_tokens} leaves no room in the model's sliding window of "
+                f"{model_window + 1} tokens; use fewer sink tokens"
+            )
+        layer = SinkLayer(self.storage, window, self.sink_tokens, self.rotator)
+        layer.is_sliding = True
+        return layer

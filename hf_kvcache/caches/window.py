@@ -1,0 +1,40 @@
+"""Sliding-window cache: keep the last `window` tokens of every layer, for any decoder model."""
+
+from transformers import PreTrainedConfig
+
+from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer
+
+
+def check_window(window: int, name: str = "window") -> None:
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"{name}={window!r} must be an integer >= 1")
+
+
+class SlidingWindowCache(KVCache):
+    """Keeps the `window` most recent tokens in every layer, whatever the model config says.
+
+    Kept tokens are contiguous, so positions need no re-rotation and left padding is masked exactly as
+    with `DynamicCache`. `bits=2|3|4|8` holds the window in `QuantizedCache`'s format (`group_size`,
+    `residual_length`, `rotate` as there); eviction is per token, also inside quantized blocks.
+    In a multi-token forward (prefill, chunks), each query sees the window kept before the forward
+    plus every earlier token of the same forward; the window is applied after the forward.
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        window: int = 1024,
+        bits: int | None = None,
+        group_size: int = 32,
+        residual_length: int = 128,
+        rotate: bool = True,
+    ):
+        check_window(window)
+        self.window = window
+        super().__init__(config, Storage(bits, group_size, residual_length, rotate))
+
+    def full_attention_layer(self) -> KVLayer:
+        return WindowLayer(self.storage, window=self.window)
+
+    def windowed_layer(self, model_window: int) -> KVLayer:
+        return super().windowed_layer(min(model_window, self.window))
