@@ -6,6 +6,7 @@ from hf_kvcache.caches.sink import SinkCache
 from hf_kvcache.caches.snapkv import SnapKVCache
 from hf_kvcache.caches.tova import TOVACache
 from hf_kvcache.caches.window import SlidingWindowCache
+from hf_kvcache.registry import build_cache, parse_cache_spec, register_cache
 from hf_kvcache.scoring import disable_score_capture, enable_score_capture
 
 __all__ = [
@@ -15,7 +16,10 @@ __all__ = [
     "SlidingWindowCache",
     "SnapKVCache",
     "TOVACache",
+    "build_cache",
     "disable_score_capture",
     "enable_score_capture",
+    "parse_cache_spec",
+    "register_cache",
 ]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from hf_kvcache import demo
+from hf_kvcache.eval import command as eval_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_parser(subparsers)
+    eval_command.add_parser(subparsers)
     return parser
 
 

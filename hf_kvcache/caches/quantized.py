@@ -3,6 +3,7 @@
 from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage, check_non_negative
+from hf_kvcache.registry import register_cache
 
 
 class QuantizedCache(KVCache):
@@ -34,3 +35,6 @@ class QuantizedCache(KVCache):
 
     def full_attention_layer(self) -> KVLayer:
         return KVLayer(self.storage, head_tokens=self.sink_tokens)
+
+
+register_cache("quantized", QuantizedCache, "KIVI-style quantized keys (per channel) and values (per token)")

@@ -1,0 +1,118 @@
+"""`hf-kvcache eval`: the evaluation tool on the command line (table, results.json/csv, PNG plots)."""
+
+import argparse
+from pathlib import Path
+
+from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
+from hf_kvcache.registry import describe_caches
+
+DESCRIPTION = """\
+Measure what each KV-cache strategy costs: perplexity (overall and per position bucket), bytes the
+cache holds as the text grows, peak process memory, and prefill/decode tokens/s, all as ratios to the
+first cache. Writes a table to stdout and results.json, results.csv, log_perplexity.png and
+cache_memory.png to --output.
+
+examples:
+  hf-kvcache eval
+  hf-kvcache eval --dataset wikitext2 --max-tokens 4096 --cache dynamic --cache quantized:bits=2
+  hf-kvcache eval --dataset pg19 --mode token --max-tokens 1024 --cache dynamic --cache quantized:bits=4,group_size=64
+  hf-kvcache eval --model ./my-model --dataset notes.jsonl --cache dynamic --cache hf-quantized:backend=hqq,bits=4
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="measure perplexity, memory and speed of cache strategies on WikiText-2, PG-19 or your text",
+        description=DESCRIPTION,
+        epilog="cache specs are NAME or NAME:KEY=VALUE,KEY=VALUE; registered caches (parameter: type = default):\n"
+        + describe_caches(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local folder of a causal LM (default: the packaged SmolLM2-135M-Instruct); e.g. --model ./smollm2",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="wikitext2",
+        help="wikitext2, pg19, or a local .txt, .jsonl (a 'text' field per line) or .parquet ('text' column) file. "
+        "wikitext2/pg19 come from the hub when it is reachable, else from copies bundled with the package "
+        "(pg19 then means Crime and Punishment, Project Gutenberg #2554). Default: wikitext2; e.g. --dataset book.txt",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=2048,
+        help="evaluate the first N tokens of the text (default: 2048); e.g. --max-tokens 4096",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="chunk",
+        help="chunk: feed chunks of --chunk-size tokens (a chunk sees its own keys in full precision); "
+        "token: one token at a time, each seeing only the cache (slow; no prefill speed). Default: chunk",
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=64, help="tokens per chunk in chunk mode (default: 64); e.g. --chunk-size 128"
+    )
+    parser.add_argument(
+        "--cache",
+        action="append",
+        metavar="SPEC",
+        help="a cache spec, repeatable; ratios are to the first one (default: "
+        + " ".join(f"--cache {spec}" for spec in DEFAULT_CACHES)
+        + "); e.g. --cache dynamic --cache quantized:bits=2,group_size=32",
+    )
+    parser.add_argument("--device", default=None, help="torch device for the model (default: cpu); e.g. --device cuda")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default: float32); e.g. --dtype bfloat16",
+    )
+    parser.add_argument(
+        "--output",
+        default="results/eval",
+        help="folder for results.json, results.csv and the plots (default: ./results/eval); e.g. --output runs/kivi",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="torch seed set before each cache (default: 0)")
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=16,
+        help="greedy decode steps after the text, timed for decode tokens/s (default: 16)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    model = args.model
+    if model is not None and model.startswith((".", "/", "~")):
+        model = str(Path(model).expanduser())
+        if not Path(model).is_dir():
+            raise FileNotFoundError(f"model folder not found: {args.model}")
+    results = evaluate(
+        caches=args.cache or DEFAULT_CACHES,
+        model=model,
+        dataset=args.dataset,
+        max_tokens=args.max_tokens,
+        mode=args.mode,
+        chunk_size=args.chunk_size,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        decode_tokens=args.decode_tokens,
+        progress=not args.no_progress,
+    )
+    from hf_kvcache.eval.plots import write_plots
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    results.write_json(output / "results.json")
+    results.write_csv(output / "results.csv")
+    plots = write_plots(results, output)
+    print(results.table())
+    print(f"\nwrote {output / 'results.json'}, {output / 'results.csv'}, {', '.join(str(p) for p in plots)}")

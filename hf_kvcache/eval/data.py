@@ -1,0 +1,140 @@
+"""Evaluation texts: WikiText-2 and PG-19 from the hub or the bundled copies, and local files.
+
+`load_text` returns the text with a note of where it came from; `tokenize_text` turns it into the
+first `max_tokens` token ids. The hub is tried only when it looks reachable (no `HF_HUB_OFFLINE` /
+`HF_DATASETS_OFFLINE`, and a short TCP connect succeeds); any failure falls back to the bundled copy.
+"""
+
+import gzip
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+NAMED_DATASETS = ("wikitext2", "pg19")
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+BUNDLED = {
+    "wikitext2": "wikitext-2-raw-v1.test.txt.gz",
+    "pg19": "gutenberg-2554-crime-and-punishment.txt.gz",
+}
+BUNDLED_NOTE = {
+    "wikitext2": "bundled copy of the WikiText-2 raw test split",
+    "pg19": "bundled Crime and Punishment (Project Gutenberg #2554) in place of the PG-19 test split",
+}
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text to evaluate on: the dataset asked for, where the text came from, and the text itself."""
+
+    dataset: str
+    source: str
+    text: str
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False when offline mode is set or the hub host does not accept a TCP connection within `timeout`."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
+            return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub(dataset: str) -> tuple[str, str]:
+    from datasets import load_dataset
+
+    if dataset == "wikitext2":
+        rows = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")
+        return "".join(rows["text"]), "hub: Salesforce/wikitext wikitext-2-raw-v1, test split"
+    book = next(iter(load_dataset("deepmind/pg19", split="test", streaming=True)))
+    return book["text"], f"hub: deepmind/pg19 test split, first book ({book.get('short_book_title', '?')})"
+
+
+def bundled_text(dataset: str) -> str:
+    """The bundled copy of `wikitext2` or `pg19` (see hf_kvcache/data/PROVENANCE.md)."""
+    with resources.files("hf_kvcache").joinpath("data", BUNDLED[dataset]).open("rb") as handle:
+        return gzip.decompress(handle.read()).decode("utf-8")
+
+
+def _from_file(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    if path.suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number}: each JSON line needs a string 'text' field")
+            texts.append(record["text"])
+        return "\n".join(texts)
+    import pyarrow.parquet as parquet
+
+    table = parquet.read_table(path)
+    if "text" not in table.column_names:
+        raise ValueError(f"{path}: no 'text' column; columns are: {', '.join(table.column_names)}")
+    return "\n".join(value for value in table.column("text").to_pylist() if value)
+
+
+def load_text(dataset: str, use_hub: bool | None = None) -> Text:
+    """The text of `dataset`: `wikitext2`, `pg19`, or a local `.txt` / `.jsonl` / `.parquet` file.
+
+    `use_hub`: None tries the hub when it is reachable; False uses the bundled copies directly.
+    """
+    if dataset in NAMED_DATASETS:
+        if use_hub is None:
+            use_hub = hub_reachable()
+        if use_hub:
+            try:
+                text, source = _from_hub(dataset)
+                return Text(dataset, source, text)
+            except Exception as error:  # any hub or parsing failure: the bundled copy is the same data
+                logger.warning("loading %s from the hub failed (%s); using the bundled copy", dataset, error)
+        return Text(dataset, BUNDLED_NOTE[dataset], bundled_text(dataset))
+    path = Path(dataset)
+    if path.suffix not in FILE_SUFFIXES:
+        raise ValueError(
+            f"--dataset {dataset!r} is neither a known dataset ({', '.join(NAMED_DATASETS)}) nor a file "
+            f"ending in {', '.join(FILE_SUFFIXES)}"
+        )
+    text = _from_file(path)
+    if not text.strip():
+        raise ValueError(f"dataset file {path} holds no text")
+    return Text(str(path), f"local file {path} ({path.suffix[1:]})", text)
+
+
+def tokenize_text(text: Text, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> torch.Tensor:
+    """The first `max_tokens` token ids of `text`, shape (1, max_tokens); ValueError if it has fewer."""
+    if not isinstance(max_tokens, int) or max_tokens < 2:
+        raise ValueError(f"--max-tokens {max_tokens!r} must be an integer >= 2")
+    characters = max_tokens * 8
+    while True:
+        complete = characters >= len(text.text)
+        ids = tokenizer(text.text[:characters], return_attention_mask=False)["input_ids"]
+        if not complete:
+            ids = ids[:-1]  # the last token may be cut by the character limit
+        if len(ids) >= max_tokens:
+            return torch.tensor([ids[:max_tokens]], dtype=torch.long)
+        if complete:
+            raise ValueError(
+                f"--max-tokens {max_tokens:,} is more than the {len(ids):,} tokens of {text.dataset} ({text.source})"
+            )
+        characters *= 4

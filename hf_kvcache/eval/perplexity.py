@@ -1,0 +1,99 @@
+"""The evaluation pass: feed a text through a cache in steps, collect per-token NLL, bytes and times.
+
+Perplexity is `exp(mean NLL)` over every token after the first, each predicted from all earlier tokens
+as the cache presents them. In chunk mode a step is C tokens (a chunk sees its own keys in full
+precision); in token mode it is one token (each token sees only the cache).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from hf_kvcache.eval.memory import cache_bytes
+
+
+@dataclass
+class PassRecord:
+    """What one pass measured: NLL of tokens 1..n-1, cache bytes after each step, forward time."""
+
+    nll: torch.Tensor
+    positions: list[int]
+    bytes_held: list[int]
+    forward_seconds: float
+    forward_tokens: int
+    last_logits: torch.Tensor
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll.mean().item())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluation_pass(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, step: int, progress=None
+) -> PassRecord:
+    """Feed `input_ids` (1, n) through `cache` `step` tokens at a time.
+
+    `progress`, if given, is called with the number of tokens of each step (a tqdm `update`).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape (1, n), got {tuple(input_ids.shape)}")
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"step={step!r} must be an integer >= 1")
+    input_ids = input_ids.to(model.device)
+    length = input_ids.shape[1]
+    nlls, positions, bytes_held = [], [], []
+    seconds = 0.0
+    logits = None
+    for start in range(0, length, step):
+        chunk = input_ids[:, start : start + step]
+        _synchronize(model.device)
+        began = time.perf_counter()
+        logits = model(chunk, past_key_values=cache, use_cache=True).logits[0]
+        _synchronize(model.device)
+        seconds += time.perf_counter() - began
+        targets = input_ids[0, start + 1 : start + step + 1]  # logits at position p predict token p + 1
+        nlls.append(F.cross_entropy(logits[: len(targets)].float(), targets, reduction="none").double().cpu())
+        positions.append(start + chunk.shape[1])
+        bytes_held.append(cache_bytes(cache))
+        if progress is not None:
+            progress(chunk.shape[1])
+    return PassRecord(torch.cat(nlls), positions, bytes_held, seconds, length, logits[-1:].clone())
+
+
+@torch.no_grad()
+def decode_speed(model: PreTrainedModel, cache: Cache, last_logits: torch.Tensor, steps: int, warmup: int = 2) -> float:
+    """Greedy single-token decode through `cache` (continuing its text); tokens/s over `steps` after `warmup`."""
+    token = last_logits.argmax(-1, keepdim=True)
+    seconds = 0.0
+    for index in range(warmup + steps):
+        _synchronize(model.device)
+        began = time.perf_counter()
+        logits = model(token, past_key_values=cache, use_cache=True).logits
+        _synchronize(model.device)
+        if index >= warmup:
+            seconds += time.perf_counter() - began
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return steps / seconds
+
+
+def full_sequence_nll(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL from one forward over the whole sequence with no cache (the reference)."""
+    with torch.no_grad():
+        logits = model(input_ids.to(model.device), use_cache=False).logits[0, :-1].float()
+    return F.cross_entropy(logits, input_ids[0, 1:].to(model.device), reduction="none").double().cpu()
+
+
+def bucket_perplexity(nll: torch.Tensor, bucket_size: int) -> list[float]:
+    """Perplexity of consecutive buckets of `bucket_size` predicted tokens (the last may be shorter)."""
+    return [math.exp(part.mean().item()) for part in nll.split(bucket_size)]

@@ -1,0 +1,116 @@
+"""Result records of an evaluation run, and their table, JSON and CSV forms."""
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hf_kvcache.report import format_table
+
+RATIO_FIGURES = ("perplexity", "cache_bytes", "peak_memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
+CSV_COLUMNS = (
+    "cache",
+    "tokens",
+    "perplexity",
+    "mean_nll",
+    "cache_bytes",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    *(f"{figure}_ratio" for figure in RATIO_FIGURES),
+)
+
+
+@dataclass
+class CacheResult:
+    """Everything measured for one cache spec.
+
+    `tokens` is the number of predicted tokens (the text length minus one); `nll[i]` is the NLL of
+    token i + 1; `bucket_perplexity[b]` covers predicted tokens `b * bucket_size` up to the next bucket;
+    `memory_positions[i]` tokens had been fed when the cache held `memory_bytes[i]` bytes;
+    `ratios` divide each figure of `RATIO_FIGURES` by the first cache's.
+    """
+
+    cache: str
+    spec: dict
+    tokens: int
+    perplexity: float
+    mean_nll: float
+    bucket_size: int
+    bucket_perplexity: list[float]
+    nll: list[float]
+    memory_positions: list[int]
+    memory_bytes: list[int]
+    cache_bytes: int
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float
+    ratios: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResults:
+    """A whole run: its settings, where the data came from, library versions, and one result per cache."""
+
+    model: str
+    dataset: str
+    data_source: str
+    mode: str
+    chunk_size: int | None
+    max_tokens: int
+    decode_tokens: int
+    seed: int
+    device: str
+    dtype: str
+    versions: dict[str, str]
+    results: list[CacheResult]
+
+    def fill_ratios(self) -> None:
+        """Set each result's ratios to the first cache of the run."""
+        base = self.results[0]
+        for result in self.results:
+            for figure in RATIO_FIGURES:
+                value, reference = getattr(result, figure), getattr(base, figure)
+                result.ratios[figure] = None if value is None or not reference else value / reference
+
+    def table_rows(self) -> list[dict]:
+        rows = []
+        for r in self.results:
+            rows.append(
+                {
+                    "cache": r.cache,
+                    "ppl": r.perplexity,
+                    "ppl x": r.ratios["perplexity"],
+                    "cache MiB": r.cache_bytes / 2**20,
+                    "bytes x": r.ratios["cache_bytes"],
+                    "peak MiB": r.peak_memory_bytes / 2**20,
+                    "prefill tok/s": "-" if r.prefill_tokens_per_s is None else r.prefill_tokens_per_s,
+                    "prefill x": "-" if r.ratios["prefill_tokens_per_s"] is None else r.ratios["prefill_tokens_per_s"],
+                    "decode tok/s": r.decode_tokens_per_s,
+                    "decode x": r.ratios["decode_tokens_per_s"],
+                }
+            )
+        return rows
+
+    def table(self) -> str:
+        chunk = f", chunks of {self.chunk_size}" if self.mode == "chunk" else ", one token at a time"
+        header = f"{self.model} on {self.dataset} ({self.data_source}), {self.max_tokens:,} tokens{chunk}"
+        return header + "\n" + format_table(self.table_rows())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    def write_csv(self, path: Path) -> None:
+        """One row per cache with the scalar figures and their ratios."""
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            for r in self.results:
+                row = {column: getattr(r, column) for column in CSV_COLUMNS if hasattr(r, column)}
+                row.update({f"{figure}_ratio": r.ratios[figure] for figure in RATIO_FIGURES})
+                writer.writerow(row)

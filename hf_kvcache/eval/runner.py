@@ -1,0 +1,162 @@
+"""`evaluate`: run every cache spec over the same tokens and collect their figures."""
+
+import importlib.metadata
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_kvcache.eval.data import load_text, tokenize_text
+from hf_kvcache.eval.memory import PeakMemory
+from hf_kvcache.eval.perplexity import bucket_perplexity, decode_speed, evaluation_pass
+from hf_kvcache.eval.results import CacheResult, EvalResults
+from hf_kvcache.models import DEFAULT_MODEL_NAME, load_model
+from hf_kvcache.registry import CacheSpec, build_cache, parse_cache_spec
+
+DEFAULT_CACHES = ("dynamic", "quantized:bits=4", "quantized:bits=2")
+MODES = ("chunk", "token")
+_PACKAGES = ("torch", "transformers", "datasets", "hf_kvcache", "optimum-quanto", "hqq", "psutil", "matplotlib")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that shape the figures (installed ones only)."""
+    versions = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def parse_specs(caches: Sequence[str | CacheSpec]) -> list[CacheSpec]:
+    """Parse every spec; refuse an empty list and duplicate labels."""
+    specs = [spec if isinstance(spec, CacheSpec) else parse_cache_spec(spec) for spec in caches]
+    if not specs:
+        raise ValueError("no cache given; pass at least one cache spec, e.g. --cache dynamic")
+    labels = [spec.label for spec in specs]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"cache specs given twice: {', '.join(duplicates)}")
+    return specs
+
+
+def evaluate(
+    caches: Sequence[str | CacheSpec] = DEFAULT_CACHES,
+    model: PreTrainedModel | str | Path | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dataset: str = "wikitext2",
+    max_tokens: int = 2048,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+    bucket_size: int | None = None,
+    decode_tokens: int = 16,
+    input_ids: torch.Tensor | None = None,
+    use_hub: bool | None = None,
+    progress: bool = True,
+) -> EvalResults:
+    """Measure perplexity, cache bytes, peak memory and speed of each cache spec on the same tokens.
+
+    Args:
+        caches: cache specs (`"quantized:bits=2"`) or `CacheSpec`s; ratios are to the first one.
+        model: a loaded model (then pass its `tokenizer`, or `input_ids`), a hub id or local path,
+            or None for the packaged SmolLM2-135M-Instruct.
+        dataset: `wikitext2`, `pg19`, or a local `.txt` / `.jsonl` / `.parquet` file; ignored when
+            `input_ids` (shape (1, n)) are given.
+        max_tokens: tokens of the text to evaluate (the first `max_tokens`).
+        mode: `chunk` (steps of `chunk_size` tokens) or `token` (one token per step).
+        device, dtype: where and how to load a model given by name (default CPU, float32).
+        bucket_size: predicted tokens per perplexity bucket (default: max_tokens / 8, at most 256).
+        decode_tokens: greedy decode steps after the text, timed for decode tokens/s.
+        use_hub: None tries the hub when reachable, False uses the bundled copies.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not supported; accepted values: {', '.join(MODES)}")
+    if mode == "chunk" and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+    if not isinstance(decode_tokens, int) or decode_tokens < 1:
+        raise ValueError(f"decode_tokens={decode_tokens!r} must be an integer >= 1")
+    specs = parse_specs(caches)
+
+    if input_ids is None:
+        text = load_text(dataset, use_hub)
+    if isinstance(model, PreTrainedModel):
+        model_name = model.config.name_or_path or type(model).__name__
+    else:
+        model_name = f"{DEFAULT_MODEL_NAME} (packaged)" if model is None else str(model)
+        try:
+            model, tokenizer = load_model(model, dtype=dtype, device=device)
+        except OSError as error:
+            raise RuntimeError(f"cannot load model {model_name!r}: {str(error).strip().splitlines()[0]}") from error
+    for spec in specs:  # fail on a bad spec before spending time on the others
+        build_cache(spec, model.config)
+    if input_ids is None:
+        if tokenizer is None:
+            raise ValueError("a loaded model needs its tokenizer (or pass input_ids)")
+        input_ids = tokenize_text(text, tokenizer, max_tokens)
+        dataset, data_source = text.dataset, text.source
+    else:
+        dataset, data_source = "input_ids", "token ids given to evaluate()"
+    length = input_ids.shape[1]
+    step = chunk_size if mode == "chunk" else 1
+    bucket_size = bucket_size or max(1, min(256, (length - 1) // 8))
+
+    results = []
+    for spec in specs:
+        torch.manual_seed(seed)
+        evaluation_pass(
+            model,
+            input_ids[:, : min(length, 2 * step if mode == "chunk" else 8)],
+            build_cache(spec, model.config),
+            step,
+        )
+        cache = build_cache(spec, model.config)
+        with (
+            PeakMemory(model.device) as peak,
+            tqdm(total=length, desc=spec.label, unit="tok", disable=not progress, leave=False) as bar,
+        ):
+            record = evaluation_pass(model, input_ids, cache, step, progress=bar.update)
+            decode = decode_speed(model, cache, record.last_logits, decode_tokens)
+        prefill = record.forward_tokens / record.forward_seconds if mode == "chunk" else None
+        results.append(
+            CacheResult(
+                cache=spec.label,
+                spec={"name": spec.name, "params": dict(spec.params)},
+                tokens=len(record.nll),
+                perplexity=record.perplexity,
+                mean_nll=record.nll.mean().item(),
+                bucket_size=bucket_size,
+                bucket_perplexity=bucket_perplexity(record.nll, bucket_size),
+                nll=record.nll.tolist(),
+                memory_positions=record.positions,
+                memory_bytes=record.bytes_held,
+                cache_bytes=record.bytes_held[-1],
+                peak_memory_bytes=peak.peak,
+                peak_memory_kind=peak.kind,
+                prefill_tokens_per_s=prefill,
+                decode_tokens_per_s=decode,
+            )
+        )
+        del cache
+    run = EvalResults(
+        model=model_name,
+        dataset=dataset,
+        data_source=data_source,
+        mode=mode,
+        chunk_size=chunk_size if mode == "chunk" else None,
+        max_tokens=length,
+        decode_tokens=decode_tokens,
+        seed=seed,
+        device=str(model.device),
+        dtype=str(model.dtype).removeprefix("torch."),
+        versions=library_versions(),
+        results=results,
+    )
+    run.fill_ratios()
+    return run
