@@ -1,0 +1,114 @@
+"""Directory backend: one safetensors file per block, atomic writes, LRU by access time, survives restarts."""
+
+import contextlib
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hf_kvcache.prefix.backend import Backend, BackendError, check_max_bytes
+
+SUFFIX = ".safetensors"
+_TEMP_PREFIX = ".tmp-"
+_ABANDONED_TEMP_SECONDS = 600
+_KEY = re.compile(r"^[0-9a-f]{16,128}$")
+
+
+class DiskBackend(Backend):
+    """Blocks as `<path>/<key[:2]>/<key>.safetensors`, shared by every process that opens `path`.
+
+    Writes go to a temporary file in the same folder and are moved in place with `os.replace`, so a
+    reader sees the old file, the new one, or none. A read stamps the file's modification time;
+    beyond `max_bytes` the files stamped longest ago are deleted. (A file damaged some other way,
+    for example by a crash before the data reached the disk, fails the store's checksum: a miss.)
+    """
+
+    def __init__(self, path: str | os.PathLike, max_bytes: int | None = 10 << 30):
+        check_max_bytes(max_bytes)
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._evictions = 0
+        self._lock = threading.Lock()
+        self._bytes = self.nbytes()  # an upper bound between scans: a full scan decides what to evict
+
+    def file(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise ValueError(f"key={key!r} must be a lowercase hex digest")
+        return self.path / key[:2] / f"{key}{SUFFIX}"
+
+    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
+        found = []
+        for key in keys:
+            path = self.file(key)
+            try:
+                found.append(path.read_bytes())
+            except FileNotFoundError:
+                break
+            except OSError as error:
+                raise BackendError(f"cannot read {path}: {error}") from error
+            with contextlib.suppress(OSError):  # evicted by another process meanwhile: the bytes are read
+                os.utime(path)
+        return found
+
+    def put(self, key: str, value: bytes) -> None:
+        if self.max_bytes is not None and len(value) > self.max_bytes:
+            return
+        path = self.file(key)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=SUFFIX)
+            try:
+                with os.fdopen(handle, "wb") as out:
+                    out.write(value)
+                os.replace(temp, path)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            raise BackendError(f"cannot write {path}: {error}") from error
+        with self._lock:
+            self._bytes += len(value)
+            if self.max_bytes is not None and self._bytes > self.max_bytes:
+                self._evict()
+
+    def delete(self, key: str) -> None:
+        self.file(key).unlink(missing_ok=True)
+
+    def _files(self) -> list[tuple[float, int, Path]]:
+        """(access stamp, size, path) of every block file; drops temporary files left by dead writers."""
+        entries = []
+        now = time.time()
+        for path in self.path.glob(f"*/*{SUFFIX}"):
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue
+            if not path.name.startswith(_TEMP_PREFIX):
+                entries.append((info.st_mtime, info.st_size, path))
+            elif now - info.st_mtime > _ABANDONED_TEMP_SECONDS:
+                path.unlink(missing_ok=True)
+        return entries
+
+    def _evict(self) -> None:
+        entries = sorted(self._files(), key=lambda entry: entry[0])
+        self._bytes = sum(size for _, size, _ in entries)
+        for _, size, path in entries:
+            if self._bytes <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            self._bytes -= size
+            self._evictions += 1
+
+    def nbytes(self) -> int:
+        return sum(size for _, size, _ in self._files())
+
+    @property
+    def evictions(self) -> int:
+        return self._evictions
+
+    def __repr__(self) -> str:
+        return f"DiskBackend(path={str(self.path)!r}, max_bytes={self.max_bytes})"

@@ -1,0 +1,92 @@
+"""`generate_with_prefix_cache`: `model.generate` that restores a stored prompt prefix and saves new blocks."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from hf_kvcache.prefix.store import PrefixCache, prompt_tokens
+
+
+class _PrefillRecorder:
+    """Wraps `cache.update` to keep the first `tokens` key/value states each layer receives.
+
+    These are the prompt's KV exactly as the model computed them (after RoPE, before any
+    quantization or eviction by the cache), which is what the store saves.
+    """
+
+    def __init__(self, cache: Cache, tokens: int):
+        self.cache, self.tokens = cache, tokens
+        self.states: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def __enter__(self) -> "_PrefillRecorder":
+        original = self.cache.update
+
+        def update(key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = self.states.setdefault(layer_idx, ([], []))
+            wanted = self.tokens - sum(k.shape[-2] for k in keys)
+            if wanted > 0:
+                keys.append(key_states[..., :wanted, :])
+                values.append(value_states[..., :wanted, :])
+            return original(key_states, value_states, layer_idx, *args, **kwargs)
+
+        self.cache.update = update
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        del self.cache.update
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's recorded `(keys, values)`, or [] unless all layers saw all the tokens."""
+        layers = [(torch.cat(k, dim=-2), torch.cat(v, dim=-2)) for _, (k, v) in sorted(self.states.items())]
+        complete = sorted(self.states) == list(range(len(layers))) and layers
+        return layers if complete and all(k.shape[-2] == self.tokens for k, _ in layers) else []
+
+
+def _prompt(inputs: Any, generate_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(inputs, Mapping):
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+    else:
+        input_ids, attention_mask = inputs, generate_kwargs.pop("attention_mask", None)
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    prompt_tokens(input_ids)  # refuses batches with a clear error
+    if input_ids.shape[1] == 0:
+        raise ValueError("inputs must hold at least one token")
+    if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
+        raise ValueError("attention_mask has padding (zeros): the prefix store takes one unpadded prompt")
+    for name in ("num_beams", "num_return_sequences"):
+        if generate_kwargs.get(name, 1) != 1:
+            raise ValueError(f"{name}={generate_kwargs[name]!r} is not supported with a prefix store; accepted: 1")
+    if generate_kwargs.get("use_cache") is False:
+        raise ValueError("use_cache=False leaves nothing to restore or save; accepted: use_cache=True")
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def generate_with_prefix_cache(model: PreTrainedModel, inputs: Any, store: PrefixCache, **generate_kwargs: Any):
+    """`model.generate(inputs, **generate_kwargs)`, reusing the prompt's longest stored prefix.
+
+    Restores whole stored blocks of the prompt (always leaving at least one prompt token to compute,
+    so generation starts from fresh logits), prefills the rest, generates, then saves the prompt's
+    new complete blocks. With the default cache (a `DynamicCache`) greedy outputs match plain
+    `generate` token for token. Pass an empty `past_key_values=` to generate into another cache, e.g.
+    `hf_kvcache.QuantizedCache`: restored KV enters it through `update`, like a prefill in two chunks.
+
+    `inputs`: one prompt, a `(1, length)` or `(length,)` tensor of ids, or a tokenizer output
+    (`input_ids`, optional `attention_mask`). Batches, padding and beam search are refused.
+    Returns what `model.generate` returns.
+    """
+    input_ids, attention_mask = _prompt(inputs, generate_kwargs)
+    cache = generate_kwargs.pop("past_key_values", None)
+    if cache is None:
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    restored = store.restore(model, input_ids, cache, max_tokens=input_ids.shape[1] - 1)
+    if attention_mask is not None:
+        generate_kwargs["attention_mask"] = attention_mask
+    with _PrefillRecorder(cache, input_ids.shape[1] - restored) as recorder:
+        output = model.generate(input_ids=input_ids, past_key_values=cache, **generate_kwargs)
+    store.save(model, input_ids, recorder.layers(), start=restored)
+    return output

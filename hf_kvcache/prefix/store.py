@@ -1,0 +1,173 @@
+"""`PrefixCache`: restore the longest stored prefix of a prompt into a cache, and save new blocks."""
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from hf_kvcache.prefix.backend import Backend, BackendError
+from hf_kvcache.prefix.codec import BlockKV, CorruptBlock, decode_block, encode_block
+from hf_kvcache.prefix.keys import block_keys, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+_COUNTERS = ("lookups", "hits", "misses", "tokens_reused", "blocks_saved", "bytes_stored", "errors")
+
+
+def prompt_tokens(input_ids: torch.Tensor | Sequence[int]) -> list[int]:
+    """One prompt's token ids as a list: a 1-D sequence or a `(1, length)` tensor."""
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(
+            f"input_ids of shape {tuple(ids.shape)}: the prefix store takes one prompt, "
+            "shaped (length,) or (1, length); run a batch one prompt at a time"
+        )
+    return ids.tolist()
+
+
+class PrefixCache:
+    """A store of prompt KV in blocks of `block_size` tokens, keyed by a chain hash and the model.
+
+    Args:
+        backend: where blocks live: `MemoryBackend`, `DiskBackend` or `RedisBackend`.
+        block_size: tokens per block; only whole blocks are stored and restored.
+
+    Counters (see `stats()`): `lookups` prompts looked up; `hits` and `misses` blocks of those prompts
+    found or not (of the whole blocks a lookup could use); `tokens_reused`; `blocks_saved` and
+    `bytes_stored` written by this object; `errors` corrupt entries and backend failures (each a
+    miss with a logged warning, never an exception).
+    """
+
+    def __init__(self, backend: Backend, block_size: int = 256):
+        if not isinstance(backend, Backend):
+            raise ValueError(
+                f"backend={backend!r} must be a prefix backend: MemoryBackend, DiskBackend or RedisBackend"
+            )
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be a positive integer (tokens per block)")
+        self.backend = backend
+        self.block_size = block_size
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._lock = threading.Lock()
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self._counts[name] += amount
+
+    def _fetch(self, keys: list[str], fingerprint: str) -> list[BlockKV]:
+        """Decoded blocks for the longest run of valid entries at the start of `keys`."""
+        try:
+            values = self.backend.get_prefix(keys)
+        except BackendError as error:
+            logger.warning("prefix store unavailable, recomputing: %s", error)
+            self._count(errors=1)
+            return []
+        blocks: list[BlockKV] = []
+        for key, data in zip(keys, values):
+            try:
+                block = decode_block(data, key, fingerprint, self.block_size)
+                if blocks and [t.shape for pair in block for t in pair] != [
+                    t.shape for pair in blocks[0] for t in pair
+                ]:
+                    raise CorruptBlock("tensor shapes differ from the blocks before it")
+            except CorruptBlock as error:
+                logger.warning("prefix store entry %s… is unusable (%s); recomputing it", key[:16], error)
+                self._count(errors=1)
+                self._drop(key)
+                break
+            blocks.append(block)
+        return blocks
+
+    def _drop(self, key: str) -> None:
+        try:
+            self.backend.delete(key)
+        except BackendError as error:
+            logger.warning("could not delete prefix store entry %s…: %s", key[:16], error)
+
+    @torch.no_grad()
+    def restore(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor | Sequence[int],
+        cache: Cache,
+        max_tokens: int | None = None,
+    ) -> int:
+        """Feed the KV of the longest stored prefix (whole blocks, at most `max_tokens` tokens) into `cache`.
+
+        `cache` must be empty; the restored KV goes through its `update`, exactly as a prefill would
+        (so a quantizing cache quantizes it). Returns the number of tokens restored (0 on a miss).
+        """
+        if cache.get_seq_length() != 0:
+            raise ValueError("cache must be empty: restore() fills a fresh cache")
+        tokens = prompt_tokens(input_ids)
+        usable = len(tokens) if max_tokens is None else max(0, min(len(tokens), max_tokens))
+        fingerprint = model_fingerprint(model)
+        keys = block_keys(fingerprint, tokens[:usable], self.block_size)
+        blocks = self._fetch(keys, fingerprint) if keys else []
+        for layer in range(len(blocks[0]) if blocks else 0):
+            keys_states = torch.cat([block[layer][0] for block in blocks], dim=-2)
+            value_states = torch.cat([block[layer][1] for block in blocks], dim=-2)
+            cache.update(keys_states[None].to(model.device), value_states[None].to(model.device), layer)
+        restored = len(blocks) * self.block_size
+        self._count(lookups=1, hits=len(blocks), misses=len(keys) - len(blocks), tokens_reused=restored)
+        return restored
+
+    def save(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor | Sequence[int],
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        start: int = 0,
+    ) -> int:
+        """Store every complete block of the prompt covered by `layers`; returns the blocks written.
+
+        `layers[i]` holds layer i's keys and values, shaped `(1, kv_heads, tokens, head_dim)`, for the
+        prompt's tokens `start, start + 1, ...`; `start` must be a multiple of `block_size`.
+        """
+        if start % self.block_size:
+            raise ValueError(f"start={start} must be a multiple of block_size={self.block_size}")
+        if any(t.shape[0] != 1 for pair in layers for t in pair):
+            raise ValueError("layers must hold one prompt (batch size 1)")
+        tokens = prompt_tokens(input_ids)
+        covered = min(len(tokens), start + min((k.shape[-2] for k, _ in layers), default=0))
+        fingerprint = model_fingerprint(model)
+        keys = block_keys(fingerprint, tokens[:covered], self.block_size)
+        saved = 0
+        for index in range(start // self.block_size, len(keys)):
+            begin, end = index * self.block_size - start, (index + 1) * self.block_size - start
+            block = [(k[0, :, begin:end], v[0, :, begin:end]) for k, v in layers]
+            data = encode_block(keys[index], fingerprint, block)
+            try:
+                self.backend.put(keys[index], data)
+            except BackendError as error:
+                logger.warning("prefix store unavailable, blocks not saved: %s", error)
+                self._count(errors=1)
+                break
+            saved += 1
+            self._count(blocks_saved=1, bytes_stored=len(data))
+        return saved
+
+    def stats(self) -> dict[str, int | float | None]:
+        """Counters since creation, the hit rate (hits / blocks looked up), and the backend's bytes and evictions."""
+        with self._lock:
+            counts = dict(self._counts)
+        looked_up = counts["hits"] + counts["misses"]
+        counts["hit_rate"] = counts["hits"] / looked_up if looked_up else 0.0
+        counts["bytes_held"] = self.backend.nbytes()
+        counts["evictions"] = self.backend.evictions
+        return counts
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"PrefixCache({self.backend!r}, block_size={self.block_size}: {s['lookups']} lookups, "
+            f"hit rate {s['hit_rate']:.1%} ({s['hits']} hits, {s['misses']} misses), "
+            f"{s['tokens_reused']} tokens reused, {s['blocks_saved']} blocks / {s['bytes_stored']} bytes stored, "
+            f"{s['bytes_held']} bytes held, {s['evictions']} evictions, {s['errors']} errors)"
+        )
