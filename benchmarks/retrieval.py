@@ -1,0 +1,150 @@
+"""Passkey retrieval and WikiText-2 perplexity for the eviction caches at a fixed token budget.
+
+Passkey: a random 5-digit key hidden at a random depth in about 1000 tokens of filler text, then
+the question; the prompt goes through the cache in one forward (prefill), then greedy decoding.
+A sample counts as found when the key appears in the first 8 generated tokens.
+
+Perplexity: the first `--ppl-tokens` tokens of WikiText-2 (test) fed in chunks of `--chunk` tokens,
+each chunk seeing the cache plus its own keys; the budget is `--ppl-budget` of the evaluated tokens.
+
+    flock /tmp/hf_kvcache_heavy.lock python benchmarks/retrieval.py --samples 50
+"""
+
+import argparse
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import hf_kvcache
+from hf_kvcache import HeavyHitterCache, SnapKVCache, TOVACache, enable_score_capture
+from hf_kvcache.models import load_model
+from hf_kvcache.report import format_table
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1.test.txt"
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n"
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def cache_factories(budget: int) -> dict[str, Callable]:
+    """Cache constructors keeping `budget` tokens per layer (None: the full cache)."""
+    factories = {"full (DynamicCache)": lambda config: DynamicCache(config=config)}
+    if hasattr(hf_kvcache, "SinkCache"):
+        factories[f"SinkCache 4+{budget - 4}"] = lambda c: hf_kvcache.SinkCache(c, sink_tokens=4, window=budget - 4)
+    if hasattr(hf_kvcache, "SlidingWindowCache"):
+        factories[f"SlidingWindowCache {budget}"] = lambda c: hf_kvcache.SlidingWindowCache(c, window=budget)
+    factories[f"H2O {budget} (recent 32)"] = lambda c: HeavyHitterCache(c, budget=budget, recent=32)
+    factories[f"TOVA {budget}"] = lambda c: TOVACache(c, budget=budget)
+    factories[f"SnapKV {budget} (window 32)"] = lambda c: SnapKVCache(c, budget=budget, observation_window=32)
+    return factories
+
+
+def passkey_sample(rng: random.Random, tokenizer, target_tokens: int) -> tuple[torch.Tensor, str]:
+    """Token ids of one prompt with its key at a random depth, and the key."""
+    key = str(rng.randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    per_filler = len(tokenizer(FILLER).input_ids)
+    fixed = len(tokenizer(INTRO + needle + QUESTION).input_ids)
+    repeats = max(1, (target_tokens - fixed) // per_filler)
+    depth = rng.randint(0, repeats)
+    text = INTRO + FILLER * depth + needle + FILLER * (repeats - depth) + QUESTION
+    return tokenizer(text, return_tensors="pt").input_ids, key
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tokenizer, factory: Callable, samples: int, target_tokens: int, seed: int) -> float:
+    rng = random.Random(seed)  # the same prompts for every cache
+    found = 0
+    for _ in range(samples):
+        ids, key = passkey_sample(rng, tokenizer, target_tokens)
+        cache = factory(model.config)
+        output = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        found += key in tokenizer.decode(output[0, ids.shape[1] :])
+    return found / samples
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, cache, chunk: int) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, ids.shape[1] - 1, chunk):
+        inputs = ids[:, start : start + chunk]
+        targets = ids[:, start + 1 : start + chunk + 1]
+        logits = model(inputs, past_key_values=cache).logits[:, : targets.shape[1]]
+        nll += torch.nn.functional.cross_entropy(logits[0].float(), targets[0], reduction="sum").item()
+        count += targets.shape[1]
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=50, help="passkey prompts per cache and budget")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    parser.add_argument("--ppl-budget", type=float, default=0.2, help="fraction of --ppl-tokens kept")
+    parser.add_argument("--chunk", type=int, default=16, help="tokens per forward in the perplexity run")
+    parser.add_argument("--text", type=Path, default=WIKITEXT, help="WikiText-2 raw test split, plain text")
+    parser.add_argument("--skip-ppl", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model()
+    enable_score_capture(model)
+    torch.manual_seed(args.seed)
+
+    rows, full_accuracy = [], None
+    for budget in args.budgets:
+        for name, factory in cache_factories(budget).items():
+            if name.startswith("full") and full_accuracy is not None:
+                continue  # the full cache does not depend on the budget
+            started = time.perf_counter()
+            accuracy = passkey_accuracy(model, tokenizer, factory, args.samples, args.prompt_tokens, args.seed)
+            if name.startswith("full"):
+                full_accuracy = accuracy
+            rows.append(
+                {
+                    "cache": name,
+                    "budget": "-" if name.startswith("full") else budget,
+                    "passkey accuracy": f"{accuracy:.0%}",
+                    "seconds": f"{time.perf_counter() - started:.0f}",
+                }
+            )
+            print(rows[-1], flush=True)
+    for name in ("SinkCache", "SlidingWindowCache"):
+        if not hasattr(hf_kvcache, name):
+            print(f"note: hf_kvcache.{name} is not available; its rows were skipped")
+    print(f"\nPasskey retrieval, {args.samples} samples, ~{args.prompt_tokens}-token prompts (seed {args.seed})")
+    print(format_table(rows))
+
+    if args.skip_ppl:
+        return
+    text = args.text.read_text(encoding="utf-8")
+    ids = tokenizer(text[: args.ppl_tokens * 8], return_tensors="pt").input_ids[:, : args.ppl_tokens]
+    budget = int(args.ppl_budget * ids.shape[1])
+    rows = []
+    for name, factory in cache_factories(budget).items():
+        started = time.perf_counter()
+        value = perplexity(model, ids, factory(model.config), args.chunk)
+        rows.append({"cache": name, "perplexity": f"{value:.2f}", "seconds": f"{time.perf_counter() - started:.0f}"})
+        print(rows[-1], flush=True)
+    print(f"\nWikiText-2 perplexity, {ids.shape[1]} tokens, chunks of {args.chunk}, budget {budget} tokens")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

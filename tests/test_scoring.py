@@ -1,0 +1,94 @@
+"""Score capture: the registered attention leaves outputs unchanged and computes exact chunked scores."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from helpers import dynamic_logits, left_padded_batch, random_ids
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from hf_kvcache import HeavyHitterCache, SnapKVCache, TOVACache, disable_score_capture, enable_score_capture, scoring
+from hf_kvcache.scoring import CAPTURE_PREFIX, ScoreCaptureError, attention_scores
+
+
+def dense_scores(query, key, allowed, last):
+    """Reference: the full softmax matrix, last `last` rows summed, averaged over each KV head's group."""
+    batch, q_heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    keys = key.repeat_interleave(q_heads // kv_heads, dim=1)
+    logits = (query @ keys.transpose(-1, -2)) / dim**0.5
+    weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)[:, :, -last:].sum(-2)
+    return weights.view(batch, kv_heads, q_heads // kv_heads, -1).mean(2)
+
+
+@pytest.mark.parametrize("last", [1, 5, 7])
+def test_chunked_scores_equal_dense_scores(monkeypatch, last):
+    monkeypatch.setattr(scoring, "QUERY_CHUNK", 3)  # several chunks, the last one partial
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 7, 8, generator=generator)
+    key = torch.randn(2, 3, 12, 8, generator=generator)
+    causal = torch.arange(12)[None, :] <= torch.arange(7)[:, None] + 5  # 5 stored tokens, then 7 queries
+    expected = dense_scores(query, key, causal, last)
+    assert torch.allclose(attention_scores(query, key, None, None, last), expected, atol=1e-5)
+    bool_mask = causal.clone()[None, None].expand(2, 1, 7, 12).clone()
+    bool_mask[1, :, :, 0] = False  # a per-row mask is honoured
+    expected = dense_scores(query, key, bool_mask, last)
+    assert torch.allclose(attention_scores(query, key, bool_mask, None, last), expected, atol=1e-5)
+    float_mask = torch.zeros(bool_mask.shape).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    assert torch.allclose(attention_scores(query, key, float_mask, None, last), expected, atol=1e-5)
+    # each query's weights sum to one, so the totals count the queries
+    assert torch.allclose(expected.sum(-1), torch.full((2, 3), float(last)), atol=1e-5)
+
+
+def test_interfaces_registered_together():
+    for base in ("sdpa", "eager"):
+        assert CAPTURE_PREFIX + base in AttentionInterface._global_mapping
+        assert CAPTURE_PREFIX + base in AttentionMaskInterface._global_mapping
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_capture_leaves_outputs_unchanged(arch, attn):
+    model = make_tiny_model(arch, attn)
+    ids = random_ids(model, 2, 30)
+    expected_chunked = dynamic_logits(model, ids, chunk=7)
+    with torch.no_grad():
+        expected_plain = model(ids, use_cache=False).logits
+    expected_generate = model.generate(ids, max_new_tokens=10, do_sample=False)
+    enable_score_capture(model)
+    assert model.config._attn_implementation == CAPTURE_PREFIX + attn
+    assert torch.equal(dynamic_logits(model, ids, chunk=7), expected_chunked)
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, expected_plain)
+    assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected_generate)
+    enable_score_capture(model)  # idempotent
+    disable_score_capture(model)
+    assert model.config._attn_implementation == attn
+
+
+def test_enable_refuses_other_attention_implementations():
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'"):
+        enable_score_capture(model)
+
+
+@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
+def test_score_cache_without_capture_raises(cache_class):
+    model = make_tiny_model("llama")
+    cache = cache_class(model.config, budget=8)
+    with pytest.raises(ScoreCaptureError, match="enable_score_capture"):
+        model(random_ids(model, 1, 12), past_key_values=cache)
+
+
+@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
+def test_padded_batch_refused(cache_class, attn):
+    model = enable_score_capture(make_tiny_model("llama", attn))
+    ids, mask = left_padded_batch(model, [12, 7])
+    with pytest.raises(ValueError, match="padded batches"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache_class(model.config, budget=8))
+    # an all-ones mask is not padding
+    ids = random_ids(model, 2, 12)
+    model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, past_key_values=cache_class(model.config, budget=8)
+    )
