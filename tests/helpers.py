@@ -33,3 +33,19 @@ def left_padded_batch(model, lengths: list[int], seed: int = 0) -> tuple[torch.T
         ids[row, : longest - length] = model.config.pad_token_id
         mask[row, : longest - length] = 0
     return ids, mask
+
+
+@torch.no_grad()
+def eager_reference(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-0 attention weights [batch, q_heads, q, kv] and keys [batch, kv_heads, kv, dim] of an eager
+    model run on `input_ids` with a `DynamicCache` (an independent reference for score-based caches)."""
+    cache = DynamicCache(config=model.config)
+    attentions = model(input_ids, past_key_values=cache, output_attentions=True).attentions
+    return attentions[0], cache.layers[0].keys
+
+
+def kept_indices(stored_keys: torch.Tensor, reference_keys: torch.Tensor) -> torch.Tensor:
+    """Position in `reference_keys` of every stored key, per batch row and KV head: [batch, heads, kept]."""
+    equal = (stored_keys[:, :, :, None] == reference_keys[:, :, None]).all(-1)
+    assert (equal.sum(-1) == 1).all(), "every stored key must be one reference key"
+    return equal.float().argmax(-1)

@@ -13,6 +13,12 @@ from hf_kvcache import HeavyHitterCache, SnapKVCache, TOVACache, disable_score_c
 from hf_kvcache.scoring import CAPTURE_PREFIX, ScoreCaptureError, attention_scores
 
 
+def small_cache(cache_class, config):
+    """A score-based cache with budget 8 (and a recent/observation window that fits in it)."""
+    extra = {HeavyHitterCache: {"recent": 2}, SnapKVCache: {"observation_window": 2}}.get(cache_class, {})
+    return cache_class(config, budget=8, **extra)
+
+
 def dense_scores(query, key, allowed, last):
     """Reference: the full softmax matrix, last `last` rows summed, averaged over each KV head's group."""
     batch, q_heads, _, dim = query.shape
@@ -76,7 +82,7 @@ def test_enable_refuses_other_attention_implementations():
 @pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
 def test_score_cache_without_capture_raises(cache_class):
     model = make_tiny_model("llama")
-    cache = cache_class(model.config, budget=8)
+    cache = small_cache(cache_class, model.config)
     with pytest.raises(ScoreCaptureError, match="enable_score_capture"):
         model(random_ids(model, 1, 12), past_key_values=cache)
 
@@ -86,9 +92,14 @@ def test_padded_batch_refused(cache_class, attn):
     model = enable_score_capture(make_tiny_model("llama", attn))
     ids, mask = left_padded_batch(model, [12, 7])
     with pytest.raises(ValueError, match="padded batches"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache_class(model.config, budget=8))
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=3, past_key_values=small_cache(cache_class, model.config)
+        )
     # an all-ones mask is not padding
     ids = random_ids(model, 2, 12)
     model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, past_key_values=cache_class(model.config, budget=8)
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=3,
+        past_key_values=small_cache(cache_class, model.config),
     )
