@@ -1,0 +1,99 @@
+"""SnapKVCache: exact with a large budget; compresses a prompt with its observation window's attention."""
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from helpers import chunked_logits, dynamic_logits, eager_reference, kept_indices, random_ids
+
+from hf_kvcache import SnapKVCache, enable_score_capture, scoring
+from hf_kvcache.caches.snapkv import SnapKVLayer
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_budget_above_length_matches_dynamic_cache(arch, attn):
+    model = enable_score_capture(make_tiny_model(arch, attn))
+    ids = random_ids(model, 2, 40)
+    cache = SnapKVCache(model.config, budget=64, observation_window=8)
+    assert torch.equal(chunked_logits(model, ids, cache, chunk=6), dynamic_logits(model, ids, chunk=6))
+    assert cache.get_seq_length() == 40 == cache.stored_tokens
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    actual = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=SnapKVCache(model.config, 64))
+    assert torch.equal(actual, expected)
+
+
+def test_pooling_keeps_neighbours_of_the_hand_built_peak():
+    layer = SnapKVLayer(budget=5, observation_window=2, kernel_size=3)
+    tokens = torch.arange(10, dtype=torch.float32)
+    keys = torch.stack([tokens, tokens + 100]).view(1, 2, 10, 1)
+    layer.update(keys, -keys)
+    scoring._take_pending()  # no attention runs in this unit test
+    assert layer.queries_needed(10) == 2
+    scores = torch.zeros(1, 2, 10)
+    scores[0, 0, 4] = 1.0  # head 0: one peak; pooling (width 3) brings its neighbours 3 and 5 along
+    scores[0, 1, [0, 1, 2]] = torch.tensor([0.2, 0.9, 0.3])  # head 1: a peak at the start
+    scores[0, :, 8:] = 5.0  # the window's own scores do not matter: it is always kept
+    layer.observe(scores)
+    assert layer.body.keys[0, :, :, 0].tolist() == [[3.0, 4.0, 5.0, 8.0, 9.0], [100.0, 101.0, 102.0, 108.0, 109.0]]
+    assert torch.equal(layer.body.values, -layer.body.keys)
+
+
+def test_decoding_grows_after_compression():
+    layer = SnapKVLayer(budget=4, observation_window=2, kernel_size=1)
+    layer.update(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    scoring._take_pending()
+    layer.observe(torch.rand(1, 2, 6))
+    assert layer.stored_tokens == 4
+    layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    scoring._take_pending()
+    assert layer.queries_needed(1) == 0  # single-token steps never evict
+    layer.observe(None)
+    assert layer.stored_tokens == 5 and layer.get_seq_length() == 7
+
+
+def sharp_model(attn: str):
+    model = make_tiny_model("llama", attn)
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj"):
+            getattr(model.model.layers[0].self_attn, name).weight.mul_(30)
+    return model
+
+
+def test_prefill_matches_observation_window_reference(attn):
+    """Kept tokens equal the window plus the top pooled window-attention tokens (averaged over each KV
+    head's query heads), read from an independent eager run; the KV heads keep different tokens."""
+    reference_model = sharp_model("eager")
+    ids = random_ids(reference_model, 2, 30)
+    weights, reference_keys = eager_reference(reference_model, ids)
+    batch, q_heads, _, length = weights.shape
+    votes = weights[:, :, -4:].sum(2).reshape(batch, 2, q_heads // 2, length).mean(2)[..., :26]
+    pooled = torch.nn.functional.max_pool1d(votes.reshape(-1, 1, 26), 3, stride=1, padding=1).view_as(votes)
+    expected = torch.cat([pooled.topk(8).indices.sort(-1).values, torch.arange(26, 30).expand(2, 2, 4)], -1)
+    model = enable_score_capture(sharp_model(attn))
+    cache = SnapKVCache(model.config, budget=12, observation_window=4, kernel_size=3)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    indices = kept_indices(cache.layers[0].body.keys, reference_keys)
+    assert torch.equal(indices, expected)
+    assert not torch.equal(indices[:, 0], indices[:, 1])
+    assert cache.get_seq_length() == 30 and cache.stored_tokens == 12
+
+
+def test_generate_compresses_prompt_then_grows(attn):
+    model = enable_score_capture(make_tiny_model("qwen2", attn))
+    ids = random_ids(model, 2, 30)
+    cache = SnapKVCache(model.config, budget=12, observation_window=4)
+    output = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert output.shape == (2, 40)
+    assert cache.get_seq_length() == 39 and cache.stored_tokens == 12 + 9
+
+
+def test_invalid_arguments():
+    config = make_tiny_model("llama").config
+    with pytest.raises(ValueError, match="observation_window"):
+        SnapKVCache(config, budget=16, observation_window=17)
+    with pytest.raises(ValueError, match="observation_window"):
+        SnapKVCache(config, budget=16, observation_window=0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        SnapKVCache(config, budget=16, observation_window=4, kernel_size=4)
+    with pytest.raises(ValueError, match="bits=8"):
+        SnapKVCache(config, budget=64, bits=8)

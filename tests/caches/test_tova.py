@@ -1,0 +1,87 @@
+"""TOVACache: exact with a large budget; keeps the tokens the latest query attends to most."""
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from helpers import chunked_logits, dynamic_logits, eager_reference, kept_indices, random_ids
+
+from hf_kvcache import TOVACache, enable_score_capture, scoring
+from hf_kvcache.caches.tova import TOVALayer
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_budget_above_length_matches_dynamic_cache(arch, attn):
+    model = enable_score_capture(make_tiny_model(arch, attn))
+    ids = random_ids(model, 2, 40)
+    cache = TOVACache(model.config, budget=64)
+    assert torch.equal(chunked_logits(model, ids, cache, chunk=6), dynamic_logits(model, ids, chunk=6))
+    assert cache.get_seq_length() == 40 == cache.stored_tokens
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    actual = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=TOVACache(model.config, 64))
+    assert torch.equal(actual, expected)
+
+
+def test_keeps_top_scores_of_hand_built_pattern_per_head():
+    layer = TOVALayer(budget=3)
+    tokens = torch.arange(5, dtype=torch.float32)
+    keys = torch.stack([tokens, tokens + 100]).view(1, 2, 5, 1)
+    layer.update(keys, -keys)
+    scoring._take_pending()  # no attention runs in this unit test
+    assert layer.queries_needed(5) == 1  # only the latest query is scored
+    layer.observe(torch.tensor([[[0.1, 0.4, 0.05, 0.3, 0.15], [0.5, 0.0, 0.2, 0.1, 0.2]]]))
+    assert layer.body.keys[0, :, :, 0].tolist() == [[1.0, 3.0, 4.0], [100.0, 102.0, 104.0]]
+    assert torch.equal(layer.body.values, -layer.body.keys)
+    assert layer.get_mask_sizes(1) == (4, 2)
+
+
+def test_within_budget_no_scores_are_computed():
+    layer = TOVALayer(budget=8)
+    layer.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4))
+    scoring._take_pending()
+    assert layer.queries_needed(5) == 0
+    layer.observe(None)
+    assert layer.stored_tokens == 5
+
+
+def sharp_model(attn: str):
+    model = make_tiny_model("llama", attn)
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj"):
+            getattr(model.model.layers[0].self_attn, name).weight.mul_(30)
+    return model
+
+
+def test_prefill_keeps_top_attention_of_last_query(attn):
+    """Kept tokens equal the top tokens by the last query's attention averaged over each KV head's
+    query heads (GQA), read from an independent eager run; the KV heads keep different tokens."""
+    reference_model = sharp_model("eager")
+    ids = random_ids(reference_model, 2, 30)
+    weights, reference_keys = eager_reference(reference_model, ids)
+    batch, q_heads, _, length = weights.shape
+    latest = weights[:, :, -1].reshape(batch, 2, q_heads // 2, length).mean(2)
+    model = enable_score_capture(sharp_model(attn))
+    cache = TOVACache(model.config, budget=10)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    indices = kept_indices(cache.layers[0].body.keys, reference_keys)
+    assert torch.equal(indices, latest.topk(10).indices.sort(-1).values)
+    assert not torch.equal(indices[:, 0], indices[:, 1])
+    assert cache.get_seq_length() == 30 and cache.stored_tokens == 10
+
+
+def test_decoding_and_chunks_stay_within_budget(attn):
+    model = enable_score_capture(make_tiny_model("qwen2", attn))
+    ids = random_ids(model, 2, 30)
+    cache = TOVACache(model.config, budget=12)
+    chunked_logits(model, ids, cache, chunk=7)
+    assert cache.get_seq_length() == 30 and cache.stored_tokens == 12
+    output = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=TOVACache(model.config, 12))
+    assert output.shape == (2, 40)
+
+
+def test_invalid_arguments():
+    config = make_tiny_model("llama").config
+    with pytest.raises(ValueError, match="budget"):
+        TOVACache(config, budget=-1)
+    with pytest.raises(ValueError, match="bits=2"):
+        TOVACache(config, budget=64, bits=2)
