@@ -103,3 +103,17 @@ def test_padded_batch_refused(cache_class, attn):
         max_new_tokens=3,
         past_key_values=small_cache(cache_class, model.config),
     )
+
+
+def test_eval_tool_builds_score_caches_from_specs_and_enables_capture():
+    from hf_kvcache.eval.runner import evaluate
+
+    model = make_tiny_model("llama")
+    specs = ["dynamic", "h2o:budget=16,recent=4", "tova:budget=16", "snapkv:budget=16,observation_window=4"]
+    results = evaluate(
+        specs, model=model, input_ids=random_ids(model, 1, 64), chunk_size=8, decode_tokens=2, progress=False
+    )
+    assert model.config._attn_implementation == CAPTURE_PREFIX + "sdpa"
+    perplexities = [result.perplexity for result in results.results]
+    assert all(torch.isfinite(torch.tensor(perplexities)))
+    assert len(set(perplexities)) == 4  # each eviction policy changed the figures

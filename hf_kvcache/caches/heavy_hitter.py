@@ -5,6 +5,7 @@ from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
 from hf_kvcache.caches.storage import TensorMap
+from hf_kvcache.registry import register_cache
 
 
 class HeavyHitterLayer(ScoredLayer):
@@ -67,3 +68,6 @@ class HeavyHitterCache(ScoredCache):
 
     def full_attention_layer(self) -> HeavyHitterLayer:
         return HeavyHitterLayer(self.budget, self.recent)
+
+
+register_cache("h2o", HeavyHitterCache, "H2O: heavy hitters by accumulated attention + recent tokens (score capture)")

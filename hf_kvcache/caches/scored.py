@@ -96,6 +96,8 @@ class ScoredLayer(KVLayer):
 class ScoredCache(KVCache):
     """A `KVCache` whose full-attention layers are `ScoredLayer`s. Needs `enable_score_capture(model)`."""
 
+    needs_score_capture = True  # tools that build caches from specs enable capture on the model for these
+
     def __init__(self, config: PreTrainedConfig, bits: int | None = None):
         if bits is not None:
             raise ValueError(

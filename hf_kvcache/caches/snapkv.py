@@ -4,6 +4,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
+from hf_kvcache.registry import register_cache
 
 
 class SnapKVLayer(ScoredLayer):
@@ -70,3 +71,6 @@ class SnapKVCache(ScoredCache):
 
     def full_attention_layer(self) -> SnapKVLayer:
         return SnapKVLayer(self.budget, self.observation_window, self.kernel_size)
+
+
+register_cache("snapkv", SnapKVCache, "SnapKV: compress each prompt by observation-window attention (score capture)")

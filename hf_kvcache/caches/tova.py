@@ -4,6 +4,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
+from hf_kvcache.registry import register_cache
 
 
 class TOVALayer(ScoredLayer):
@@ -36,3 +37,6 @@ class TOVACache(ScoredCache):
 
     def full_attention_layer(self) -> TOVALayer:
         return TOVALayer(self.budget)
+
+
+register_cache("tova", TOVACache, "TOVA: keep the tokens the latest query attends to most (score capture)")

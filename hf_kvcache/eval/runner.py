@@ -15,6 +15,7 @@ from hf_kvcache.eval.perplexity import bucket_perplexity, decode_speed, evaluati
 from hf_kvcache.eval.results import CacheResult, EvalResults
 from hf_kvcache.models import DEFAULT_MODEL_NAME, load_model
 from hf_kvcache.registry import CacheSpec, build_cache, parse_cache_spec
+from hf_kvcache.scoring import enable_score_capture
 
 DEFAULT_CACHES = ("dynamic", "quantized:bits=4", "quantized:bits=2")
 MODES = ("chunk", "token")
@@ -95,7 +96,8 @@ def evaluate(
         except OSError as error:
             raise RuntimeError(f"cannot load model {model_name!r}: {str(error).strip().splitlines()[0]}") from error
     for spec in specs:  # fail on a bad spec before spending time on the others
-        build_cache(spec, model.config)
+        if getattr(build_cache(spec, model.config), "needs_score_capture", False):
+            enable_score_capture(model)  # outputs unchanged; score-based caches get their scores
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer (or pass input_ids)")
