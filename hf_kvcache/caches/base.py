@@ -113,9 +113,9 @@ class KVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         kv_offset = self.seen_tokens - self.stored_tokens
-        body_keys, body_values = self.body.read()
-        keys = torch.cat([self.head_keys(kv_offset), body_keys, key_states], dim=-2)
-        values = torch.cat([self.head.values, body_values, value_states], dim=-2)
+        body_keys, body_values = zip(*self.body.parts())  # one concatenation for all pieces
+        keys = torch.cat([self.head_keys(kv_offset), *body_keys, key_states], dim=-2)
+        values = torch.cat([self.head.values, *body_values, value_states], dim=-2)
         self.seen_tokens += key_states.shape[-2]
         self._append(key_states, value_states)
         self.evict()

@@ -26,9 +26,14 @@ class KVStore:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Stored tokens, oldest first, as full-precision (keys, values) pieces to be concatenated."""
+        raise NotImplementedError
+
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored tokens as full-precision [batch, heads, tokens, head_dim] keys and values."""
-        raise NotImplementedError
+        keys, values = zip(*self.parts())
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
     def drop_oldest(self, count: int) -> None:
         raise NotImplementedError
@@ -61,8 +66,8 @@ class FullPrecisionStore(KVStore):
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys, self.values
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.keys, self.values)]
 
     def drop_oldest(self, count: int) -> None:
         # Copies, not views: a view would keep the evicted tokens' memory alive.
@@ -152,14 +157,9 @@ class QuantizedStore(KVStore):
             keys, values = keys @ self.rotation, values @ self.rotation
         return keys, values
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.quantized_length == 0:
-            return self.residual_keys, self.residual_values
-        keys, values = self._dequantized()
-        return (
-            torch.cat([keys, self.residual_keys], dim=-2),
-            torch.cat([values, self.residual_values], dim=-2),
-        )
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        residual = (self.residual_keys, self.residual_values)
+        return [self._dequantized(), residual] if self.quantized_length else [residual]
 
     def drop_oldest(self, count: int) -> None:
         from_quantized = min(count, self.quantized_length)

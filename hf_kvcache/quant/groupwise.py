@@ -68,5 +68,6 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """Numbers back from codes: code * scale + minimum, in the dtype of the scales."""
     codes = unpack_codes(q.codes, q.bits)
     grouped = _grouped(codes, q.reduce_dim, q.group_size).to(q.scale.dtype)
-    values = grouped * q.scale.unsqueeze(q.reduce_dim + 1) + q.minimum.unsqueeze(q.reduce_dim + 1)
+    group_axis = q.reduce_dim + 1
+    values = torch.addcmul(q.minimum.unsqueeze(group_axis), grouped, q.scale.unsqueeze(group_axis))
     return values.reshape(codes.shape)
