@@ -10,6 +10,7 @@ from transformers import PreTrainedConfig
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer, check_non_negative
 from hf_kvcache.caches.masking import install_padding_relabelling
 from hf_kvcache.caches.window import check_window
+from hf_kvcache.registry import register_cache
 from hf_kvcache.rope import RopeRotator
 
 
@@ -85,3 +86,6 @@ class SinkCache(KVCache):
         layer = SinkLayer(self.storage, window, self.sink_tokens, self.rotator)
         layer.is_sliding = True
         return layer
+
+
+register_cache("sink", SinkCache, "StreamingLLM: `sink_tokens` first tokens + last `window` tokens, re-rotated")

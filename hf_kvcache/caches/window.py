@@ -3,6 +3,7 @@
 from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer
+from hf_kvcache.registry import register_cache
 
 
 def check_window(window: int, name: str = "window") -> None:
@@ -38,3 +39,6 @@ class SlidingWindowCache(KVCache):
 
     def windowed_layer(self, model_window: int) -> KVLayer:
         return super().windowed_layer(min(model_window, self.window))
+
+
+register_cache("window", SlidingWindowCache, "keep the last `window` tokens (optionally quantized with bits)")
