@@ -194,3 +194,20 @@ def test_models_without_rope_run_with_rerotate_false():
     reference = chunked_logits(model, ids, DynamicCache(config=model.config), chunk=1)
     torch.testing.assert_close(logits[:, : SINKS + WINDOW + 1], reference[:, : SINKS + WINDOW + 1])
     assert cache.stored_tokens == SINKS + WINDOW
+
+
+@pytest.mark.real_model
+def test_real_model_streams_with_flat_memory(real_model):
+    model, tokenizer = real_model
+    prompt = tokenizer("Once upon a time", return_tensors="pt")
+    cache = SinkCache(model.config, sink_tokens=4, window=60)
+    sizes = []
+
+    class Probe:
+        def __call__(self, input_ids, scores):
+            sizes.append(cache.memory_bytes())
+            return scores
+
+    model.generate(**prompt, past_key_values=cache, max_new_tokens=300, min_new_tokens=300, logits_processor=[Probe()])
+    assert cache.get_seq_length() == prompt.input_ids.shape[1] + 299
+    assert cache.stored_tokens == 64 and len(set(sizes[100:])) == 1
