@@ -121,7 +121,9 @@ def generation_phase(model, tokenizer, new_tokens: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-tokens", type=int, default=16384, help="tokens of the book (default 16384; 0 skips phase 1)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=16384, help="tokens of the book (default 16384; 0 skips phase 1)"
+    )
     parser.add_argument("--generate-tokens", type=int, default=20000, help="phase 2 length; 0 skips it")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results", help="results folder")
     args = parser.parse_args()
