@@ -87,7 +87,7 @@ def main() -> None:
         )
     for row in rows:
         row["bytes x"] = row["cache bytes"] / rows[0]["cache bytes"]
-    print(f"{model.config.name_or_path or 'model'} ({model.dtype}), greedy, {args.max_new_tokens} new tokens")
+    print(f"{args.model or 'packaged SmolLM2-135M-Instruct'} ({model.dtype}), greedy decoding")
     print(format_table(rows))
 
 

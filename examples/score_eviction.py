@@ -78,7 +78,7 @@ def answer(model, tokenizer, input_ids: torch.Tensor, cache, max_new_tokens: int
         do_sample=False,
         pad_token_id=tokenizer.eos_token_id,
     )
-    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+    return " ".join(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).split())
 
 
 def main() -> None:

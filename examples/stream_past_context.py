@@ -61,7 +61,8 @@ def main() -> None:
     length = input_ids.shape[1]
 
     caches = {
-        "dense": (lambda: DynamicCache(config=model.config), 256),  # exact in chunks: it keeps every token
+        # DynamicCache keeps every token, so chunks of a segment give exactly the token-by-token NLL.
+        "dense": (lambda: DynamicCache(config=model.config), args.segment),
         "window": (lambda: SlidingWindowCache(model.config, window=args.window), args.step),
         "sink": (
             lambda: SinkCache(model.config, sink_tokens=args.sink_tokens, window=args.window - args.sink_tokens),
@@ -92,7 +93,7 @@ def main() -> None:
     )
 
     per_forward = "token by token" if args.step == 1 else f"{args.step} tokens per forward"
-    print(f"{length:,} tokens of {text.dataset} ({text.source}), {per_forward} (dense: chunks of 256)")
+    print(f"{length:,} tokens of {text.dataset} ({text.source}), {per_forward} (dense: chunks of {args.segment})")
     print(
         f"window = SlidingWindowCache(window={args.window}); "
         f"sink = SinkCache(sink_tokens={args.sink_tokens}, window={args.window - args.sink_tokens})"
