@@ -3,6 +3,8 @@
 import argparse
 from pathlib import Path
 
+import transformers
+
 from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
 from hf_kvcache.registry import describe_caches
 
@@ -84,11 +86,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=16,
         help="greedy decode steps after the text, timed for decode tokens/s (default: 16)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (also transformers' own)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()
     model = args.model
     if model is not None and model.startswith((".", "/", "~")):
         model = str(Path(model).expanduser())

@@ -1,0 +1,93 @@
+import csv
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from conftest import make_tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hf_kvcache.cli import main
+from hf_kvcache.eval.results import CSV_COLUMNS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads can be 100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random Llama with a 256-symbol byte-level tokenizer, saved as a local model folder."""
+    folder = tmp_path / "tiny"
+    make_tiny_model("llama").save_pretrained(folder)
+    vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    output = tmp_path / "out"
+    argv = ["eval", "--model", str(tiny_model_dir), "--dataset", str(text), "--max-tokens", "80", "--chunk-size", "16"]
+    argv += ["--cache", "dynamic", "--cache", "quantized:bits=4,group_size=16", "--output", str(output)]
+    assert main([*argv, "--decode-tokens", "2", "--seed", "3", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "quantized:bits=4,group_size=16" in table and "ppl" in table
+
+    run = json.loads((output / "results.json").read_text())
+    assert run["seed"] == 3 and run["mode"] == "chunk" and run["chunk_size"] == 16 and run["max_tokens"] == 80
+    assert run["data_source"].startswith("local file") and run["model"] == str(tiny_model_dir)
+    assert {"python", "torch", "transformers", "hf_kvcache"} <= set(run["versions"])
+    first = run["results"][0]
+    assert first["cache"] == "dynamic" and first["tokens"] == 79 and len(first["nll"]) == 79
+    assert first["memory_positions"] == [16, 32, 48, 64, 80]
+
+    with open(output / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == CSV_COLUMNS and [row["cache"] for row in rows] == [
+        "dynamic",
+        "quantized:bits=4,group_size=16",
+    ]
+    assert float(rows[1]["perplexity"]) == pytest.approx(run["results"][1]["perplexity"])
+    assert float(rows[0]["perplexity_ratio"]) == 1.0
+
+    for name in ("log_perplexity.png", "cache_memory.png"):
+        path = output / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = plt.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dataset", "missing.txt"], "dataset file not found: missing.txt"),
+        (["--max-tokens", "100000", "--cache", "dynamic"], "--max-tokens 100,000 is more than the 900 tokens"),
+        (["--cache", "nope"], "unknown cache 'nope'"),
+        (["--cache", "quantized:bits=5,group_size=16"], "bits=5 is not supported"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("0123456789" * 90, encoding="utf-8")
+    argv = ["eval", "--model", str(tiny_model_dir), "--dataset", "text.txt", "--no-progress", *extra]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.splitlines() == [f"hf-kvcache eval: error: {error.partition('error: ')[2]}"]
+    assert message in error
+
+
+def test_cli_missing_model(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"hf-kvcache eval: error: model folder not found: {tmp_path / 'nowhere'}"
