@@ -26,7 +26,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_kvcache import SinkCache
 from hf_kvcache.eval.data import load_text, tokenize_text
-from hf_kvcache.eval.perplexity import evaluation_pass
+from hf_kvcache.eval.perplexity import decode_speed, evaluation_pass
 from hf_kvcache.models import load_model
 from hf_kvcache.registry import build_cache
 from hf_kvcache.report import format_table
@@ -59,15 +59,23 @@ def segment_perplexities(nll: torch.Tensor, segments: int) -> list[float]:
     return [math.exp(nll[i * SEGMENT : (i + 1) * SEGMENT].mean().item()) for i in range(segments)]
 
 
-def perplexity_phase(model, tokenizer, max_tokens: int) -> list[dict]:
+def decode_ms(model, ids: torch.Tensor, spec: str, step: int) -> float:
+    """ms per decoded token (16 greedy steps) after feeding `ids` through a fresh `spec` cache."""
+    cache = build_cache(spec, model.config)
+    record = evaluation_pass(model, ids, cache, step=step)
+    return 1000 / decode_speed(model, cache, record.last_logits, steps=16)
+
+
+def perplexity_phase(model, tokenizer, max_tokens: int, streaming_step: int, specs: list[str]) -> list[dict]:
     text = load_text("pg19", use_hub=False)
     ids = tokenize_text(text, tokenizer, max_tokens)
     segments = max_tokens // SEGMENT
     rows = []
-    for spec, step in [("dynamic", 256)] + [(spec, 1) for spec in STREAMING_SPECS]:
+    for spec, step in [("dynamic", 256)] + [(spec, streaming_step) for spec in specs]:
         result = timed_pass(model, ids, spec, step)
         record = result["record"]
-        row = {"cache": spec, "mode": "chunk 256 (= token)" if step > 1 else "token"}
+        mode = "chunk 256 (= token)" if spec == "dynamic" else ("token" if step == 1 else f"chunk {step}")
+        row = {"cache": spec, "mode": mode}
         for index, value in enumerate(segment_perplexities(record.nll, segments)):
             row[f"{index * 2}-{index * 2 + 2}K"] = value
         row["bytes@2K"] = record.bytes_held[SEGMENT // step - 1]
@@ -75,6 +83,9 @@ def perplexity_phase(model, tokenizer, max_tokens: int) -> list[dict]:
         if step == 1:
             row["ms/tok@2K"] = ms_per_token_around(result, SEGMENT, step)
             row[f"ms/tok@{max_tokens // 1024}K"] = ms_per_token_around(result, max_tokens, step)
+        else:  # decode speed after chunked prefills of 2K and of the whole text
+            row["ms/tok@2K"] = decode_ms(model, ids[:, :SEGMENT], spec, step)
+            row[f"ms/tok@{max_tokens // 1024}K"] = decode_ms(model, ids, spec, step)
         rows.append(row)
         tqdm.write(str(row))
     return rows
@@ -124,6 +135,10 @@ def main() -> None:
     parser.add_argument(
         "--max-tokens", type=int, default=16384, help="tokens of the book (default 16384; 0 skips phase 1)"
     )
+    parser.add_argument(
+        "--streaming-step", type=int, default=1, help="tokens per forward for the streaming caches (default 1)"
+    )
+    parser.add_argument("--specs", nargs="+", default=STREAMING_SPECS, help="streaming cache specs")
     parser.add_argument("--generate-tokens", type=int, default=20000, help="phase 2 length; 0 skips it")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results", help="results folder")
     args = parser.parse_args()
@@ -132,7 +147,7 @@ def main() -> None:
     results = {}
     if args.max_tokens:
         with torch.no_grad():
-            rows = perplexity_phase(model, tokenizer, args.max_tokens)
+            rows = perplexity_phase(model, tokenizer, args.max_tokens, args.streaming_step, args.specs)
         dense_segments = [value for key, value in rows[0].items() if key in ("2-4K", "4-6K", "6-8K")]
         dense_mean = sum(dense_segments) / len(dense_segments)
         for row in rows:
