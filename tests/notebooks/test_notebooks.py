@@ -9,7 +9,6 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPECTED_TEXT = {
     "quickstart.ipynb": ["QuantizedCache 2-bit", "SinkCache 4+124", "bytes held"],
-    "perplexity_and_memory.ipynb": ["quantized:bits=2", "sink:sink_tokens=4,window=252", "h2o:budget=256,recent=32"],
 }
 
 
