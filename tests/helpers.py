@@ -1,6 +1,7 @@
 """Reference runs shared by the cache tests: the same inputs through DynamicCache and a candidate."""
 
 import torch
+from conftest import make_tiny_model
 from transformers import DynamicCache
 
 
@@ -49,3 +50,12 @@ def kept_indices(stored_keys: torch.Tensor, reference_keys: torch.Tensor) -> tor
     equal = (stored_keys[:, :, :, None] == reference_keys[:, :, None]).all(-1)
     assert (equal.sum(-1) == 1).all(), "every stored key must be one reference key"
     return equal.float().argmax(-1)
+
+
+def sharp_model(attn: str):
+    """A tiny llama whose first layer attends sharply (scaled q/k), so attention-based choices are clear."""
+    model = make_tiny_model("llama", attn)
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj"):
+            getattr(model.model.layers[0].self_attn, name).weight.mul_(30)
+    return model

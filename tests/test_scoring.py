@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import dynamic_logits, left_padded_batch, random_ids
+from helpers import chunked_logits, dynamic_logits, left_padded_batch, random_ids
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -77,6 +77,20 @@ def test_enable_refuses_other_attention_implementations():
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
     with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'"):
         enable_score_capture(model)
+
+
+@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_budget_above_length_matches_dynamic_cache(cache_class, arch, attn):
+    """Nothing is evicted, so chunked logits and greedy generate equal DynamicCache's exactly."""
+    model = enable_score_capture(make_tiny_model(arch, attn))
+    ids = random_ids(model, 2, 40)
+    cache = cache_class(model.config, budget=64)
+    assert torch.equal(chunked_logits(model, ids, cache, chunk=6), dynamic_logits(model, ids, chunk=6))
+    assert cache.get_seq_length() == 40 == cache.stored_tokens
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    actual = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache_class(model.config, 64))
+    assert torch.equal(actual, expected)
 
 
 @pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])

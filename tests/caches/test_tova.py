@@ -3,22 +3,10 @@
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import chunked_logits, dynamic_logits, eager_reference, kept_indices, random_ids
+from helpers import chunked_logits, eager_reference, kept_indices, random_ids, sharp_model
 
 from hf_kvcache import TOVACache, enable_score_capture, scoring
 from hf_kvcache.caches.tova import TOVALayer
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_budget_above_length_matches_dynamic_cache(arch, attn):
-    model = enable_score_capture(make_tiny_model(arch, attn))
-    ids = random_ids(model, 2, 40)
-    cache = TOVACache(model.config, budget=64)
-    assert torch.equal(chunked_logits(model, ids, cache, chunk=6), dynamic_logits(model, ids, chunk=6))
-    assert cache.get_seq_length() == 40 == cache.stored_tokens
-    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
-    actual = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=TOVACache(model.config, 64))
-    assert torch.equal(actual, expected)
 
 
 def test_keeps_top_scores_of_hand_built_pattern_per_head():
@@ -41,14 +29,6 @@ def test_within_budget_no_scores_are_computed():
     assert layer.queries_needed(5) == 0
     layer.observe(None)
     assert layer.stored_tokens == 5
-
-
-def sharp_model(attn: str):
-    model = make_tiny_model("llama", attn)
-    with torch.no_grad():
-        for name in ("q_proj", "k_proj"):
-            getattr(model.model.layers[0].self_attn, name).weight.mul_(30)
-    return model
 
 
 def test_prefill_keeps_top_attention_of_last_query(attn):

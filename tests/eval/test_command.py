@@ -3,7 +3,6 @@ import json
 
 import matplotlib.pyplot as plt
 import pytest
-import torch
 from conftest import make_tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -12,15 +11,6 @@ from hf_kvcache.cli import main
 from hf_kvcache.eval.results import CSV_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads can be 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

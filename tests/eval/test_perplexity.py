@@ -12,15 +12,6 @@ from hf_kvcache.eval.perplexity import bucket_perplexity, full_sequence_nll
 from hf_kvcache.registry import build_cache
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads can be 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dynamic_chunk_and_token_match_full_forward(arch):
     model = make_tiny_model(arch)
