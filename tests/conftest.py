@@ -141,3 +141,12 @@ def redis_server():
         pytest.skip(str(error))
     with server:
         yield server
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests that time real passes: on a busy 2-core machine two can be 100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -10,6 +10,8 @@ from transformers import PreTrainedTokenizerFast
 from hf_kvcache.cli import main
 from hf_kvcache.eval.results import CSV_COLUMNS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

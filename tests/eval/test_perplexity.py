@@ -11,6 +11,8 @@ from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.eval.perplexity import bucket_perplexity, full_sequence_nll
 from hf_kvcache.registry import build_cache
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dynamic_chunk_and_token_match_full_forward(arch):
