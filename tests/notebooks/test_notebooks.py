@@ -9,6 +9,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPECTED_TEXT = {
     "quickstart.ipynb": ["QuantizedCache 2-bit", "SinkCache 4+124", "bytes held"],
+    "perplexity_and_memory.ipynb": ["quantized:bits=2", "h2o:budget=256", "of the bytes for", "890-1016"],
 }
 
 
