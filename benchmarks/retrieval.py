@@ -11,20 +11,21 @@ each chunk seeing the cache plus its own keys; the budget is `--ppl-budget` of t
 """
 
 import argparse
-import math
+import json
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from tqdm import tqdm
 
-from hf_kvcache import HeavyHitterCache, SinkCache, SlidingWindowCache, SnapKVCache, TOVACache, enable_score_capture
+from hf_kvcache import enable_score_capture
+from hf_kvcache.eval.data import bundled_text
+from hf_kvcache.eval.perplexity import evaluation_pass
 from hf_kvcache.models import load_model
+from hf_kvcache.registry import build_cache, parse_cache_spec
 from hf_kvcache.report import format_table
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1.test.txt"
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about it.\n"
@@ -33,15 +34,16 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-def cache_factories(budget: int) -> dict[str, Callable]:
-    """Cache constructors keeping `budget` tokens per layer (None: the full cache)."""
-    factories = {"full (DynamicCache)": lambda config: DynamicCache(config=config)}
-    factories[f"SinkCache 4+{budget - 4}"] = lambda c: SinkCache(c, sink_tokens=4, window=budget - 4)
-    factories[f"SlidingWindowCache {budget}"] = lambda c: SlidingWindowCache(c, window=budget)
-    factories[f"H2O {budget} (recent 32)"] = lambda c: HeavyHitterCache(c, budget=budget, recent=32)
-    factories[f"TOVA {budget}"] = lambda c: TOVACache(c, budget=budget)
-    factories[f"SnapKV {budget} (window 32)"] = lambda c: SnapKVCache(c, budget=budget, observation_window=32)
-    return factories
+def cache_specs(budget: int) -> dict[str, str]:
+    """Display name -> eval cache spec, each keeping `budget` tokens per layer (the first: the full cache)."""
+    return {
+        "full (DynamicCache)": "dynamic",
+        f"SinkCache 4+{budget - 4}": f"sink:sink_tokens=4,window={budget - 4}",
+        f"SlidingWindowCache {budget}": f"window:window={budget}",
+        f"H2O {budget} (recent 32)": f"h2o:budget={budget},recent=32",
+        f"TOVA {budget}": f"tova:budget={budget}",
+        f"SnapKV {budget} (window 32)": f"snapkv:budget={budget},observation_window=32",
+    }
 
 
 def passkey_sample(rng: random.Random, tokenizer, target_tokens: int) -> tuple[torch.Tensor, str]:
@@ -57,12 +59,12 @@ def passkey_sample(rng: random.Random, tokenizer, target_tokens: int) -> tuple[t
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, factory: Callable, samples: int, target_tokens: int, seed: int) -> float:
+def passkey_accuracy(model, tokenizer, spec: str, samples: int, target_tokens: int, seed: int) -> float:
     rng = random.Random(seed)  # the same prompts for every cache
     found = 0
-    for _ in range(samples):
+    for _ in tqdm(range(samples), desc=spec, leave=False):
         ids, key = passkey_sample(rng, tokenizer, target_tokens)
-        cache = factory(model.config)
+        cache = build_cache(parse_cache_spec(spec), model.config)
         output = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -75,18 +77,6 @@ def passkey_accuracy(model, tokenizer, factory: Callable, samples: int, target_t
     return found / samples
 
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, cache, chunk: int) -> float:
-    nll, count = 0.0, 0
-    for start in range(0, ids.shape[1] - 1, chunk):
-        inputs = ids[:, start : start + chunk]
-        targets = ids[:, start + 1 : start + chunk + 1]
-        logits = model(inputs, past_key_values=cache).logits[:, : targets.shape[1]]
-        nll += torch.nn.functional.cross_entropy(logits[0].float(), targets[0], reduction="sum").item()
-        count += targets.shape[1]
-    return math.exp(nll / count)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=50, help="passkey prompts per cache and budget")
@@ -95,7 +85,8 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--ppl-budget", type=float, default=0.2, help="fraction of --ppl-tokens kept")
     parser.add_argument("--chunk", type=int, default=16, help="tokens per forward in the perplexity run")
-    parser.add_argument("--text", type=Path, default=WIKITEXT, help="WikiText-2 raw test split, plain text")
+    parser.add_argument("--text", type=Path, default=None, help="a plain-text file (default: bundled WikiText-2 test)")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/retrieval.json"))
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--skip-retrieval", action="store_true")
     parser.add_argument("--skip-full", action="store_true", help="leave out the full-cache retrieval row")
@@ -106,26 +97,31 @@ def main() -> None:
     enable_score_capture(model)
     torch.manual_seed(args.seed)
 
+    result = {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "settings": vars(args) | {"output": str(args.output)}}
     if not args.skip_retrieval:
-        retrieval_table(model, tokenizer, args)
+        result["passkey"] = retrieval_table(model, tokenizer, args)
     if not args.skip_ppl:
-        perplexity_table(model, tokenizer, args)
+        result["perplexity"] = perplexity_table(model, tokenizer, args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {args.output}")
 
 
-def retrieval_table(model, tokenizer, args: argparse.Namespace) -> None:
+def retrieval_table(model, tokenizer, args: argparse.Namespace) -> list[dict]:
     rows, full_accuracy = [], "skipped" if args.skip_full else None
     for budget in args.budgets:
-        for name, factory in cache_factories(budget).items():
+        for name, spec in cache_specs(budget).items():
             if name.startswith("full") and full_accuracy is not None:
                 continue  # the full cache does not depend on the budget
             started = time.perf_counter()
-            accuracy = passkey_accuracy(model, tokenizer, factory, args.samples, args.prompt_tokens, args.seed)
+            accuracy = passkey_accuracy(model, tokenizer, spec, args.samples, args.prompt_tokens, args.seed)
             if name.startswith("full"):
                 full_accuracy = accuracy
             rows.append(
                 {
                     "cache": name,
                     "budget": "-" if name.startswith("full") else budget,
+                    "found": f"{round(accuracy * args.samples)}/{args.samples}",
                     "passkey accuracy": f"{accuracy:.0%}",
                     "seconds": f"{time.perf_counter() - started:.0f}",
                 }
@@ -133,20 +129,25 @@ def retrieval_table(model, tokenizer, args: argparse.Namespace) -> None:
             print(rows[-1], flush=True)
     print(f"\nPasskey retrieval, {args.samples} samples, ~{args.prompt_tokens}-token prompts (seed {args.seed})")
     print(format_table(rows))
+    return rows
 
 
-def perplexity_table(model, tokenizer, args: argparse.Namespace) -> None:
-    text = args.text.read_text(encoding="utf-8")
+def perplexity_table(model, tokenizer, args: argparse.Namespace) -> list[dict]:
+    text = args.text.read_text(encoding="utf-8") if args.text else bundled_text("wikitext2")
     ids = tokenizer(text[: args.ppl_tokens * 8], return_tensors="pt").input_ids[:, : args.ppl_tokens]
     budget = int(args.ppl_budget * ids.shape[1])
     rows = []
-    for name, factory in cache_factories(budget).items():
+    for name, spec in cache_specs(budget).items():
         started = time.perf_counter()
-        value = perplexity(model, ids, factory(model.config), args.chunk)
-        rows.append({"cache": name, "perplexity": f"{value:.2f}", "seconds": f"{time.perf_counter() - started:.0f}"})
+        with torch.no_grad():
+            record = evaluation_pass(model, ids, build_cache(parse_cache_spec(spec), model.config), args.chunk)
+        rows.append(
+            {"cache": name, "perplexity": f"{record.perplexity:.2f}", "seconds": f"{time.perf_counter() - started:.0f}"}
+        )
         print(rows[-1], flush=True)
     print(f"\nWikiText-2 perplexity, {ids.shape[1]} tokens, chunks of {args.chunk}, budget {budget} tokens")
     print(format_table(rows))
+    return rows
 
 
 if __name__ == "__main__":
