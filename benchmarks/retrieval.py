@@ -34,8 +34,15 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-def cache_specs(budget: int) -> dict[str, str]:
-    """Display name -> eval cache spec, each keeping `budget` tokens per layer (the first: the full cache)."""
+def cache_specs(budget: int, templates: list[str] | None = None) -> dict[str, str]:
+    """Display name -> eval cache spec, each keeping `budget` tokens per layer (the first: the full cache).
+
+    `templates` (from `--specs`) replace the default set: specs with `{budget}` in place of the budget.
+    """
+    if templates:
+        return {"full (DynamicCache)": "dynamic"} | {
+            t.format(budget=budget): t.format(budget=budget) for t in templates
+        }
     return {
         "full (DynamicCache)": "dynamic",
         f"SinkCache 4+{budget - 4}": f"sink:sink_tokens=4,window={budget - 4}",
@@ -87,6 +94,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16, help="tokens per forward in the perplexity run")
     parser.add_argument("--text", type=Path, default=None, help="a plain-text file (default: bundled WikiText-2 test)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/retrieval.json"))
+    parser.add_argument(
+        "--specs",
+        nargs="+",
+        default=None,
+        help="cache specs instead of the default set, {budget} standing for the budget, "
+        "e.g. 'snapkv:budget={budget},kernel_size=15'",
+    )
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--skip-retrieval", action="store_true")
     parser.add_argument("--skip-full", action="store_true", help="leave out the full-cache retrieval row")
@@ -110,7 +124,7 @@ def main() -> None:
 def retrieval_table(model, tokenizer, args: argparse.Namespace) -> list[dict]:
     rows, full_accuracy = [], "skipped" if args.skip_full else None
     for budget in args.budgets:
-        for name, spec in cache_specs(budget).items():
+        for name, spec in cache_specs(budget, args.specs).items():
             if name.startswith("full") and full_accuracy is not None:
                 continue  # the full cache does not depend on the budget
             started = time.perf_counter()
@@ -137,7 +151,7 @@ def perplexity_table(model, tokenizer, args: argparse.Namespace) -> list[dict]:
     ids = tokenizer(text[: args.ppl_tokens * 8], return_tensors="pt").input_ids[:, : args.ppl_tokens]
     budget = int(args.ppl_budget * ids.shape[1])
     rows = []
-    for name, spec in cache_specs(budget).items():
+    for name, spec in cache_specs(budget, args.specs).items():
         started = time.perf_counter()
         with torch.no_grad():
             record = evaluation_pass(model, ids, build_cache(parse_cache_spec(spec), model.config), args.chunk)

@@ -1,9 +1,9 @@
 """Reuse a long shared prompt prefix across requests with the prefix store: time to first token, cold vs warm.
 
 Every request is the same document (the first `--prefix-tokens` tokens of the bundled WikiText-2 test
-text, like a system prompt or a retrieved document) followed by a different question. The first
-request finds the store empty (cold): it computes the whole prompt and saves its complete blocks of
-`--block-size` tokens. The next ones (warm) restore the document's KV from the store and compute only
+text, like a system prompt or a retrieved document) followed by a different question, in the model's
+chat format. The first request finds the store empty (cold): it computes the whole prompt and saves
+its complete blocks of `--block-size` tokens. The next ones (warm) restore the document's KV from the store and compute only
 their question. Time to first token (TTFT) is the time of `generate_with_prefix_cache(...,
 max_new_tokens=1)`; "no store" is plain `model.generate` on the same prompts.
 
@@ -70,6 +70,23 @@ def plain_generate(model, input_ids: torch.Tensor, max_new_tokens: int, pad_toke
     )
 
 
+def ask(tokenizer, document: torch.Tensor, question: str) -> torch.Tensor:
+    """Token ids of one request: the document, then the question, in the model's chat format if it has one.
+
+    The chat text is rendered around a marker and split there, so every request starts with exactly the
+    same tokens (chat header + document) and only the question's tokens differ.
+    """
+    marker = "<<document>>"
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": f"{marker}\n\nQuestion about the text above: {question}"}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = f"{marker}\n\nQuestion: {question}\nAnswer:"
+    before, after = text.split(marker)
+    pieces = [tokenizer(piece, add_special_tokens=False, return_tensors="pt").input_ids for piece in (before, after)]
+    return torch.cat([pieces[0], document, pieces[1]], dim=1)
+
+
 def run_backend(model, prompts: list[torch.Tensor], store: PrefixCache, pad_token_id: int) -> list[dict]:
     """One request per prompt through `store` (empty at first); a row per request."""
     rows = []
@@ -101,10 +118,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     document = tokenize_text(load_text("wikitext2", use_hub=False), tokenizer, args.prefix_tokens)
-    prompts = [
-        torch.cat([document, tokenizer(f"\n\nQuestion: {question}\nAnswer:", return_tensors="pt").input_ids], dim=1)
-        for question in QUESTIONS[: args.requests]
-    ]
+    prompts = [ask(tokenizer, document, question) for question in QUESTIONS[: args.requests]]
     plain_generate(model, prompts[0][:, :32], 1, pad)  # warm-up
 
     no_store = [1000 * timed(plain_generate, model, ids, 1, pad)[1] for ids in prompts]

@@ -1,20 +1,19 @@
-"""Stream a long text through SinkCache far past its window: memory stays flat, perplexity stays sane.
+"""Stream a text past the model's trained context through SinkCache: memory stays flat, perplexity sane.
 
-The first `--max-tokens` tokens of the bundled book (Crime and Punishment, a PG-19-style text) are fed
-`--step` tokens at a time (1 by default: each token sees only the cache, as in the StreamingLLM
-evaluation) through three caches:
+The first `--max-tokens` tokens of the bundled book (Crime and Punishment, a PG-19-style text; by
+default 10,240 tokens, past SmolLM2's 8,192-token trained context) are fed through three caches:
 
-- DynamicCache: keeps every token (the reference; its memory grows with the text),
+- DynamicCache: keeps every token (the reference; its memory grows with the text), fed in segments,
 - SlidingWindowCache: the last `--window` tokens only,
 - SinkCache: the first `--sink-tokens` tokens plus the last `--window - --sink-tokens` tokens.
 
-Both bounded caches hold the same number of tokens. For every segment of `--segment` tokens the
-script prints the perplexity of each cache and the bytes each holds at the segment's end.
-Raise `--max-tokens` past 8192 (the model's trained context) to see the dense model degrade while
-SinkCache keeps going (that takes a few minutes per thousand tokens on two CPU cores).
+The bounded caches take `--step` tokens per forward (64 by default, so the default run takes about
+two minutes on two CPU cores; `--step 1` is the StreamingLLM token-by-token protocol, where each
+token sees only the cache). Both hold the same number of tokens. For every segment of `--segment`
+tokens the script prints the perplexity of each cache and the bytes each holds at the segment's end.
 
     python examples/stream_past_context.py
-    python examples/stream_past_context.py --max-tokens 512 --window 64 --segment 128
+    python examples/stream_past_context.py --max-tokens 512 --window 64 --segment 128 --step 1
 """
 
 import argparse
@@ -34,11 +33,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or local path (default: packaged SmolLM2-135M)")
     parser.add_argument("--dataset", default="pg19", help="pg19, wikitext2 or a .txt file (default: pg19)")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="tokens of text to stream (default: 2048)")
-    parser.add_argument("--window", type=int, default=256, help="tokens each bounded cache keeps (default: 256)")
+    parser.add_argument("--max-tokens", type=int, default=10240, help="tokens of text to stream (default: 10240)")
+    parser.add_argument("--window", type=int, default=1024, help="tokens each bounded cache keeps (default: 1024)")
     parser.add_argument("--sink-tokens", type=int, default=4, help="SinkCache's initial tokens (default: 4)")
-    parser.add_argument("--segment", type=int, default=256, help="tokens per perplexity segment (default: 256)")
-    parser.add_argument("--step", type=int, default=1, help="tokens per forward (default: 1, token by token)")
+    parser.add_argument("--segment", type=int, default=1024, help="tokens per perplexity segment (default: 1024)")
+    parser.add_argument(
+        "--step", type=int, default=64, help="tokens per forward of the bounded caches (default: 64; 1: token by token)"
+    )
     args = parser.parse_args()
     if not 0 <= args.sink_tokens < args.window:
         parser.error(f"--sink-tokens {args.sink_tokens} must be between 0 and --window {args.window} - 1")

@@ -85,7 +85,9 @@ def test_generate_quantized(real_model):
 
 @pytest.mark.real_model
 def test_stream_past_context(real_model):
-    out = run_example("stream_past_context.py", "--max-tokens", "288", "--window", "64", "--segment", "96")
+    out = run_example(
+        "stream_past_context.py", "--max-tokens", "288", "--window", "64", "--segment", "96", "--step", "1"
+    )
     [rows] = tables(out)
     assert [row["tokens"] for row in rows] == ["1-96", "97-192", "193-287", "all"]
     segments, overall = rows[:-1], rows[-1]
@@ -136,6 +138,7 @@ def test_prefix_reuse_memory_and_redis(real_model, redis_server):
     assert [row["backend"] for row in summary] == ["memory", "redis"]
     assert all(row["cold / warm"] > 1 and row["hit rate"] == "67%" for row in summary)
     assert "same tokens as plain generate: True" in out
+    assert re.search(r"Answer \(warm store\): '\S", out), "the model answers (chat format), not an empty string"
 
 
 @pytest.mark.real_model
