@@ -106,6 +106,7 @@ class MemoryProbe(LogitsProcessor):
             self.samples.append(
                 {"generated": self.calls, "cache bytes": self.cache.memory_bytes(), "RSS MiB": rss / 2**20}
             )
+            tqdm.write(str(self.samples[-1]))  # a long run shows its figures as it goes
         return scores
 
 
