@@ -13,10 +13,10 @@ from hf_kvcache import HeavyHitterCache, SnapKVCache, TOVACache, disable_score_c
 from hf_kvcache.scoring import CAPTURE_PREFIX, ScoreCaptureError, attention_scores
 
 
-def small_cache(cache_class, config):
-    """A score-based cache with budget 8 (and a recent/observation window that fits in it)."""
+def small_cache(cache_class, config, budget: int = 8, **kwargs):
+    """A score-based cache with a small budget (and a recent/observation window that fits in it)."""
     extra = {HeavyHitterCache: {"recent": 2}, SnapKVCache: {"observation_window": 2}}.get(cache_class, {})
-    return cache_class(config, budget=8, **extra)
+    return cache_class(config, budget=budget, **extra, **kwargs)
 
 
 def dense_scores(query, key, allowed, last):
@@ -91,6 +91,42 @@ def test_budget_above_length_matches_dynamic_cache(cache_class, arch, attn):
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)
     actual = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache_class(model.config, 64))
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
+def test_quantized_storage_tracks_full_precision_at_8_bits(cache_class, attn):
+    """Kept tokens held as 8-bit per-token codes: logits within 5e-3 of DynamicCache while nothing is
+    evicted; with eviction, close to the same policy in full precision (a token whose score is within
+    the quantization noise of another's may be kept instead of it: 5e-2), in fewer bytes."""
+    model = enable_score_capture(make_tiny_model("llama", attn))
+    ids = random_ids(model, 2, 40)
+    storage = {"group_size": 8, "residual_length": 4}
+    full = small_cache(cache_class, model.config, budget=16)
+    quantized = small_cache(cache_class, model.config, budget=16, bits=8, **storage)
+    difference = (chunked_logits(model, ids, quantized, chunk=6) - chunked_logits(model, ids, full, chunk=6)).abs()
+    assert 0 < difference.max() < 5e-2
+    assert quantized.stored_tokens == full.stored_tokens == 16
+    assert quantized.layers[0].body.quantized_length >= 12
+    assert quantized.memory_bytes() < 0.7 * full.memory_bytes()
+    no_eviction = cache_class(model.config, budget=64, bits=8, **storage)
+    difference = chunked_logits(model, ids, no_eviction, chunk=6) - dynamic_logits(model, ids, chunk=6)
+    assert difference.abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
+def test_quantized_storage_under_beam_search_and_sampling(cache_class):
+    model = enable_score_capture(make_tiny_model("qwen2"))
+    ids = random_ids(model, 2, 20)
+    storage = {"bits": 4, "group_size": 8, "residual_length": 4}
+    cache = small_cache(cache_class, model.config, budget=10, **storage)
+    output = model.generate(ids, max_new_tokens=8, num_beams=2, do_sample=False, past_key_values=cache)
+    assert output.shape == (2, 28) and cache.get_seq_length() == 27
+    assert all(layer.stored_tokens <= 10 + 7 for layer in cache.layers)  # SnapKV grows while decoding
+    torch.manual_seed(0)
+    sampled = model.generate(
+        ids, max_new_tokens=8, do_sample=True, past_key_values=small_cache(cache_class, model.config, 10, **storage)
+    )
+    assert sampled.shape == (2, 28)
 
 
 @pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])

@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hf_kvcache.caches.config import WINDOWED_LAYER_TYPES, ModelGeometry, model_geometry
 from hf_kvcache.caches.masking import announce
-from hf_kvcache.caches.storage import FullPrecisionStore, KVStore, QuantizedStore
+from hf_kvcache.caches.storage import FullPrecisionStore, KVStore, QuantizedStore, TokenQuantizedStore
 from hf_kvcache.quant.packing import SUPPORTED_BITS, packed_size
 
 
@@ -27,12 +27,14 @@ def check_non_negative(**values: int) -> None:
 
 @dataclass(frozen=True)
 class Storage:
-    """How kept tokens are held: full precision (`bits=None`) or KIVI-quantized."""
+    """How kept tokens are held: full precision (`bits=None`), KIVI-quantized, or with `token_wise`
+    quantized per token (keys too), so that single tokens can be kept or dropped per head."""
 
     bits: int | None = None
     group_size: int = 32
     residual_length: int = 128
     rotate: bool = True
+    token_wise: bool = False
 
     def validate(self, head_dim: int) -> None:
         if self.bits is None:
@@ -56,7 +58,11 @@ class Storage:
     def new_store(self, template: torch.Tensor) -> KVStore:
         if self.bits is None:
             return FullPrecisionStore(template)
-        return QuantizedStore(template, self.bits, self.group_size, self.residual_length, self.rotate)
+        store = TokenQuantizedStore if self.token_wise else QuantizedStore
+        return store(template, self.bits, self.group_size, self.residual_length, self.rotate)
+
+
+FULL_PRECISION = Storage()
 
 
 class KVLayer(CacheLayerMixin):

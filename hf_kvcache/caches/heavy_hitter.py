@@ -3,49 +3,68 @@
 import torch
 from transformers import PreTrainedConfig
 
+from hf_kvcache.caches.base import FULL_PRECISION, Storage
 from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
 from hf_kvcache.caches.storage import TensorMap
 from hf_kvcache.registry import register_cache
+
+ACCUMULATIONS = ("sum", "mean")
 
 
 class HeavyHitterLayer(ScoredLayer):
     """Accumulates, per kept token and KV head, the attention it received from every later query.
 
     When more than `budget` tokens are held, keeps the `recent` newest tokens and the
-    `budget - recent` older tokens with the highest accumulated attention.
+    `budget - recent` older tokens that rank highest: by attention summed over queries
+    (`accumulate="sum"`, H2O) or by its mean over the queries that could see the token ("mean").
     """
 
-    def __init__(self, budget: int, recent: int):
-        super().__init__(budget)
-        self.recent = recent
-        self.scores: torch.Tensor | None = None  # float32 [batch, kv_heads, stored]
+    def __init__(
+        self,
+        budget: int,
+        recent: int,
+        accumulate: str = "sum",
+        storage: Storage = FULL_PRECISION,
+        per_head: bool = True,
+    ):
+        super().__init__(budget, storage, per_head)
+        self.recent, self.accumulate = recent, accumulate
+        self.scores: torch.Tensor | None = None  # float32 [batch, heads, stored]: attention received
+        self.observers: torch.Tensor | None = None  # float32, same shape: queries that could attend each token
 
     def queries_needed(self, query_length: int) -> int:
         return query_length
 
     def select(self, scores: torch.Tensor | None) -> torch.Tensor | None:
-        if self.scores is not None:  # tokens new in this forward start from zero
-            scores = scores + torch.nn.functional.pad(self.scores, (0, scores.shape[-1] - self.scores.shape[-1]))
-        self.scores = scores
+        new = self.query_length
+        observers_of_new = torch.arange(new, 0, -1, dtype=torch.float32, device=scores.device).expand(
+            *scores.shape[:2], -1
+        )
+        if self.scores is None:
+            self.scores, self.observers = scores, observers_of_new
+        else:  # tokens new in this forward start from zero
+            self.scores = scores + torch.nn.functional.pad(self.scores, (0, new))
+            self.observers = torch.cat([self.observers + new, observers_of_new], dim=-1)
         stored = self.scores.shape[-1]
         if stored <= self.budget:
             return None
+        rank = self.scores if self.accumulate == "sum" else self.scores / self.observers
         older = stored - self.recent
-        heavy = self.scores[..., :older].topk(self.budget - self.recent, dim=-1).indices
+        heavy = rank[..., :older].topk(self.budget - self.recent, dim=-1).indices
         recent = torch.arange(older, stored, device=scores.device).expand(*heavy.shape[:2], -1)
         return torch.cat([heavy, recent], dim=-1)
 
     def keep(self, indices: torch.Tensor) -> None:
         super().keep(indices)
-        self.scores = self.scores.gather(2, indices)
+        self.scores, self.observers = self.scores.gather(2, indices), self.observers.gather(2, indices)
 
     def map_state(self, fn: TensorMap) -> None:
         if self.scores is not None:
-            self.scores = fn(self.scores)
+            self.scores, self.observers = fn(self.scores), fn(self.observers)
 
     def reset(self) -> None:
         super().reset()
-        self.scores = None
+        self.scores = self.observers = None
 
 
 class HeavyHitterCache(ScoredCache):
@@ -54,20 +73,40 @@ class HeavyHitterCache(ScoredCache):
     Args:
         config: the model config (decoder LM).
         budget: tokens kept per layer and KV head.
-        recent: of those, the newest tokens always kept (the rest are the heavy hitters).
-        bits: must be None (full precision); see `caches/scored.py`.
+        recent: of those, the newest tokens always kept (the rest are the heavy hitters); None: half
+            the budget, the H2O paper's split.
+        accumulate: "sum" ranks older tokens by the attention they received summed over queries (H2O);
+            "mean" divides it by the number of queries that could attend the token, which removes the
+            advantage of early tokens (measured better on perplexity and passkey retrieval, see README).
+        per_head: each KV head keeps its own tokens (True, H2O) or all heads keep the same tokens,
+            ranked by the attention averaged over all query heads (False).
+        bits, group_size, residual_length, rotate: storage of the kept tokens, see `ScoredCache`.
 
-    Needs `hf_kvcache.enable_score_capture(model)`. Each KV head keeps its own tokens, ranked by the
-    attention they received summed over queries and averaged over the query heads sharing that KV head.
+    Needs `hf_kvcache.enable_score_capture(model)`. Attention is averaged over the query heads sharing
+    each KV head.
     """
 
-    def __init__(self, config: PreTrainedConfig, budget: int = 256, recent: int = 32, bits: int | None = None):
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        budget: int = 256,
+        recent: int | None = None,
+        accumulate: str = "sum",
+        per_head: bool = True,
+        bits: int | None = None,
+        group_size: int = 32,
+        residual_length: int = 128,
+        rotate: bool = True,
+    ):
+        recent = budget // 2 if recent is None and isinstance(budget, int) else recent
         check_budget(budget, recent=recent)
-        self.budget, self.recent = budget, recent
-        super().__init__(config, bits)
+        if accumulate not in ACCUMULATIONS:
+            raise ValueError(f"accumulate={accumulate!r} is not supported; accepted values: {', '.join(ACCUMULATIONS)}")
+        self.budget, self.recent, self.accumulate = budget, recent, accumulate
+        super().__init__(config, per_head, bits, group_size, residual_length, rotate)
 
     def full_attention_layer(self) -> HeavyHitterLayer:
-        return HeavyHitterLayer(self.budget, self.recent)
+        return HeavyHitterLayer(self.budget, self.recent, self.accumulate, self.storage, self.per_head)
 
 
 register_cache("h2o", HeavyHitterCache, "H2O: heavy hitters by accumulated attention + recent tokens (score capture)")

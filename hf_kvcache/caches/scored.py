@@ -6,21 +6,24 @@ layer to the capturing attention function (`hf_kvcache.scoring`), which calls `q
 then `observe(scores)`; `observe` evicts. A policy only says which queries it needs and which tokens
 it keeps (`select`).
 
-GQA and layout: scores are averaged over the query heads that share a KV head, and each KV head keeps
-its own token set (a per-head `torch.gather` along the token dimension of the full-precision store).
-Every head keeps the same *number* of tokens, so the cache stays one dense tensor per layer and the
-mask arithmetic is shared: `kv_length = stored + query`, `kv_offset = seen - stored`. Kept tokens keep
-the rotary positions they were computed with (no re-rotation); since every stored token precedes the
-new queries, the causal mask lets the queries attend all of them.
+GQA and layout: scores are averaged over the query heads that share a KV head. With `per_head=True`
+each KV head keeps its own token set (a per-head gather along the token dimension); with
+`per_head=False` the scores are averaged over all heads of the layer and every head keeps the same
+tokens (the TOVA paper's choice). Either way every head keeps the same *number* of tokens, so the
+cache stays one dense tensor per layer, costs the same bytes, and shares the mask arithmetic:
+`kv_length = stored + query`, `kv_offset = seen - stored`. Kept tokens keep the rotary positions they
+were computed with (no re-rotation); since every stored token precedes the new queries, the causal
+mask lets the queries attend all of them.
 
-Quantized storage (`bits`) is refused: KIVI quantizes keys per channel over blocks of consecutive
-tokens, and per-head removal of arbitrary tokens breaks those blocks.
+Quantized storage (`bits`) quantizes keys and values per token (`TokenQuantizedStore`, Hadamard-rotated
+by default, the newest `residual_length` tokens in full precision): KIVI's per-channel key blocks
+would lose their statistics when single tokens leave them, per head.
 """
 
 import torch
 from transformers import PreTrainedConfig
 
-from hf_kvcache.caches.base import KVCache, KVLayer, Storage
+from hf_kvcache.caches.base import FULL_PRECISION, KVCache, KVLayer, Storage
 from hf_kvcache.caches.storage import TensorMap
 from hf_kvcache.scoring import announce_update
 
@@ -35,13 +38,13 @@ def check_budget(budget: int, **others: int) -> None:
 
 
 class ScoredLayer(KVLayer):
-    """A full-precision layer that keeps at most `budget` tokens per KV head, chosen by attention scores."""
+    """A layer that keeps at most `budget` tokens per KV head, chosen by attention scores."""
 
     is_croppable = False
 
-    def __init__(self, budget: int):
-        super().__init__(Storage())
-        self.budget = budget
+    def __init__(self, budget: int, storage: Storage = FULL_PRECISION, per_head: bool = True):
+        super().__init__(storage)
+        self.budget, self.per_head = budget, per_head
         self.query_length = 0  # tokens added by the latest update
 
     def get_max_length(self) -> int:
@@ -60,19 +63,20 @@ class ScoredLayer(KVLayer):
 
     def observe(self, scores: torch.Tensor | None) -> None:
         """Receive float32 [batch, kv_heads, stored] scores (or None when none were asked) and evict."""
+        if scores is not None and not self.per_head:
+            scores = scores.mean(dim=1, keepdim=True)
         keep = self.select(scores)
         if keep is not None:
             self.keep(keep.sort(dim=-1).values)
 
     def select(self, scores: torch.Tensor | None) -> torch.Tensor | None:
-        """Token indices [batch, kv_heads, kept] to keep, or None to keep everything."""
+        """Token indices [batch, heads, kept] to keep (heads: KV heads, or 1 shared by all of them), or
+        None to keep everything. `scores` is [batch, heads, stored]."""
         raise NotImplementedError
 
     def keep(self, indices: torch.Tensor) -> None:
         """Keep, per batch row and KV head, the stored tokens at `indices` (ascending)."""
-        index = indices[..., None].expand(-1, -1, -1, self.body.keys.shape[-1])
-        self.body.keys = self.body.keys.gather(2, index)
-        self.body.values = self.body.values.gather(2, index)
+        self.body.gather(indices)
 
     # --- bookkeeping ------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
@@ -94,15 +98,23 @@ class ScoredLayer(KVLayer):
 
 
 class ScoredCache(KVCache):
-    """A `KVCache` whose full-attention layers are `ScoredLayer`s. Needs `enable_score_capture(model)`."""
+    """A `KVCache` whose full-attention layers are `ScoredLayer`s. Needs `enable_score_capture(model)`.
+
+    Subclasses pass on `per_head` and the storage settings, which every score-based cache accepts:
+    `bits` None (full precision) or 2/3/4/8 (per-token quantization, see the module docstring), with
+    `group_size`, `residual_length` and `rotate` as in `QuantizedCache`.
+    """
 
     needs_score_capture = True  # tools that build caches from specs enable capture on the model for these
 
-    def __init__(self, config: PreTrainedConfig, bits: int | None = None):
-        if bits is not None:
-            raise ValueError(
-                f"bits={bits!r} is not supported by {type(self).__name__}: accepted value None (full precision). "
-                "Score-based eviction removes arbitrary tokens per KV head, which breaks the per-channel key "
-                "blocks of the quantized (KIVI) storage."
-            )
-        super().__init__(config, Storage())
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        per_head: bool,
+        bits: int | None,
+        group_size: int,
+        residual_length: int,
+        rotate: bool,
+    ):
+        self.per_head = per_head
+        super().__init__(config, Storage(bits, group_size, residual_length, rotate, token_wise=True))

@@ -41,6 +41,10 @@ class KVStore:
     def drop_newest(self, count: int) -> None:
         raise NotImplementedError
 
+    def gather(self, indices: torch.Tensor) -> None:
+        """Keep, per batch row and head, the stored tokens at `indices` [batch, heads or 1, kept] (ascending)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot keep arbitrary tokens per head")
+
     def map_batch(self, fn: TensorMap) -> None:
         """Apply a batch-dimension operation (beam reorder, repeat, select) to every held tensor."""
         for name in self.tensor_names:
@@ -76,6 +80,17 @@ class FullPrecisionStore(KVStore):
     def drop_newest(self, count: int) -> None:
         keep = len(self) - count
         self.keys, self.values = self.keys[:, :, :keep].clone(), self.values[:, :, :keep].clone()
+
+    def gather(self, indices: torch.Tensor) -> None:
+        self.keys, self.values = gather_tokens(self.keys, indices), gather_tokens(self.values, indices)
+
+
+def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, h, indices[b, h, i], :]` for [batch, heads, tokens, features] (a new tensor, no view).
+
+    `indices` may have one head shared by all heads ([batch, 1, kept])."""
+    index = indices[..., None].expand(*tensor.shape[:2], indices.shape[-1], tensor.shape[-1])
+    return tensor.gather(2, index)
 
 
 class QuantizedStore(KVStore):
@@ -186,3 +201,104 @@ class QuantizedStore(KVStore):
             )
         self.residual_keys = self.residual_keys[:, :, : residual - count].clone()
         self.residual_values = self.residual_values[:, :, : residual - count].clone()
+
+
+class TokenQuantizedStore(KVStore):
+    """Keys and values both quantized per token over groups of `group_size` channels, plus a
+    full-precision residual of the newest tokens (at most `residual_length`).
+
+    Every token owns its codes and statistics, so any token can be dropped per batch row and head
+    (`gather`): the layout score-based eviction needs, where KIVI's per-channel key blocks would lose
+    their statistics. The Hadamard rotation (on by default) spreads outlier channels, which is what
+    makes per-token keys accurate. Tokens leave the residual oldest first and are quantized once.
+    """
+
+    tensor_names = QuantizedStore.tensor_names
+
+    def __init__(self, template: torch.Tensor, bits: int, group_size: int, residual_length: int, rotate: bool):
+        check_bits(bits)
+        batch, heads, _, head_dim = template.shape
+        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.rotation = hadamard_matrix(head_dim, template.dtype, template.device) if rotate else None
+        codes = template.new_empty((batch, heads, 0, packed_size(head_dim, bits)), dtype=torch.uint8)
+        stats = template.new_empty((batch, heads, 0, head_dim // group_size))
+        self.key_codes, self.key_scale, self.key_min = codes, stats, stats.clone()
+        self.value_codes, self.value_scale, self.value_min = codes.clone(), stats.clone(), stats.clone()
+        self.residual_keys = template[:, :, :0, :].clone()
+        self.residual_values = self.residual_keys.clone()
+
+    @property
+    def quantized_length(self) -> int:
+        return self.key_codes.shape[-2]
+
+    def __len__(self) -> int:
+        return self.quantized_length + self.residual_keys.shape[-2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.residual_keys = torch.cat([self.residual_keys, keys], dim=-2)
+        self.residual_values = torch.cat([self.residual_values, values], dim=-2)
+        if (excess := self.residual_keys.shape[-2] - self.residual_length) > 0:
+            self._set_quantized(
+                *self._with_quantized(self.residual_keys[:, :, :excess], self.residual_values[:, :, :excess])
+            )
+            self.residual_keys = self.residual_keys[:, :, excess:].clone()
+            self.residual_values = self.residual_values[:, :, excess:].clone()
+
+    def _quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
+        if self.rotation is not None:
+            tensor = tensor @ self.rotation
+        return quantize(tensor, self.bits, reduce_dim=-1, group_size=self.group_size)
+
+    def _with_quantized(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QuantizedTensor, QuantizedTensor]:
+        """The quantized tokens followed by `keys`/`values` quantized (each token on its own)."""
+        joined = []
+        for prefix, new in (("key", self._quantize(keys)), ("value", self._quantize(values))):
+            held = (getattr(self, f"{prefix}_{name}") for name in ("codes", "scale", "min"))
+            codes, scale, minimum = (
+                torch.cat([old, part], dim=-2) for old, part in zip(held, (new.codes, new.scale, new.minimum))
+            )
+            joined.append(QuantizedTensor(codes, scale, minimum, self.bits, 3, self.group_size))
+        return joined[0], joined[1]
+
+    def _set_quantized(self, keys: QuantizedTensor, values: QuantizedTensor) -> None:
+        self.key_codes, self.key_scale, self.key_min = keys.codes, keys.scale, keys.minimum
+        self.value_codes, self.value_scale, self.value_min = values.codes, values.scale, values.minimum
+
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        residual = (self.residual_keys, self.residual_values)
+        if not self.quantized_length:
+            return [residual]
+        keys, values = (
+            dequantize(QuantizedTensor(codes, scale, minimum, self.bits, 3, self.group_size))
+            for codes, scale, minimum in (
+                (self.key_codes, self.key_scale, self.key_min),
+                (self.value_codes, self.value_scale, self.value_min),
+            )
+        )
+        if self.rotation is not None:
+            keys, values = keys @ self.rotation, values @ self.rotation
+        return [(keys, values), residual]
+
+    def drop_oldest(self, count: int) -> None:
+        from_quantized = min(count, self.quantized_length)
+        for name in self.tensor_names[:6]:  # codes and statistics
+            setattr(self, name, getattr(self, name)[:, :, from_quantized:].clone())
+        from_residual = count - from_quantized
+        self.residual_keys = self.residual_keys[:, :, from_residual:].clone()
+        self.residual_values = self.residual_values[:, :, from_residual:].clone()
+
+    def gather(self, indices: torch.Tensor) -> None:
+        """Rows and heads may keep different numbers of residual tokens: the newest `m` kept tokens of
+        every head (`m` the smallest such count) stay in full precision, other kept residual tokens are
+        quantized (as they would be when leaving the residual), so every tensor stays dense."""
+        residual_start = self.quantized_length
+        in_residual = int((indices >= residual_start).sum(-1).min())
+        older, newest = indices[..., : indices.shape[-1] - in_residual], indices[..., indices.shape[-1] - in_residual :]
+        keys, values = self._with_quantized(self.residual_keys, self.residual_values)
+        for quantized in (keys, values):
+            quantized.codes, quantized.scale, quantized.minimum = (
+                gather_tokens(t, older) for t in (quantized.codes, quantized.scale, quantized.minimum)
+            )
+        self._set_quantized(keys, values)
+        self.residual_keys = gather_tokens(self.residual_keys, newest - residual_start)
+        self.residual_values = gather_tokens(self.residual_values, newest - residual_start)

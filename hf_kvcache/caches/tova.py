@@ -9,7 +9,7 @@ from hf_kvcache.registry import register_cache
 
 class TOVALayer(ScoredLayer):
     """When more than `budget` tokens are held, keeps the `budget` tokens with the highest attention
-    from the latest query (averaged over the query heads sharing each KV head). No state is carried."""
+    from the latest query. No state is carried."""
 
     def queries_needed(self, query_length: int) -> int:
         return 1 if self.stored_tokens > self.budget else 0
@@ -24,19 +24,31 @@ class TOVACache(ScoredCache):
     Args:
         config: the model config (decoder LM).
         budget: tokens kept per layer and KV head.
-        bits: must be None (full precision); see `caches/scored.py`.
+        per_head: False (the TOVA paper's choice): every head of a layer keeps the same tokens, ranked by
+            the latest query's attention averaged over all query heads. True: each KV head keeps its own
+            tokens, ranked by the attention of its query heads.
+        bits, group_size, residual_length, rotate: storage of the kept tokens, see `ScoredCache`.
 
     Needs `hf_kvcache.enable_score_capture(model)`. When a chunk of several tokens arrives, the last
     query of the chunk decides. The newest tokens compete like all others (none is kept by force).
     """
 
-    def __init__(self, config: PreTrainedConfig, budget: int = 256, bits: int | None = None):
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        budget: int = 256,
+        per_head: bool = False,
+        bits: int | None = None,
+        group_size: int = 32,
+        residual_length: int = 128,
+        rotate: bool = True,
+    ):
         check_budget(budget)
         self.budget = budget
-        super().__init__(config, bits)
+        super().__init__(config, per_head, bits, group_size, residual_length, rotate)
 
     def full_attention_layer(self) -> TOVALayer:
-        return TOVALayer(self.budget)
+        return TOVALayer(self.budget, self.storage, self.per_head)
 
 
 register_cache("tova", TOVACache, "TOVA: keep the tokens the latest query attends to most (score capture)")

@@ -39,6 +39,19 @@ def test_keeps_recent_window_and_highest_accumulated_scores_per_head():
     assert layer.get_mask_sizes(1) == (6, 2)
 
 
+def test_mean_accumulation_divides_by_the_queries_that_saw_each_token():
+    layer = HeavyHitterLayer(budget=3, recent=1, accumulate="mean")
+    append(layer, 0, 4)  # one forward of 4 queries: token i was seen by 4 - i of them
+    layer.observe(torch.tensor([[[2.0, 1.2, 1.0, 0.5], [2.0, 1.2, 1.0, 0.5]]]))
+    # means 0.5, 0.4, 0.5 (token 3 is the recent one): tokens 0 and 2 win, where sums would keep 0 and 1
+    assert kept(layer) == [[0, 2, 3], [0, 2, 3]]
+    append(layer, 4, 1)  # one more query: tokens 0, 2, 3 were now seen by 5, 3 and 2 queries
+    layer.observe(torch.tensor([[[0.0, 0.5, 0.4, 0.1], [0.0, 0.5, 0.4, 0.1]]]))
+    # sums 2.0, 1.5, 0.9 would keep token 0; means 0.4, 0.5, 0.45 drop it
+    assert kept(layer) == [[2, 3, 4], [2, 3, 4]]
+    assert layer.observers[0, 0].tolist() == [3.0, 2.0, 1.0]
+
+
 def peaky_model(attn: str):
     """Tiny llama whose layer-0 attention is sharp (scaled queries), so scores differ between heads."""
     model = make_tiny_model("llama", attn)
@@ -48,23 +61,26 @@ def peaky_model(attn: str):
     return model
 
 
-def test_prefill_keeps_top_accumulated_attention_of_the_model(attn):
+@pytest.mark.parametrize("per_head", [True, False])
+def test_prefill_keeps_top_accumulated_attention_of_the_model(attn, per_head):
     """On a tiny model, the tokens kept after a one-forward prefill are the recent window plus the top
-    tokens by attention summed over queries and averaged over each KV head's query heads (GQA),
-    read from an independent eager run; the KV heads keep different tokens."""
+    tokens by attention summed over queries and averaged over each KV head's query heads (GQA), or
+    over all heads with `per_head=False`, read from an independent eager run."""
     reference_model = peaky_model("eager")
     ids = random_ids(reference_model, 2, 30)
     weights, reference_keys = eager_reference(reference_model, ids)
     batch, q_heads, _, length = weights.shape
     totals = weights.view(batch, 2, q_heads // 2, 30, length).sum(3).mean(2)
+    if not per_head:
+        totals = totals.mean(1, keepdim=True).expand(-1, 2, -1)
     model = enable_score_capture(peaky_model(attn))
-    cache = HeavyHitterCache(model.config, budget=12, recent=4)
+    cache = HeavyHitterCache(model.config, budget=12, recent=4, per_head=per_head)
     with torch.no_grad():
         model(ids, past_key_values=cache)
     indices = kept_indices(cache.layers[0].body.keys, reference_keys)
     expected = torch.cat([totals[..., :26].topk(8).indices.sort(-1).values, torch.arange(26, 30).expand(2, 2, 4)], -1)
     assert torch.equal(indices, expected)
-    assert not torch.equal(indices[:, 0], indices[:, 1])  # per-head kept sets
+    assert torch.equal(indices[:, 0], indices[:, 1]) != per_head  # per-head or shared kept sets
     assert cache.get_seq_length() == 30 and cache.stored_tokens == 12
 
 
@@ -79,11 +95,18 @@ def test_decoding_stays_within_budget_and_batch_ops_follow_scores():
     assert cache.get_seq_length() == 34
 
 
+def test_recent_defaults_to_half_the_budget():
+    cache = HeavyHitterCache(make_tiny_model("llama").config, budget=9)
+    assert cache.recent == 4 and cache.layers[0].recent == 4
+
+
 def test_invalid_arguments():
     config = make_tiny_model("llama").config
     with pytest.raises(ValueError, match="budget"):
         HeavyHitterCache(config, budget=0)
     with pytest.raises(ValueError, match="recent"):
         HeavyHitterCache(config, budget=8, recent=9)
-    with pytest.raises(ValueError, match="bits=4"):
-        HeavyHitterCache(config, budget=64, bits=4)
+    with pytest.raises(ValueError, match=r"accumulate='max'.*sum, mean"):
+        HeavyHitterCache(config, budget=8, accumulate="max")
+    with pytest.raises(ValueError, match=r"bits=5.*2, 3, 4, 8"):
+        HeavyHitterCache(config, budget=64, bits=5, group_size=8)

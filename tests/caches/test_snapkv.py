@@ -25,6 +25,17 @@ def test_pooling_keeps_neighbours_of_the_hand_built_peak():
     assert torch.equal(layer.body.values, -layer.body.keys)
 
 
+def test_average_pooling_prefers_a_broad_region_to_a_lone_peak():
+    layer = SnapKVLayer(budget=5, observation_window=2, kernel_size=3, pooling="avg")
+    layer.update(torch.arange(12.0).view(1, 1, 12, 1), torch.zeros(1, 1, 12, 1))
+    scoring._take_pending()
+    scores = torch.zeros(1, 1, 12)
+    scores[0, 0, 2] = 1.0  # a lone peak: averages 1/3 at tokens 1-3 (max pooling would keep exactly those)
+    scores[0, 0, 6:9] = torch.tensor([0.5, 0.6, 0.55])  # a broad region: averages 0.55, 0.55, 0.38 at 6-8
+    layer.observe(scores)
+    assert layer.body.keys[0, 0, :, 0].tolist() == [6.0, 7.0, 8.0, 10.0, 11.0]
+
+
 def test_decoding_grows_after_compression():
     layer = SnapKVLayer(budget=4, observation_window=2, kernel_size=1)
     layer.update(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
@@ -38,23 +49,26 @@ def test_decoding_grows_after_compression():
     assert layer.stored_tokens == 5 and layer.get_seq_length() == 7
 
 
-def test_prefill_matches_observation_window_reference(attn):
+@pytest.mark.parametrize("per_head", [True, False])
+def test_prefill_matches_observation_window_reference(attn, per_head):
     """Kept tokens equal the window plus the top pooled window-attention tokens (averaged over each KV
-    head's query heads), read from an independent eager run; the KV heads keep different tokens."""
+    head's query heads, or over all heads with `per_head=False`), read from an independent eager run."""
     reference_model = sharp_model("eager")
     ids = random_ids(reference_model, 2, 30)
     weights, reference_keys = eager_reference(reference_model, ids)
     batch, q_heads, _, length = weights.shape
     votes = weights[:, :, -4:].sum(2).reshape(batch, 2, q_heads // 2, length).mean(2)[..., :26]
+    if not per_head:
+        votes = votes.mean(1, keepdim=True).expand(-1, 2, -1)
     pooled = torch.nn.functional.max_pool1d(votes.reshape(-1, 1, 26), 3, stride=1, padding=1).view_as(votes)
     expected = torch.cat([pooled.topk(8).indices.sort(-1).values, torch.arange(26, 30).expand(2, 2, 4)], -1)
     model = enable_score_capture(sharp_model(attn))
-    cache = SnapKVCache(model.config, budget=12, observation_window=4, kernel_size=3)
+    cache = SnapKVCache(model.config, budget=12, observation_window=4, kernel_size=3, per_head=per_head)
     with torch.no_grad():
         model(ids, past_key_values=cache)
     indices = kept_indices(cache.layers[0].body.keys, reference_keys)
     assert torch.equal(indices, expected)
-    assert not torch.equal(indices[:, 0], indices[:, 1])
+    assert torch.equal(indices[:, 0], indices[:, 1]) != per_head
     assert cache.get_seq_length() == 30 and cache.stored_tokens == 12
 
 
@@ -75,5 +89,7 @@ def test_invalid_arguments():
         SnapKVCache(config, budget=16, observation_window=0)
     with pytest.raises(ValueError, match="kernel_size"):
         SnapKVCache(config, budget=16, observation_window=4, kernel_size=4)
-    with pytest.raises(ValueError, match="bits=8"):
-        SnapKVCache(config, budget=64, bits=8)
+    with pytest.raises(ValueError, match=r"pooling='median'.*max, avg"):
+        SnapKVCache(config, budget=16, observation_window=4, pooling="median")
+    with pytest.raises(ValueError, match=r"bits=6.*2, 3, 4, 8"):
+        SnapKVCache(config, budget=64, bits=6, group_size=8)

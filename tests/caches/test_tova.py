@@ -31,21 +31,25 @@ def test_within_budget_no_scores_are_computed():
     assert layer.stored_tokens == 5
 
 
-def test_prefill_keeps_top_attention_of_last_query(attn):
+@pytest.mark.parametrize("per_head", [True, False])
+def test_prefill_keeps_top_attention_of_last_query(attn, per_head):
     """Kept tokens equal the top tokens by the last query's attention averaged over each KV head's
-    query heads (GQA), read from an independent eager run; the KV heads keep different tokens."""
+    query heads (GQA), or over all heads with `per_head=False` (the default, one set for the layer),
+    read from an independent eager run."""
     reference_model = sharp_model("eager")
     ids = random_ids(reference_model, 2, 30)
     weights, reference_keys = eager_reference(reference_model, ids)
     batch, q_heads, _, length = weights.shape
     latest = weights[:, :, -1].reshape(batch, 2, q_heads // 2, length).mean(2)
+    if not per_head:
+        latest = latest.mean(1, keepdim=True).expand(-1, 2, -1)
     model = enable_score_capture(sharp_model(attn))
-    cache = TOVACache(model.config, budget=10)
+    cache = TOVACache(model.config, budget=10, per_head=per_head)
     with torch.no_grad():
         model(ids, past_key_values=cache)
     indices = kept_indices(cache.layers[0].body.keys, reference_keys)
     assert torch.equal(indices, latest.topk(10).indices.sort(-1).values)
-    assert not torch.equal(indices[:, 0], indices[:, 1])
+    assert torch.equal(indices[:, 0], indices[:, 1]) != per_head
     assert cache.get_seq_length() == 30 and cache.stored_tokens == 10
 
 
@@ -63,5 +67,5 @@ def test_invalid_arguments():
     config = make_tiny_model("llama").config
     with pytest.raises(ValueError, match="budget"):
         TOVACache(config, budget=-1)
-    with pytest.raises(ValueError, match="bits=2"):
-        TOVACache(config, budget=64, bits=2)
+    with pytest.raises(ValueError, match=r"bits=1.*2, 3, 4, 8"):
+        TOVACache(config, budget=64, bits=1, group_size=8)
