@@ -67,6 +67,12 @@ class SinkCache(KVCache):
     ):
         check_non_negative(sink_tokens=sink_tokens)
         check_window(window)
+        if window < sink_tokens:
+            raise ValueError(
+                f"window={window} is smaller than sink_tokens={sink_tokens}: `window` counts the recent tokens "
+                "kept besides the sinks (the cache holds sink_tokens + window tokens). Use window >= sink_tokens, "
+                "e.g. sink_tokens=4, window=1020."
+            )
         self.sink_tokens, self.window = sink_tokens, window
         self.rotator = RopeRotator(config) if rerotate else None
         install_padding_relabelling()

@@ -180,8 +180,10 @@ def test_bad_input_is_refused_clearly():
         SinkCache(config, bits=5, group_size=8)
     with pytest.raises(ValueError, match=r"no rotary position embedding.*rerotate=False"):
         SinkCache(GPT2Config(n_layer=2, n_embd=64, n_head=4))
+    with pytest.raises(ValueError, match="window=2 is smaller than sink_tokens=4"):
+        SinkCache(config, sink_tokens=4, window=2)
     with pytest.raises(ValueError, match="leaves no room in the model's sliding window"):
-        SinkCache(tiny_config("mistral-sliding"), sink_tokens=12, window=4)
+        SinkCache(tiny_config("mistral-sliding"), sink_tokens=12, window=12)
 
 
 def test_models_without_rope_run_with_rerotate_false():
