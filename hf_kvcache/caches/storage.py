@@ -1,8 +1,9 @@
-"""How a layer holds the tokens it keeps: in full precision, or KIVI-quantized.
+"""How a layer holds the tokens it keeps: in full precision, KIVI-quantized, or quantized per token.
 
 A store is an append-only sequence of (key, value) tokens with the few edits eviction and `generate`
-need: drop the oldest tokens, drop the newest tokens, and batch-dimension operations. Eviction policy
-lives in the layers (`caches/base.py`); a store only answers "how are kept tokens held".
+need: drop the oldest tokens, drop the newest tokens, keep chosen tokens per head (`gather`, for
+score-based eviction), and batch-dimension operations. Eviction policy lives in the layers
+(`caches/base.py`); a store only answers "how are kept tokens held".
 """
 
 from collections.abc import Callable
@@ -93,16 +94,13 @@ def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, index)
 
 
-class QuantizedStore(KVStore):
-    """KIVI layout: keys per channel over blocks of `group_size` tokens, values per token over groups of
-    `group_size` channels, and a full-precision residual of recent tokens.
+class ResidualQuantizedStore(KVStore):
+    """What both quantized layouts share: older tokens as packed codes with (scale, minimum) statistics,
+    the newest tokens in a full-precision residual, and an optional Hadamard rotation of the head
+    dimension applied before quantizing and undone on read. Values are always quantized per token over
+    groups of `group_size` channels; keys per channel (`KEY_REDUCE_DIM = 2`) or per token (3)."""
 
-    The residual holds between `residual_length` and `residual_length + group_size - 1` tokens; whenever
-    it reaches the upper bound the oldest whole blocks are quantized, once. Codes are packed along
-    channels, so single tokens can still be evicted from the front: `block_offset` counts the tokens
-    of the oldest key block that were already dropped (its statistics stay until the block is empty).
-    """
-
+    KEY_REDUCE_DIM: int
     tensor_names = (
         "key_codes",
         "key_scale",
@@ -120,14 +118,12 @@ class QuantizedStore(KVStore):
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.rotation = hadamard_matrix(head_dim, template.dtype, template.device) if rotate else None
         codes = template.new_empty((batch, heads, 0, packed_size(head_dim, bits)), dtype=torch.uint8)
-        self.key_codes, self.value_codes = codes, codes.clone()
-        self.key_scale = template.new_empty((batch, heads, 0, head_dim))
-        self.key_min = self.key_scale.clone()
-        self.value_scale = template.new_empty((batch, heads, 0, head_dim // group_size))
-        self.value_min = self.value_scale.clone()
+        token_stats = template.new_empty((batch, heads, 0, head_dim // group_size))
+        key_stats = template.new_empty((batch, heads, 0, head_dim)) if self.KEY_REDUCE_DIM == 2 else token_stats
+        self.key_codes, self.key_scale, self.key_min = codes, key_stats, key_stats.clone()
+        self.value_codes, self.value_scale, self.value_min = codes.clone(), token_stats.clone(), token_stats.clone()
         self.residual_keys = template[:, :, :0, :].clone()
         self.residual_values = self.residual_keys.clone()
-        self.block_offset = 0
 
     @property
     def quantized_length(self) -> int:
@@ -136,38 +132,40 @@ class QuantizedStore(KVStore):
     def __len__(self) -> int:
         return self.quantized_length + self.residual_keys.shape[-2]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _extend_residual(self, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Append to the residual; return how many tokens it now holds beyond `residual_length`."""
         self.residual_keys = torch.cat([self.residual_keys, keys], dim=-2)
         self.residual_values = torch.cat([self.residual_values, values], dim=-2)
-        excess = self.residual_keys.shape[-2] - self.residual_length
-        if excess >= self.group_size:
-            self._quantize_oldest(excess - excess % self.group_size)
+        return self.residual_keys.shape[-2] - self.residual_length
 
-    def _quantize_oldest(self, count: int) -> None:
-        keys, values = self.residual_keys[:, :, :count], self.residual_values[:, :, :count]
-        if self.rotation is not None:
-            keys, values = keys @ self.rotation, values @ self.rotation
-        qk = quantize(keys, self.bits, reduce_dim=-2, group_size=self.group_size)
-        qv = quantize(values, self.bits, reduce_dim=-1, group_size=self.group_size)
-        self.key_codes = torch.cat([self.key_codes, qk.codes], dim=-2)
-        self.key_scale = torch.cat([self.key_scale, qk.scale], dim=-2)
-        self.key_min = torch.cat([self.key_min, qk.minimum], dim=-2)
-        self.value_codes = torch.cat([self.value_codes, qv.codes], dim=-2)
-        self.value_scale = torch.cat([self.value_scale, qv.scale], dim=-2)
-        self.value_min = torch.cat([self.value_min, qv.minimum], dim=-2)
+    def _drop_oldest_residual(self, count: int) -> None:
         self.residual_keys = self.residual_keys[:, :, count:].clone()
         self.residual_values = self.residual_values[:, :, count:].clone()
 
-    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # The oldest key block may have lost `block_offset` tokens to eviction: pad its codes back to
-        # whole blocks so that every block meets its own statistics, then cut the padding off again.
-        key_codes = torch.nn.functional.pad(self.key_codes, (0, 0, self.block_offset, 0))
-        keys = dequantize(QuantizedTensor(key_codes, self.key_scale, self.key_min, self.bits, 2, self.group_size))[
-            :, :, self.block_offset :
-        ]
-        values = dequantize(
-            QuantizedTensor(self.value_codes, self.value_scale, self.value_min, self.bits, 3, self.group_size)
+    def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QuantizedTensor, QuantizedTensor]:
+        if self.rotation is not None:
+            keys, values = keys @ self.rotation, values @ self.rotation
+        return (
+            quantize(keys, self.bits, reduce_dim=self.KEY_REDUCE_DIM, group_size=self.group_size),
+            quantize(values, self.bits, reduce_dim=3, group_size=self.group_size),
         )
+
+    def _held(self) -> tuple[QuantizedTensor, QuantizedTensor]:
+        """The quantized keys and values as held."""
+        return (
+            QuantizedTensor(
+                self.key_codes, self.key_scale, self.key_min, self.bits, self.KEY_REDUCE_DIM, self.group_size
+            ),
+            QuantizedTensor(self.value_codes, self.value_scale, self.value_min, self.bits, 3, self.group_size),
+        )
+
+    def _hold(self, keys: QuantizedTensor, values: QuantizedTensor) -> None:
+        self.key_codes, self.key_scale, self.key_min = keys.codes, keys.scale, keys.minimum
+        self.value_codes, self.value_scale, self.value_min = values.codes, values.scale, values.minimum
+
+    def _read(self, keys: QuantizedTensor, values: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision keys and values back from codes, rotation undone."""
+        keys, values = dequantize(keys), dequantize(values)
         if self.rotation is not None:
             keys, values = keys @ self.rotation, values @ self.rotation
         return keys, values
@@ -175,6 +173,52 @@ class QuantizedStore(KVStore):
     def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         residual = (self.residual_keys, self.residual_values)
         return [self._dequantized(), residual] if self.quantized_length else [residual]
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._read(*self._held())
+
+
+def _joined(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedTensor:
+    """`first` followed by `second` along the token dimension."""
+    parts = [
+        torch.cat([a, b], dim=-2)
+        for a, b in zip((first.codes, first.scale, first.minimum), (second.codes, second.scale, second.minimum))
+    ]
+    return QuantizedTensor(*parts, first.bits, first.reduce_dim, first.group_size)
+
+
+class QuantizedStore(ResidualQuantizedStore):
+    """KIVI layout: keys per channel over blocks of `group_size` tokens, values per token over groups of
+    `group_size` channels, and a full-precision residual of recent tokens.
+
+    The residual holds between `residual_length` and `residual_length + group_size - 1` tokens; whenever
+    it reaches the upper bound the oldest whole blocks are quantized, once. Codes are packed along
+    channels, so single tokens can still be evicted from the front: `block_offset` counts the tokens
+    of the oldest key block that were already dropped (its statistics stay until the block is empty).
+    """
+
+    KEY_REDUCE_DIM = 2
+
+    def __init__(self, template: torch.Tensor, bits: int, group_size: int, residual_length: int, rotate: bool):
+        super().__init__(template, bits, group_size, residual_length, rotate)
+        self.block_offset = 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        excess = self._extend_residual(keys, values)
+        if excess >= self.group_size:
+            count = excess - excess % self.group_size
+            new_keys, new_values = self._quantize(self.residual_keys[:, :, :count], self.residual_values[:, :, :count])
+            held_keys, held_values = self._held()
+            self._hold(_joined(held_keys, new_keys), _joined(held_values, new_values))
+            self._drop_oldest_residual(count)
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # The oldest key block may have lost `block_offset` tokens to eviction: pad its codes back to
+        # whole blocks so that every block meets its own statistics, then cut the padding off again.
+        keys, values = self._held()
+        keys.codes = torch.nn.functional.pad(keys.codes, (0, 0, self.block_offset, 0))
+        keys, values = self._read(keys, values)
+        return keys[:, :, self.block_offset :], values
 
     def drop_oldest(self, count: int) -> None:
         from_quantized = min(count, self.quantized_length)
@@ -188,9 +232,7 @@ class QuantizedStore(KVStore):
                 setattr(self, name, getattr(self, name)[:, :, from_quantized:].clone())
             for name in ("key_scale", "key_min"):
                 setattr(self, name, getattr(self, name)[:, :, emptied_blocks:].clone())
-        if from_residual := count - from_quantized:
-            self.residual_keys = self.residual_keys[:, :, from_residual:].clone()
-            self.residual_values = self.residual_values[:, :, from_residual:].clone()
+        self._drop_oldest_residual(count - from_quantized)
 
     def drop_newest(self, count: int) -> None:
         residual = self.residual_keys.shape[-2]
@@ -203,7 +245,7 @@ class QuantizedStore(KVStore):
         self.residual_values = self.residual_values[:, :, : residual - count].clone()
 
 
-class TokenQuantizedStore(KVStore):
+class TokenQuantizedStore(ResidualQuantizedStore):
     """Keys and values both quantized per token over groups of `group_size` channels, plus a
     full-precision residual of the newest tokens (at most `residual_length`).
 
@@ -213,79 +255,24 @@ class TokenQuantizedStore(KVStore):
     makes per-token keys accurate. Tokens leave the residual oldest first and are quantized once.
     """
 
-    tensor_names = QuantizedStore.tensor_names
-
-    def __init__(self, template: torch.Tensor, bits: int, group_size: int, residual_length: int, rotate: bool):
-        check_bits(bits)
-        batch, heads, _, head_dim = template.shape
-        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        self.rotation = hadamard_matrix(head_dim, template.dtype, template.device) if rotate else None
-        codes = template.new_empty((batch, heads, 0, packed_size(head_dim, bits)), dtype=torch.uint8)
-        stats = template.new_empty((batch, heads, 0, head_dim // group_size))
-        self.key_codes, self.key_scale, self.key_min = codes, stats, stats.clone()
-        self.value_codes, self.value_scale, self.value_min = codes.clone(), stats.clone(), stats.clone()
-        self.residual_keys = template[:, :, :0, :].clone()
-        self.residual_values = self.residual_keys.clone()
-
-    @property
-    def quantized_length(self) -> int:
-        return self.key_codes.shape[-2]
-
-    def __len__(self) -> int:
-        return self.quantized_length + self.residual_keys.shape[-2]
+    KEY_REDUCE_DIM = 3
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.residual_keys = torch.cat([self.residual_keys, keys], dim=-2)
-        self.residual_values = torch.cat([self.residual_values, values], dim=-2)
-        if (excess := self.residual_keys.shape[-2] - self.residual_length) > 0:
-            self._set_quantized(
-                *self._with_quantized(self.residual_keys[:, :, :excess], self.residual_values[:, :, :excess])
-            )
-            self.residual_keys = self.residual_keys[:, :, excess:].clone()
-            self.residual_values = self.residual_values[:, :, excess:].clone()
-
-    def _quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
-        if self.rotation is not None:
-            tensor = tensor @ self.rotation
-        return quantize(tensor, self.bits, reduce_dim=-1, group_size=self.group_size)
+        if (excess := self._extend_residual(keys, values)) > 0:
+            self._hold(*self._with_quantized(self.residual_keys[:, :, :excess], self.residual_values[:, :, :excess]))
+            self._drop_oldest_residual(excess)
 
     def _with_quantized(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QuantizedTensor, QuantizedTensor]:
-        """The quantized tokens followed by `keys`/`values` quantized (each token on its own)."""
-        joined = []
-        for prefix, new in (("key", self._quantize(keys)), ("value", self._quantize(values))):
-            held = (getattr(self, f"{prefix}_{name}") for name in ("codes", "scale", "min"))
-            codes, scale, minimum = (
-                torch.cat([old, part], dim=-2) for old, part in zip(held, (new.codes, new.scale, new.minimum))
-            )
-            joined.append(QuantizedTensor(codes, scale, minimum, self.bits, 3, self.group_size))
-        return joined[0], joined[1]
-
-    def _set_quantized(self, keys: QuantizedTensor, values: QuantizedTensor) -> None:
-        self.key_codes, self.key_scale, self.key_min = keys.codes, keys.scale, keys.minimum
-        self.value_codes, self.value_scale, self.value_min = values.codes, values.scale, values.minimum
-
-    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        residual = (self.residual_keys, self.residual_values)
-        if not self.quantized_length:
-            return [residual]
-        keys, values = (
-            dequantize(QuantizedTensor(codes, scale, minimum, self.bits, 3, self.group_size))
-            for codes, scale, minimum in (
-                (self.key_codes, self.key_scale, self.key_min),
-                (self.value_codes, self.value_scale, self.value_min),
-            )
-        )
-        if self.rotation is not None:
-            keys, values = keys @ self.rotation, values @ self.rotation
-        return [(keys, values), residual]
+        """The held codes followed by `keys`/`values` quantized (each token on its own)."""
+        held_keys, held_values = self._held()
+        new_keys, new_values = self._quantize(keys, values)
+        return _joined(held_keys, new_keys), _joined(held_values, new_values)
 
     def drop_oldest(self, count: int) -> None:
         from_quantized = min(count, self.quantized_length)
         for name in self.tensor_names[:6]:  # codes and statistics
             setattr(self, name, getattr(self, name)[:, :, from_quantized:].clone())
-        from_residual = count - from_quantized
-        self.residual_keys = self.residual_keys[:, :, from_residual:].clone()
-        self.residual_values = self.residual_values[:, :, from_residual:].clone()
+        self._drop_oldest_residual(count - from_quantized)
 
     def gather(self, indices: torch.Tensor) -> None:
         """Rows and heads may keep different numbers of residual tokens: the newest `m` kept tokens of
@@ -299,6 +286,6 @@ class TokenQuantizedStore(KVStore):
             quantized.codes, quantized.scale, quantized.minimum = (
                 gather_tokens(t, older) for t in (quantized.codes, quantized.scale, quantized.minimum)
             )
-        self._set_quantized(keys, values)
+        self._hold(keys, values)
         self.residual_keys = gather_tokens(self.residual_keys, newest - residual_start)
         self.residual_values = gather_tokens(self.residual_values, newest - residual_start)
