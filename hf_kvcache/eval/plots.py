@@ -32,14 +32,14 @@ def _draw(
     import matplotlib.pyplot as plt
 
     mode = f"chunks of {results.chunk_size}" if results.mode == "chunk" else "token by token"
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure, axis = plt.subplots(figsize=(10, 4.5))
     for result in results.results:
         x, y, label = curve(result)
         axis.plot(x, y, marker=marker, markersize=3, label=label)
     axis.set(xlabel="position (tokens)", ylabel=ylabel)
     axis.set_title(f"{Path(results.model).name}, {results.dataset}, {mode}")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not on them
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
