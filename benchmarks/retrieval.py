@@ -1,8 +1,10 @@
-"""Passkey retrieval and WikiText-2 perplexity for the eviction caches at a fixed token budget.
+"""Needle retrieval and WikiText-2 perplexity for the eviction caches at a fixed token budget.
 
-Passkey: a random 5-digit key hidden at a random depth in about 1000 tokens of filler text, then
+Retrieval (`--task`): a needle hidden at a random depth in about 1000 tokens of filler text, then
 the question; the prompt goes through the cache in one forward (prefill), then greedy decoding.
-A sample counts as found when the key appears in the first 8 generated tokens.
+A sample counts as found when the answer is in the first 8 generated tokens.
+- `passkey`: a random 5-digit key (SmolLM2 reads it as five single-digit tokens);
+- `treasure`: "Maria keeps her treasure in the <word> box in <city>": both the word and the city must come back.
 
 Perplexity: the first `--ppl-tokens` tokens of WikiText-2 (test) fed in chunks of `--chunk` tokens,
 each chunk seeing the cache plus its own keys; the budget is `--ppl-budget` of the evaluated tokens.
@@ -14,6 +16,8 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,51 +30,117 @@ from hf_kvcache.models import load_model
 from hf_kvcache.registry import build_cache, parse_cache_spec
 from hf_kvcache.report import format_table
 
-INTRO = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it.\n"
-)
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-QUESTION = "\nWhat is the pass key? The pass key is"
+WORDS = [
+    "apple",
+    "river",
+    "candle",
+    "mountain",
+    "violin",
+    "garden",
+    "pepper",
+    "rocket",
+    "silver",
+    "lantern",
+    "meadow",
+    "pencil",
+    "harbor",
+    "tiger",
+]
+CITIES = [
+    "Lisbon",
+    "Nairobi",
+    "Oslo",
+    "Lima",
+    "Hanoi",
+    "Dublin",
+    "Quito",
+    "Tunis",
+    "Riga",
+    "Perth",
+    "Accra",
+    "Bergen",
+    "Cusco",
+    "Porto",
+    "Split",
+]
 
 
-def cache_specs(budget: int, templates: list[str] | None = None) -> dict[str, str]:
-    """Display name -> eval cache spec, each keeping `budget` tokens per layer (the first: the full cache).
+@dataclass(frozen=True)
+class Task:
+    """A retrieval task: the text around the needle, and how to draw a needle with its answers."""
+
+    intro: str
+    filler: str
+    question: str
+    needle: Callable[[random.Random], tuple[str, tuple[str, ...]]]  # needle text, strings the answer must hold
+
+
+def passkey_needle(rng: random.Random) -> tuple[str, tuple[str, ...]]:
+    key = str(rng.randint(10000, 99999))
+    return f"The pass key is {key}. Remember it. {key} is the pass key. ", (key,)
+
+
+def treasure_needle(rng: random.Random) -> tuple[str, tuple[str, ...]]:
+    word, city = rng.choice(WORDS), rng.choice(CITIES)
+    return f"Maria keeps her treasure in the {word} box in {city}. ", (word, city)
+
+
+TASKS = {
+    "passkey": Task(
+        intro="There is an important piece of information hidden inside a lot of irrelevant text. "
+        "Find it and memorize it. I will quiz you about it.\n",
+        filler="The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",
+        question="\nWhat is the pass key? The pass key is",
+        needle=passkey_needle,
+    ),
+    "treasure": Task(
+        intro="Read the notes below. One of them tells where Maria keeps her treasure. Remember it.\n",
+        filler="The train left the station on time. People read newspapers and looked out of the window. ",
+        question="\nWhere does Maria keep her treasure? Maria keeps her treasure in",
+        needle=treasure_needle,
+    ),
+}
+
+
+def cache_specs(budget: int, templates: list[str] | None = None) -> list[str]:
+    """Eval cache specs, each keeping `budget` tokens per layer (the first: the full cache).
 
     `templates` (from `--specs`) replace the default set: specs with `{budget}` in place of the budget.
+    The score-based rows spell out `per_head` so that they mean the same whatever the defaults are.
     """
-    if templates:
-        return {"full (DynamicCache)": "dynamic"} | {
-            t.format(budget=budget): t.format(budget=budget) for t in templates
-        }
-    return {
-        "full (DynamicCache)": "dynamic",
-        f"SinkCache 4+{budget - 4}": f"sink:sink_tokens=4,window={budget - 4}",
-        f"SlidingWindowCache {budget}": f"window:window={budget}",
-        f"H2O {budget} (recent 32)": f"h2o:budget={budget},recent=32",
-        f"TOVA {budget}": f"tova:budget={budget}",
-        f"SnapKV {budget} (window 32)": f"snapkv:budget={budget},observation_window=32",
-    }
+    templates = templates or [
+        "sink:sink_tokens=4,window={window}",
+        "window:window={budget}",
+        "h2o:budget={budget},per_head=true",
+        "h2o:budget={budget},per_head=true,accumulate=mean",
+        "tova:budget={budget},per_head=false",
+        "tova:budget={budget},per_head=true",
+        "snapkv:budget={budget},per_head=true",
+        "snapkv:budget={budget},per_head=false",
+        "snapkv:budget={budget},per_head=true,kernel_size=15",
+    ]
+    return ["dynamic"] + [template.format(budget=budget, window=budget - 4) for template in templates]
 
 
-def passkey_sample(rng: random.Random, tokenizer, target_tokens: int) -> tuple[torch.Tensor, str]:
-    """Token ids of one prompt with its key at a random depth, and the key."""
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    per_filler = len(tokenizer(FILLER).input_ids)
-    fixed = len(tokenizer(INTRO + needle + QUESTION).input_ids)
+def retrieval_sample(rng: random.Random, tokenizer, target_tokens: int, task: Task) -> tuple[torch.Tensor, tuple]:
+    """Token ids of one prompt with its needle at a random depth, and the strings the answer must hold."""
+    needle, answers = task.needle(rng)
+    per_filler = len(tokenizer(task.filler).input_ids)
+    fixed = len(tokenizer(task.intro + needle + task.question).input_ids)
     repeats = max(1, (target_tokens - fixed) // per_filler)
     depth = rng.randint(0, repeats)
-    text = INTRO + FILLER * depth + needle + FILLER * (repeats - depth) + QUESTION
-    return tokenizer(text, return_tensors="pt").input_ids, key
+    text = task.intro + task.filler * depth + needle + task.filler * (repeats - depth) + task.question
+    return tokenizer(text, return_tensors="pt").input_ids, answers
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, spec: str, samples: int, target_tokens: int, seed: int) -> float:
+def retrieval_accuracy(
+    model, tokenizer, spec: str, samples: int, target_tokens: int, seed: int, task: Task = TASKS["passkey"]
+) -> float:
     rng = random.Random(seed)  # the same prompts for every cache
     found = 0
     for _ in tqdm(range(samples), desc=spec, leave=False):
-        ids, key = passkey_sample(rng, tokenizer, target_tokens)
+        ids, answers = retrieval_sample(rng, tokenizer, target_tokens, task)
         cache = build_cache(parse_cache_spec(spec), model.config)
         output = model.generate(
             ids,
@@ -80,13 +150,15 @@ def passkey_accuracy(model, tokenizer, spec: str, samples: int, target_tokens: i
             do_sample=False,
             pad_token_id=tokenizer.eos_token_id,
         )
-        found += key in tokenizer.decode(output[0, ids.shape[1] :])
+        answer = tokenizer.decode(output[0, ids.shape[1] :])
+        found += all(part in answer for part in answers)
     return found / samples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=50, help="passkey prompts per cache and budget")
+    parser.add_argument("--task", choices=sorted(TASKS), default="passkey", help="what is hidden (default: passkey)")
+    parser.add_argument("--samples", type=int, default=50, help="retrieval prompts per cache and budget")
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--ppl-tokens", type=int, default=4096)
@@ -98,8 +170,8 @@ def main() -> None:
         "--specs",
         nargs="+",
         default=None,
-        help="cache specs instead of the default set, {budget} standing for the budget, "
-        "e.g. 'snapkv:budget={budget},kernel_size=15'",
+        help="cache specs instead of the default set, {budget} standing for the budget (and {window} for "
+        "budget - 4), e.g. 'snapkv:budget={budget},kernel_size=15'",
     )
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--skip-retrieval", action="store_true")
@@ -113,7 +185,7 @@ def main() -> None:
 
     result = {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "settings": vars(args) | {"output": str(args.output)}}
     if not args.skip_retrieval:
-        result["passkey"] = retrieval_table(model, tokenizer, args)
+        result[args.task] = retrieval_table(model, tokenizer, args)
     if not args.skip_ppl:
         result["perplexity"] = perplexity_table(model, tokenizer, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -122,26 +194,28 @@ def main() -> None:
 
 
 def retrieval_table(model, tokenizer, args: argparse.Namespace) -> list[dict]:
-    rows, full_accuracy = [], "skipped" if args.skip_full else None
+    rows, full_done = [], args.skip_full
     for budget in args.budgets:
-        for name, spec in cache_specs(budget, args.specs).items():
-            if name.startswith("full") and full_accuracy is not None:
-                continue  # the full cache does not depend on the budget
+        for spec in cache_specs(budget, args.specs):
+            if spec == "dynamic":
+                if full_done:
+                    continue  # the full cache does not depend on the budget
+                full_done = True
             started = time.perf_counter()
-            accuracy = passkey_accuracy(model, tokenizer, spec, args.samples, args.prompt_tokens, args.seed)
-            if name.startswith("full"):
-                full_accuracy = accuracy
+            accuracy = retrieval_accuracy(
+                model, tokenizer, spec, args.samples, args.prompt_tokens, args.seed, TASKS[args.task]
+            )
             rows.append(
                 {
-                    "cache": name,
-                    "budget": "-" if name.startswith("full") else budget,
+                    "cache": spec,
+                    "budget": "-" if spec == "dynamic" else budget,
                     "found": f"{round(accuracy * args.samples)}/{args.samples}",
-                    "passkey accuracy": f"{accuracy:.0%}",
+                    "accuracy": f"{accuracy:.0%}",
                     "seconds": f"{time.perf_counter() - started:.0f}",
                 }
             )
             print(rows[-1], flush=True)
-    print(f"\nPasskey retrieval, {args.samples} samples, ~{args.prompt_tokens}-token prompts (seed {args.seed})")
+    print(f"\n{args.task} retrieval, {args.samples} samples, ~{args.prompt_tokens}-token prompts (seed {args.seed})")
     print(format_table(rows))
     return rows
 
@@ -151,12 +225,12 @@ def perplexity_table(model, tokenizer, args: argparse.Namespace) -> list[dict]:
     ids = tokenizer(text[: args.ppl_tokens * 8], return_tensors="pt").input_ids[:, : args.ppl_tokens]
     budget = int(args.ppl_budget * ids.shape[1])
     rows = []
-    for name, spec in cache_specs(budget, args.specs).items():
+    for spec in cache_specs(budget, args.specs):
         started = time.perf_counter()
         with torch.no_grad():
             record = evaluation_pass(model, ids, build_cache(parse_cache_spec(spec), model.config), args.chunk)
         rows.append(
-            {"cache": name, "perplexity": f"{record.perplexity:.2f}", "seconds": f"{time.perf_counter() - started:.0f}"}
+            {"cache": spec, "perplexity": f"{record.perplexity:.2f}", "seconds": f"{time.perf_counter() - started:.0f}"}
         )
         print(rows[-1], flush=True)
     print(f"\nWikiText-2 perplexity, {ids.shape[1]} tokens, chunks of {args.chunk}, budget {budget} tokens")
