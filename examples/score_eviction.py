@@ -1,4 +1,4 @@
-"""Passkey retrieval under a small KV budget: full cache vs sliding window vs heavy hitters (H2O) vs SnapKV.
+"""Passkey retrieval under a small KV budget: full cache vs sliding window vs H2O vs TOVA vs SnapKV.
 
 Each sample hides a random 5-digit pass key at a random depth of a few hundred tokens of repetitive
 filler text, then asks for it. The prompt is prefilled in one forward through the cache and the
@@ -7,10 +7,11 @@ bounded caches keep `--budget` tokens per layer (and KV head):
 
 - DynamicCache keeps everything (the reference),
 - SlidingWindowCache keeps the newest `--budget` tokens: it finds the key only when the key is recent,
-- HeavyHitterCache (H2O) keeps the `--recent` newest tokens plus the older tokens that received the
+- HeavyHitterCache (H2O) keeps the newest half of the budget plus the older tokens that received the
   most attention, summed over every query so far,
-- SnapKVCache keeps the prompt's last `--recent` tokens (the observation window: here the question)
-  plus the earlier tokens those queries attend to most; tokens generated afterwards are all kept.
+- TOVACache keeps the tokens the newest query attends to most (averaged over all heads of a layer),
+- SnapKVCache keeps the prompt's last `--observation-window` tokens (here the question) plus the
+  earlier tokens those queries attend to most; tokens generated afterwards are all kept.
 
 The score-based caches need `hf_kvcache.enable_score_capture(model)`, which leaves outputs unchanged.
 
@@ -27,7 +28,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from hf_kvcache import HeavyHitterCache, SlidingWindowCache, SnapKVCache, enable_score_capture
+from hf_kvcache import HeavyHitterCache, SlidingWindowCache, SnapKVCache, TOVACache, enable_score_capture
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.models import load_model
 from hf_kvcache.report import format_table
@@ -43,17 +44,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=6, help="prompts per cache (default: 6)")
     parser.add_argument("--prompt-tokens", type=int, default=640, help="approximate prompt length (default: 640)")
     parser.add_argument("--budget", type=int, default=128, help="tokens kept by the bounded caches (default: 128)")
-    parser.add_argument(
-        "--recent",
-        type=int,
-        default=32,
-        help="newest tokens H2O always keeps, and SnapKV's observation window (default: 32)",
-    )
+    parser.add_argument("--observation-window", type=int, default=32, help="SnapKV's observation window (default: 32)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of keys and depths (default: 0)")
     args = parser.parse_args()
-    if args.samples < 1 or not 1 <= args.recent <= args.budget:
-        parser.error("--samples must be >= 1 and --recent between 1 and --budget")
+    if args.samples < 1 or not 1 <= args.observation_window <= args.budget:
+        parser.error("--samples must be >= 1 and --observation-window between 1 and --budget")
     return args
 
 
@@ -84,12 +80,13 @@ def answer(model, tokenizer, input_ids: torch.Tensor, cache, max_new_tokens: int
 def main() -> None:
     args = parse_args()
     model, tokenizer = load_model(args.model)
-    enable_score_capture(model)  # H2O and SnapKV read attention scores; outputs are unchanged
+    enable_score_capture(model)  # H2O, TOVA and SnapKV read attention scores; outputs are unchanged
     caches = {
         "full": lambda: DynamicCache(config=model.config),
         "window": lambda: SlidingWindowCache(model.config, window=args.budget),
-        "h2o": lambda: HeavyHitterCache(model.config, budget=args.budget, recent=args.recent),
-        "snapkv": lambda: SnapKVCache(model.config, budget=args.budget, observation_window=args.recent),
+        "h2o": lambda: HeavyHitterCache(model.config, budget=args.budget),
+        "tova": lambda: TOVACache(model.config, budget=args.budget),
+        "snapkv": lambda: SnapKVCache(model.config, budget=args.budget, observation_window=args.observation_window),
     }
     rng = random.Random(args.seed)
     samples = [passkey_prompt(rng, tokenizer, args.prompt_tokens) for _ in range(args.samples)]
@@ -114,8 +111,9 @@ def main() -> None:
     labels = {
         "full": "DynamicCache (full)",
         "window": f"SlidingWindowCache(window={args.budget})",
-        "h2o": f"HeavyHitterCache(budget={args.budget}, recent={args.recent})",
-        "snapkv": f"SnapKVCache(budget={args.budget}, observation_window={args.recent})",
+        "h2o": f"HeavyHitterCache(budget={args.budget})",
+        "tova": f"TOVACache(budget={args.budget})",
+        "snapkv": f"SnapKVCache(budget={args.budget}, observation_window={args.observation_window})",
     }
     rows = [
         {
