@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_kvcache.hub import hub_reachable
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -91,6 +93,17 @@ def load_model(
     kwargs = {"dtype": dtype or torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device or "cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model, tokenizer
+    # A hub id while the hub is unreachable: use the local Hugging Face cache, or fail at once
+    # (instead of a minute of retries).
+    offline = not Path(source).exists() and not hub_reachable()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=offline, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+    except OSError as error:
+        if not offline:
+            raise
+        raise OSError(
+            f"{source} is not a local folder, the Hugging Face hub is unreachable, and the model is not in "
+            "the local Hugging Face cache; pass a local folder (or leave the model out for the packaged one)"
+        ) from error
+    return model.to(device or "cpu").eval(), tokenizer

@@ -8,15 +8,14 @@ first `max_tokens` token ids. The hub is tried only when it looks reachable (no 
 import gzip
 import json
 import logging
-import os
-import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from hf_kvcache.hub import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +38,6 @@ class Text:
     dataset: str
     source: str
     text: str
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """False when offline mode is set or the hub host does not accept a TCP connection within `timeout`."""
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
-            return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _from_hub(dataset: str) -> tuple[str, str]:

@@ -83,3 +83,14 @@ def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch
 def test_cli_missing_model(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip() == f"hf-kvcache eval: error: model folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_cli_hub_model_without_the_hub(capsys, monkeypatch):
+    from hf_kvcache import models
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    assert main(["eval", "--model", "someone/unknown-model", "--no-progress"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line.startswith("hf-kvcache eval: error: cannot load model 'someone/unknown-model'") and "unreachable" in line
+    )
