@@ -7,6 +7,7 @@ from conftest import make_tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from hf_kvcache import models as model_loading
 from hf_kvcache.cli import main
 from hf_kvcache.eval.results import CSV_COLUMNS
 
@@ -86,9 +87,7 @@ def test_cli_missing_model(tmp_path, capsys):
 
 
 def test_cli_hub_model_without_the_hub(capsys, monkeypatch):
-    from hf_kvcache import models
-
-    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setattr(model_loading, "hub_reachable", lambda: False)
     assert main(["eval", "--model", "someone/unknown-model", "--no-progress"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert (
