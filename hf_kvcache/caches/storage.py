@@ -94,6 +94,15 @@ def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, index)
 
 
+def _joined(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedTensor:
+    """`first` followed by `second` along the token dimension."""
+    parts = [
+        torch.cat([a, b], dim=-2)
+        for a, b in zip((first.codes, first.scale, first.minimum), (second.codes, second.scale, second.minimum))
+    ]
+    return QuantizedTensor(*parts, first.bits, first.reduce_dim, first.group_size)
+
+
 class ResidualQuantizedStore(KVStore):
     """What both quantized layouts share: older tokens as packed codes with (scale, minimum) statistics,
     the newest tokens in a full-precision residual, and an optional Hadamard rotation of the head
@@ -159,6 +168,12 @@ class ResidualQuantizedStore(KVStore):
             QuantizedTensor(self.value_codes, self.value_scale, self.value_min, self.bits, 3, self.group_size),
         )
 
+    def _with_quantized(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QuantizedTensor, QuantizedTensor]:
+        """The held codes followed by `keys`/`values` quantized."""
+        held_keys, held_values = self._held()
+        new_keys, new_values = self._quantize(keys, values)
+        return _joined(held_keys, new_keys), _joined(held_values, new_values)
+
     def _hold(self, keys: QuantizedTensor, values: QuantizedTensor) -> None:
         self.key_codes, self.key_scale, self.key_min = keys.codes, keys.scale, keys.minimum
         self.value_codes, self.value_scale, self.value_min = values.codes, values.scale, values.minimum
@@ -176,15 +191,6 @@ class ResidualQuantizedStore(KVStore):
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._read(*self._held())
-
-
-def _joined(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedTensor:
-    """`first` followed by `second` along the token dimension."""
-    parts = [
-        torch.cat([a, b], dim=-2)
-        for a, b in zip((first.codes, first.scale, first.minimum), (second.codes, second.scale, second.minimum))
-    ]
-    return QuantizedTensor(*parts, first.bits, first.reduce_dim, first.group_size)
 
 
 class QuantizedStore(ResidualQuantizedStore):
@@ -207,9 +213,7 @@ class QuantizedStore(ResidualQuantizedStore):
         excess = self._extend_residual(keys, values)
         if excess >= self.group_size:
             count = excess - excess % self.group_size
-            new_keys, new_values = self._quantize(self.residual_keys[:, :, :count], self.residual_values[:, :, :count])
-            held_keys, held_values = self._held()
-            self._hold(_joined(held_keys, new_keys), _joined(held_values, new_values))
+            self._hold(*self._with_quantized(self.residual_keys[:, :, :count], self.residual_values[:, :, :count]))
             self._drop_oldest_residual(count)
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,12 +265,6 @@ class TokenQuantizedStore(ResidualQuantizedStore):
         if (excess := self._extend_residual(keys, values)) > 0:
             self._hold(*self._with_quantized(self.residual_keys[:, :, :excess], self.residual_values[:, :, :excess]))
             self._drop_oldest_residual(excess)
-
-    def _with_quantized(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QuantizedTensor, QuantizedTensor]:
-        """The held codes followed by `keys`/`values` quantized (each token on its own)."""
-        held_keys, held_values = self._held()
-        new_keys, new_values = self._quantize(keys, values)
-        return _joined(held_keys, new_keys), _joined(held_values, new_values)
 
     def drop_oldest(self, count: int) -> None:
         from_quantized = min(count, self.quantized_length)
