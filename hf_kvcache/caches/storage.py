@@ -275,11 +275,18 @@ class TokenQuantizedStore(ResidualQuantizedStore):
     def gather(self, indices: torch.Tensor) -> None:
         """Rows and heads may keep different numbers of residual tokens: the newest `m` kept tokens of
         every head (`m` the smallest such count) stay in full precision, other kept residual tokens are
-        quantized (as they would be when leaving the residual), so every tensor stays dense."""
+        quantized (as they would be when leaving the residual), so every tensor stays dense. Only the
+        residual tokens that some head moves to the codes are quantized (none when every head
+        drops only quantized tokens)."""
         residual_start = self.quantized_length
         in_residual = int((indices >= residual_start).sum(-1).min())
         older, newest = indices[..., : indices.shape[-1] - in_residual], indices[..., indices.shape[-1] - in_residual :]
-        keys, values = self._with_quantized(self.residual_keys, self.residual_values)
+        moving = max(0, int(older.max()) + 1 - residual_start) if older.numel() else 0
+        keys, values = (
+            self._with_quantized(self.residual_keys[:, :, :moving], self.residual_values[:, :, :moving])
+            if moving
+            else self._held()
+        )
         for quantized in (keys, values):
             quantized.codes, quantized.scale, quantized.minimum = (
                 gather_tokens(t, older) for t in (quantized.codes, quantized.scale, quantized.minimum)

@@ -55,6 +55,23 @@ def test_gather_keeps_different_tokens_per_head_and_stays_dense():
     assert torch.allclose(read_values.flatten(0, 1)[:, :-1], round_trip(expected_values[:, :-1], 4), atol=1e-5)
 
 
+def test_gather_that_keeps_the_whole_residual_only_selects_codes():
+    store = new_store(residual_length=4)
+    keys, values = tokens(10, 11), tokens(10, 12)
+    store.append(keys, values)  # tokens 0-5 quantized, 6-9 residual
+    codes_before = store.key_codes.clone()
+    indices = torch.tensor([[0, 3, 6, 7, 8, 9], [2, 5, 6, 7, 8, 9], [1, 4, 6, 7, 8, 9]]).expand(2, -1, -1)
+    store.gather(indices)
+    assert store.quantized_length == 2 and torch.equal(store.residual_keys, keys[:, :, 6:])
+    assert torch.equal(
+        store.key_codes, codes_before.gather(2, indices[..., :2, None].expand(-1, -1, -1, codes_before.shape[-1]))
+    )
+    _, read_values = store.read()
+    expected = torch.stack([values[b, h, indices[b, h]] for b in range(2) for h in range(3)]).view_as(read_values)
+    assert torch.allclose(read_values[:, :, :2], round_trip(expected[:, :, :2], 4), atol=1e-5)
+    assert torch.equal(read_values[:, :, 2:], expected[:, :, 2:])
+
+
 def test_gather_with_one_set_for_all_heads():
     store, reference = new_store(residual_length=2), FullPrecisionStore(tokens(0, 0))
     keys, values = tokens(8, 5), tokens(8, 6)
