@@ -155,6 +155,17 @@ def test_padded_batch_refused(cache_class, attn):
     )
 
 
+@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
+def test_crop_refused_clearly(cache_class):
+    """Assisted decoding crops the cache; evicted tokens cannot come back, so a score cache says so."""
+    model = enable_score_capture(make_tiny_model("llama"))
+    cache = small_cache(cache_class, model.config)
+    with torch.no_grad():
+        model(random_ids(model, 1, 12), past_key_values=cache)
+    with pytest.raises(ValueError, match=f"{cache_class.__name__[:-5]}Layer cannot crop.*without eviction"):
+        cache.crop(10)
+
+
 def test_eval_tool_builds_score_caches_from_specs_and_enables_capture():
     from hf_kvcache.eval.runner import evaluate
 
