@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hf_kvcache import enable_score_capture
+from hf_kvcache import CACHE_KWARG, enable_score_capture
 from hf_kvcache.eval.data import bundled_text
 from hf_kvcache.eval.perplexity import evaluation_pass
 from hf_kvcache.models import load_model
@@ -145,7 +145,7 @@ def retrieval_accuracy(
         output = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **{CACHE_KWARG: cache},
             max_new_tokens=8,
             do_sample=False,
             pad_token_id=tokenizer.eos_token_id,

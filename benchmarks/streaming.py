@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from hf_kvcache import SinkCache
+from hf_kvcache import CACHE_KWARG, SinkCache
 from hf_kvcache.eval.data import load_text, tokenize_text
 from hf_kvcache.eval.perplexity import decode_speed, evaluation_pass
 from hf_kvcache.models import load_model
@@ -117,7 +117,7 @@ def generation_phase(model, tokenizer, new_tokens: int) -> list[dict]:
     probe = MemoryProbe(cache, every=1000)
     output = model.generate(
         **prompt,
-        past_key_values=cache,
+        **{CACHE_KWARG: cache},
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=True,

@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from hf_kvcache import QuantizedCache
+from hf_kvcache import CACHE_KWARG, QuantizedCache
 from hf_kvcache.eval.data import load_text, tokenize_text
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.models import load_model
@@ -45,7 +45,7 @@ def generate(model, input_ids: torch.Tensor, cache, max_new_tokens: int, pad_tok
     output = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
-        past_key_values=cache,
+        **{CACHE_KWARG: cache},
         max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens,
         do_sample=False,

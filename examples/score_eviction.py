@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from hf_kvcache import HeavyHitterCache, SlidingWindowCache, SnapKVCache, TOVACache, enable_score_capture
+from hf_kvcache import CACHE_KWARG, HeavyHitterCache, SlidingWindowCache, SnapKVCache, TOVACache, enable_score_capture
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.models import load_model
 from hf_kvcache.report import format_table
@@ -69,7 +69,7 @@ def answer(model, tokenizer, input_ids: torch.Tensor, cache, max_new_tokens: int
     output = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
-        past_key_values=cache,
+        **{CACHE_KWARG: cache},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.eos_token_id,

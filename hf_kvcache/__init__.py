@@ -6,11 +6,13 @@ from hf_kvcache.caches.sink import SinkCache
 from hf_kvcache.caches.snapkv import SnapKVCache
 from hf_kvcache.caches.tova import TOVACache
 from hf_kvcache.caches.window import SlidingWindowCache
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.prefix import DiskBackend, MemoryBackend, PrefixCache, RedisBackend, generate_with_prefix_cache
 from hf_kvcache.registry import build_cache, parse_cache_spec, register_cache
 from hf_kvcache.scoring import disable_score_capture, enable_score_capture
 
 __all__ = [
+    "CACHE_KWARG",
     "DiskBackend",
     "HeavyHitterCache",
     "MemoryBackend",

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_kvcache.caches.quantized import QuantizedCache
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.models import load_model
 from hf_kvcache.report import format_table
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         with torch.no_grad():
             output = model.generate(
-                **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, past_key_values=cache
+                **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **{CACHE_KWARG: cache}
             )
         seconds = time.perf_counter() - start
         new_tokens = output.shape[1] - prompt_length

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.eval.memory import cache_bytes
 
 
@@ -59,7 +60,7 @@ def evaluation_pass(
         chunk = input_ids[:, start : start + step]
         _synchronize(model.device)
         began = time.perf_counter()
-        logits = model(chunk, past_key_values=cache, use_cache=True).logits[0]
+        logits = model(chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0]
         _synchronize(model.device)
         seconds += time.perf_counter() - began
         targets = input_ids[0, start + 1 : start + step + 1]  # logits at position p predict token p + 1
@@ -79,7 +80,7 @@ def decode_speed(model: PreTrainedModel, cache: Cache, last_logits: torch.Tensor
     for index in range(warmup + steps):
         _synchronize(model.device)
         began = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True).logits
+        logits = model(token, **{CACHE_KWARG: cache}, use_cache=True).logits
         _synchronize(model.device)
         if index >= warmup:
             seconds += time.perf_counter() - began

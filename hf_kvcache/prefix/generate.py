@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from hf_kvcache.compat import CACHE_KWARG, pop_cache
 from hf_kvcache.prefix.store import PrefixCache, prompt_tokens
 
 
@@ -72,7 +73,7 @@ def generate_with_prefix_cache(model: PreTrainedModel, inputs: Any, store: Prefi
     Restores whole stored blocks of the prompt (always leaving at least one prompt token to compute,
     so generation starts from fresh logits), prefills the rest, generates, then saves the prompt's
     new complete blocks. With the default cache (a `DynamicCache`) greedy outputs match plain
-    `generate` token for token. Pass an empty `past_key_values=` to generate into another cache, e.g.
+    `generate` token for token. Pass an empty `cache=` (or `past_key_values=`) to generate into another cache, e.g.
     `hf_kvcache.QuantizedCache`: restored KV enters it through `update`, like a prefill in two chunks.
 
     `inputs`: one prompt, a `(1, length)` or `(length,)` tensor of ids, or a tokenizer output
@@ -80,13 +81,13 @@ def generate_with_prefix_cache(model: PreTrainedModel, inputs: Any, store: Prefi
     Returns what `model.generate` returns.
     """
     input_ids, attention_mask = _prompt(inputs, generate_kwargs)
-    cache = generate_kwargs.pop("past_key_values", None)
+    cache = pop_cache(generate_kwargs)
     if cache is None:
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     restored = store.restore(model, input_ids, cache, max_tokens=input_ids.shape[1] - 1)
     if attention_mask is not None:
         generate_kwargs["attention_mask"] = attention_mask
     with _PrefillRecorder(cache, input_ids.shape[1] - restored) as recorder:
-        output = model.generate(input_ids=input_ids, past_key_values=cache, **generate_kwargs)
+        output = model.generate(input_ids=input_ids, **{CACHE_KWARG: cache}, **generate_kwargs)
     store.save(model, input_ids, recorder.layers(), start=restored)
     return output

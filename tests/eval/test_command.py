@@ -1,5 +1,7 @@
 import csv
 import json
+import subprocess
+import sys
 
 import matplotlib.pyplot as plt
 import pytest
@@ -26,6 +28,19 @@ def tiny_model_dir(tmp_path):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
     return folder
+
+
+def test_cli_runs_without_deprecation_warnings(tiny_model_dir, tmp_path):
+    """`hf-kvcache eval` as a user runs it, with every FutureWarning (transformers' deprecations) an error."""
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    argv = ["eval", "--model", str(tiny_model_dir), "--dataset", str(text), "--max-tokens", "48", "--chunk-size", "16"]
+    argv += ["--cache", "dynamic", "--cache", "sink:sink_tokens=2,window=16", "--mode", "token", "--no-progress"]
+    argv += ["--decode-tokens", "2", "--output", str(tmp_path / "out")]
+    command = [sys.executable, "-W", "error::FutureWarning", "-m", "hf_kvcache.cli", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FutureWarning" not in done.stderr and "sink:sink_tokens=2,window=16" in done.stdout
 
 
 def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):

@@ -13,10 +13,12 @@ SCRIPTS = sorted(path.name for path in EXAMPLES.glob("*.py"))
 
 
 def run_example(name: str, *args: str, timeout: float = 300) -> str:
-    """Run `examples/<name>` with `args`; its stdout (the test fails with stderr on a non-zero exit)."""
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=timeout
-    )
+    """Run `examples/<name>` with `args`; its stdout (the test fails with stderr on a non-zero exit).
+
+    A FutureWarning is an error: nothing we run may use a name transformers deprecated (`cache=` replaced
+    `past_key_values=` in 5.24)."""
+    command = [sys.executable, "-W", "error::FutureWarning", str(EXAMPLES / name), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout}\n{done.stderr[-4000:]}"
     return done.stdout
 
