@@ -1,72 +1,72 @@
-"""Rotary re-rotation of cached keys, built from the model config.
+"""Rotary position embedding of one layer, as far as a cache needs it: re-rotating cached keys.
 
-Keys arrive in the cache already rotated for their position. `RopeRotator.shift(keys, delta)` rotates
-them as if they sat `delta` positions later, with the model's own frequencies (any RoPE type that
-transformers ships in `ROPE_INIT_FUNCTIONS`, plus the default). Only the pure rotation is applied: the
-attention scaling some types (yarn, longrope) fold into cos/sin is already in the keys.
+Keys arrive in the cache already rotated for their position. `Rope.shift(keys, delta)` rotates them as
+if they sat `delta` positions later, with that layer's own frequencies (the default RoPE or any type in
+transformers' `ROPE_INIT_FUNCTIONS`: linear, dynamic, yarn, longrope, llama3, proportional), on the
+channels the layer rotates (`start`, `rotary_dim`), in its channel layout (`"half"`: the two halves of
+the rotated channels form the pairs, as in Llama; `"interleaved"`: neighbouring channels do, as in GPT-J).
+Only the pure rotation is applied: the attention scaling some types (yarn, longrope) fold into cos/sin
+is already in the keys.
+
+Source: RoFormer, Su et al. 2021, https://arxiv.org/abs/2104.09864 (rotation by angle position x
+frequency, which composes additively, so a shift by `delta` is one more rotation by delta x frequency).
 """
+
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-# Models that rotate interleaved channel pairs (GPT-J style) instead of the two halves of the head.
-INTERLEAVED_ROPE_MODELS = ("gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "chatglm")
+LAYOUTS = ("half", "interleaved")
 
 
-def rope_parameters(config: PreTrainedConfig) -> tuple[dict, str | None]:
-    """The RoPE parameters of full-attention layers, and the layer type they were filed under (if any)."""
-    text = config.get_text_config(decoder=True)
-    params = getattr(text, "rope_parameters", None) or {}
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
-        return params["full_attention"], "full_attention"
-    return params, None
+@dataclass(frozen=True, eq=False)
+class Rope:
+    """One layer's rotary embedding: `inv_freq` [rotary_dim / 2] (float64, radians per position), the first
+    rotated channel `start`, the pair `layout`, and which cached tensor carries it (`slot`: "keys" usually;
+    "values" where a model caches its rotated key part in the value slot, as DeepSeek-V3's latent MLA)."""
 
-
-class RopeRotator:
-    """Rotates rotary-embedded keys by a position offset (rotate-half convention)."""
-
-    def __init__(self, config: PreTrainedConfig):
-        text = config.get_text_config(decoder=True)
-        params, layer_type = rope_parameters(config)
-        if not params or "rope_theta" not in params:
-            raise ValueError(
-                f"{text.model_type} has no rotary position embedding (absolute or ALiBi positions), so sink keys "
-                "cannot be re-rotated; pass rerotate=False to keep them at their original positions"
-            )
-        if text.model_type in INTERLEAVED_ROPE_MODELS:
-            raise ValueError(
-                f"{text.model_type} rotates interleaved channel pairs, which re-rotation does not support; "
-                "pass rerotate=False"
-            )
-        rope_type = params.get("rope_type", "default")
-        if rope_type == "default":
-            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-            inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        elif rope_type in ROPE_INIT_FUNCTIONS:
-            kwargs = {"layer_type": layer_type} if layer_type else {}
-            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](text, "cpu", **kwargs)
-        else:
-            raise ValueError(
-                f"rope_type={rope_type!r} is not supported for re-rotation; supported: default, "
-                f"{', '.join(ROPE_INIT_FUNCTIONS)}"
-            )
-        self.rope_type = rope_type
-        self.inv_freq = inv_freq.to(torch.float64)
+    inv_freq: torch.Tensor
+    start: int = 0
+    layout: str = "half"
+    slot: str = "keys"
+    rope_type: str = "default"
 
     @property
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.numel()
 
     def shift(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
-        """`keys` [..., tokens, head_dim] rotated by `delta` positions (applied once, from the original keys)."""
+        """`keys` [..., tokens, channels] rotated by `delta` more positions (applied once, from the stored keys)."""
         if delta == 0:
             return keys
         angles = delta * self.inv_freq.to(keys.device)
-        cos = torch.cat([angles.cos(), angles.cos()]).float()
-        sin = torch.cat([angles.sin(), angles.sin()]).float()
-        rotary, rest = keys[..., : self.rotary_dim].float(), keys[..., self.rotary_dim :]
-        first, second = rotary.chunk(2, dim=-1)
-        rotated = rotary * cos + torch.cat([-second, first], dim=-1) * sin
-        return torch.cat([rotated.to(keys.dtype), rest], dim=-1)
+        cos, sin = angles.cos().float(), angles.sin().float()
+        stop = self.start + self.rotary_dim
+        rotary = keys[..., self.start : stop].float()
+        if self.layout == "half":
+            first, second = rotary.chunk(2, dim=-1)
+            rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+        else:
+            even, odd = rotary[..., 0::2], rotary[..., 1::2]
+            rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+        return torch.cat([keys[..., : self.start], rotated.to(keys.dtype), keys[..., stop:]], dim=-1)
+
+
+def inverse_frequencies(
+    text_config: PreTrainedConfig, params: dict, head_dim: int, layer_type: str | None
+) -> tuple[torch.Tensor, str]:
+    """Radians per position of each rotated pair (float64) and the RoPE type, or a ValueError."""
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        exponents = torch.arange(0, dim - dim % 2, 2, dtype=torch.float64) / dim
+        return 1.0 / (params["rope_theta"] ** exponents), rope_type
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(
+            f"rope_type={rope_type!r} is not supported for re-rotation; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
+        )
+    kwargs = {"layer_type": layer_type} if layer_type else {}
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", **kwargs)
+    return inv_freq.to(torch.float64), rope_type

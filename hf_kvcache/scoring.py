@@ -68,11 +68,15 @@ def attention_scores(
     scaling: float | None,
     last_queries: int,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of the last `last_queries` queries, summed over them, averaged per KV head.
 
     query [batch, q_heads, q, dim], key [batch, kv_heads, kv, dim] -> float32 [batch, kv_heads, kv].
-    Queries are scored `QUERY_CHUNK` at a time, so the full attention matrix is never held.
+    The probabilities are the model's own: `scaling`, `softcap` (tanh capping of the logits, Gemma 2) and
+    learned per-query-head `sinks` logits [q_heads] that take part in the softmax without a key (GPT-OSS;
+    the probabilities of real tokens then sum to less than one). Queries are scored `QUERY_CHUNK` at a
+    time, so the full attention matrix is never held.
     """
     batch, q_heads, q_length, dim = query.shape
     kv_heads, kv_length = key.shape[1], key.shape[2]
@@ -88,7 +92,12 @@ def attention_scores(
             logits = torch.tanh(logits / softcap) * softcap
         allowed = _allowed(attention_mask, rows, q_length, kv_length, query.device)
         logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
-        total += logits.softmax(dim=-1).sum(dim=-2).mean(dim=2)
+        if sinks is not None:
+            sink_logits = sinks.float().view(1, kv_heads, group, 1, 1).expand(*logits.shape[:-1], 1)
+            probabilities = torch.cat([logits, sink_logits], dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            probabilities = logits.softmax(dim=-1)
+        total += probabilities.sum(dim=-2).mean(dim=2)
     return total
 
 
@@ -127,8 +136,9 @@ def _capturing(base: str) -> Callable:
             count = layer.queries_needed(query.shape[2])
             scores = None
             if count:
+                sinks = module.sinks if layer.geometry.learned_sinks else None
                 scores = attention_scores(
-                    query, key, attention_mask, kwargs.get("scaling"), count, kwargs.get("softcap")
+                    query, key, attention_mask, kwargs.get("scaling"), count, kwargs.get("softcap"), sinks
                 )
             layer.observe(scores)
         return output, weights

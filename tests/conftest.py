@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -31,13 +32,79 @@ _COMMON = dict(
 )
 
 
-def tiny_config(arch: str, layers: int = 2):
-    """A random config (2 layers by default); head_dim 16, 2 KV heads where the architecture has GQA."""
-    config = _tiny_config(arch)
-    config.num_hidden_layers = layers
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[:1] * layers
+def tiny_config(arch: str, layers: int | None = None):
+    """A random config; head_dim 16 and 2 KV heads where the architecture has GQA. With `layers`, that many
+    layers of the first layer's kind; without, the architecture's own mix of layer kinds (2-3 layers)."""
+    config = _tiny_config(arch) if arch in _CLASSIC else MATRIX_CONFIGS[arch]()
+    if layers is not None:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = config.layer_types[:1] * layers
     return config
+
+
+def _layer_types(*kinds: str) -> dict:
+    return {"num_hidden_layers": len(kinds), "layer_types": list(kinds)}
+
+
+_MIXED = _layer_types("sliding_attention", "full_attention")
+_GQA = dict(_COMMON, num_key_value_heads=2)
+
+# The architecture matrix (DESIGN.md section 3): each family's own kind of layer difference.
+MATRIX_CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "phi3-head96": lambda: Phi3Config(**{**_GQA, "hidden_size": 192, "num_attention_heads": 2}),
+    "phi-partial-rotary": lambda: transformers.PhiConfig(**_COMMON, partial_rotary_factor=0.5),
+    "gpt-neox": lambda: transformers.GPTNeoXConfig(**_COMMON, rotary_pct=0.25),
+    "gemma2-softcap": lambda: transformers.Gemma2Config(
+        **{**_GQA, **_MIXED}, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, query_pre_attn_scalar=24
+    ),
+    "gemma3-local-rope": lambda: transformers.Gemma3TextConfig(**{**_GQA, **_MIXED}, head_dim=16, sliding_window=8),
+    "smollm3-nope": lambda: transformers.SmolLM3Config(**_GQA, no_rope_layers=[1, 0]),
+    "gpt-oss-sinks": lambda: transformers.GptOssConfig(
+        **{**_GQA, **_MIXED}, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8
+    ),
+    "deepseek-v3-mla": lambda: transformers.DeepseekV3Config(
+        **_COMMON,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense_replace=2,
+        moe_intermediate_size=32,
+        n_group=1,
+        topk_group=1,
+    ),
+    "cohere2-interleaved-nope": lambda: transformers.Cohere2Config(**{**_GQA, **_MIXED}, sliding_window=8),
+    "gemma4-per-layer-dims": lambda: transformers.Gemma4TextConfig(
+        **{**_GQA, **_MIXED},
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        vocab_size_per_layer_input=256,
+        hidden_size_per_layer_input=16,
+    ),
+    "qwen3-next-linear-hybrid": lambda: transformers.Qwen3NextConfig(
+        **{**_GQA, **_layer_types("linear_attention", "full_attention")},
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+    ),
+}
+# Classic single-kind architectures; the matrix runs them with two layers.
+_CLASSIC = ("llama", "llama-rope-scaling", "qwen2", "qwen3", "mistral", "mistral-sliding", "phi3", "gpt2")
+# transformers itself offers only eager attention for these.
+EAGER_ONLY = ("gemma2-softcap", "gpt-oss-sinks")
+MATRIX = ["llama", "mistral-sliding", "qwen2", "qwen3", "gpt2", *MATRIX_CONFIGS]
 
 
 def _tiny_config(arch: str):
@@ -84,7 +151,7 @@ ARCHITECTURES = ["llama", "qwen2", "mistral", "phi3", "gpt2"]
 ROPE_ARCHITECTURES = ["llama", "qwen2", "mistral", "phi3", "llama-rope-scaling"]
 
 
-def make_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, layers: int = 2):
+def make_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0, layers: int | None = 2):
     torch.manual_seed(seed)
     config = tiny_config(arch, layers)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)

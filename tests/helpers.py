@@ -4,6 +4,8 @@ import torch
 from conftest import make_tiny_model
 from transformers import DynamicCache
 
+from hf_kvcache.geometry import LayerGeometry
+
 
 @torch.no_grad()
 def chunked_logits(model, input_ids: torch.Tensor, cache, chunk: int, attention_mask=None) -> torch.Tensor:
@@ -59,3 +61,8 @@ def sharp_model(attn: str):
         for name in ("q_proj", "k_proj"):
             getattr(model.model.layers[0].self_attn, name).weight.mul_(30)
     return model
+
+
+def layer_geometry(kv_heads: int = 2, head_dim: int = 16) -> LayerGeometry:
+    """A plain full-attention layer without RoPE, for testing a layer class on its own."""
+    return LayerGeometry(0, "full_attention", None, kv_heads, head_dim, head_dim, positions="none")

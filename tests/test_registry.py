@@ -41,8 +41,9 @@ def test_build_cache():
     hf = build_cache("hf-quantized:backend=hqq,bits=2,residual_length=32", config)
     assert isinstance(hf, TransformersQuantizedCache)
     assert hf.layers[0].nbits == 2 and hf.layers[0].residual_length == 32
-    with pytest.raises(ValueError, match="group_size=32 must divide head_dim=16"):
-        build_cache("quantized", config)
+    assert build_cache("quantized", config).layers[0].storage.group_size == 16  # the default fits every head size
+    with pytest.raises(ValueError, match=r"group_size=32 must divide the 16 grouped channels of layer 0"):
+        build_cache("quantized:group_size=32", config)
 
 
 def test_hf_quantized_errors(monkeypatch):

@@ -4,12 +4,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import MATRIX, make_tiny_model
 from helpers import chunked_logits, dynamic_logits, left_padded_batch, random_ids
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from hf_kvcache import HeavyHitterCache, SnapKVCache, TOVACache, disable_score_capture, enable_score_capture, scoring
+from hf_kvcache.caches.scored import ScoredCache, ScoredLayer
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.scoring import CAPTURE_PREFIX, ScoreCaptureError, attention_scores
 
 
@@ -162,8 +164,12 @@ def test_crop_refused_clearly(cache_class):
     cache = small_cache(cache_class, model.config)
     with torch.no_grad():
         model(random_ids(model, 1, 12), past_key_values=cache)
-    with pytest.raises(ValueError, match=f"{cache_class.__name__[:-5]}Layer cannot crop.*without eviction"):
+    with pytest.raises(ValueError, match=rf"{cache_class.__name__[:-5]}Layer cannot roll back \(crop\)"):
         cache.crop(10)
+    assert not cache.is_croppable
+    # assisted decoding asks for past recording before its first forward: refused there, before any work
+    with pytest.raises(ValueError, match="cannot serve assisted or prompt-lookup decoding"):
+        model.generate(random_ids(model, 1, 12), max_new_tokens=4, prompt_lookup_num_tokens=2, **{CACHE_KWARG: cache})
 
 
 def test_eval_tool_builds_score_caches_from_specs_and_enables_capture():
@@ -178,3 +184,45 @@ def test_eval_tool_builds_score_caches_from_specs_and_enables_capture():
     perplexities = [result.perplexity for result in results.results]
     assert all(torch.isfinite(torch.tensor(perplexities)))
     assert len(set(perplexities)) == 4  # each eviction policy changed the figures
+
+
+class ProbeLayer(ScoredLayer):
+    """Asks for every query's scores and keeps them as captured (before any averaging to cached heads)."""
+
+    def queries_needed(self, query_length: int) -> int:
+        return query_length
+
+    def observe(self, scores):
+        self.captured = scores
+
+
+class ProbeCache(ScoredCache):
+    def __init__(self, config):
+        super().__init__(config, per_head=True, bits=None, group_size=None, residual_length=0, rotate=False)
+
+    def full_attention_layer(self, layer, storage):
+        return ProbeLayer(layer, budget=10**6, storage=storage)
+
+
+SCORED_FAMILIES = [
+    arch for arch in MATRIX if arch not in ("qwen3-next-linear-hybrid", "mistral-sliding")
+]  # full layers
+
+
+@pytest.mark.parametrize("arch", SCORED_FAMILIES)
+def test_captured_scores_are_the_models_own_attention_probabilities(arch):
+    """Against the model's eager attention weights: scaling, softcapping (Gemma 2), learned sink logits
+    (GPT-OSS), latent MLA keys (DeepSeek-V3), partial rotary, per-layer head sizes (Gemma 4)."""
+    model = enable_score_capture(make_tiny_model(arch, "eager", layers=None))
+    ids = random_ids(model, 2, 12)
+    cache = ProbeCache(model.config)
+    with torch.no_grad():
+        weights = model(ids, output_attentions=True, **{CACHE_KWARG: cache}).attentions
+    full_layers = [index for index, layer in enumerate(cache.layers) if isinstance(layer, ProbeLayer)]
+    assert full_layers
+    for index in full_layers:
+        captured = cache.layers[index].captured  # [batch, attention KV heads, kv]
+        expected = weights[index].sum(dim=2).unflatten(1, (captured.shape[1], -1)).mean(dim=2)
+        torch.testing.assert_close(captured, expected, atol=1e-5, rtol=1e-4)
+    if arch == "gpt-oss-sinks":  # the sink logits take probability mass: rows sum to less than one
+        assert (weights[full_layers[0]].sum(-1) < 0.999).any()

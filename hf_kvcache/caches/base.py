@@ -6,6 +6,8 @@ only what differs: which tokens to evict after an update (`evict`) and how head 
 (`head_keys`, for sink re-rotation). `KVCache` assembles one layer per model layer from the config.
 """
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,10 +15,17 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from hf_kvcache.caches.config import WINDOWED_LAYER_TYPES, ModelGeometry, model_geometry
+try:  # transformers >= 5.22: a layer that reads another layer's KV (Gemma 4) stores nothing
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # older versions drop such layers from the layer list instead
+    DummyLayer = None
+
 from hf_kvcache.caches.masking import announce
 from hf_kvcache.caches.storage import FullPrecisionStore, KVStore, QuantizedStore, TokenQuantizedStore
+from hf_kvcache.geometry import SHARED_KIND, LayerGeometry, ModelGeometry, model_geometry
 from hf_kvcache.quant.packing import SUPPORTED_BITS, packed_size
+
+DEFAULT_GROUP_SIZE = 32
 
 
 def check_non_negative(**values: int) -> None:
@@ -28,38 +37,57 @@ def check_non_negative(**values: int) -> None:
 @dataclass(frozen=True)
 class Storage:
     """How kept tokens are held: full precision (`bits=None`), KIVI-quantized, or with `token_wise`
-    quantized per token (keys too), so that single tokens can be kept or dropped per head."""
+    quantized per token (keys too), so that single tokens can be kept or dropped per head.
+
+    `group_size=None` picks, per layer, the largest group of at most 32 channels that divides the
+    layer's value channels (and key channels when `token_wise`): 32 for head sizes 64/96/128/256, 20 for 80,
+    24 for 72. `for_layer` checks the settings against one layer and fills that in.
+    """
 
     bits: int | None = None
-    group_size: int = 32
+    group_size: int | None = None
     residual_length: int = 128
     rotate: bool = True
     token_wise: bool = False
 
-    def validate(self, head_dim: int) -> None:
+    def grouped_channels(self, layer: LayerGeometry) -> int:
+        """The channel count every group must divide: values, and keys too when keys are grouped per token."""
+        return math.gcd(layer.value_dim, layer.key_dim) if self.token_wise else layer.value_dim
+
+    def for_layer(self, layer: LayerGeometry) -> "Storage":
+        """This storage with the group size resolved for `layer`; a ValueError names the layer if it cannot hold it."""
         if self.bits is None:
-            return
+            return self
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(
                 f"bits={self.bits!r} is not supported; accepted values: "
                 f"{', '.join(map(str, SUPPORTED_BITS))} (or None for full precision)"
             )
-        divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
-        if not isinstance(self.group_size, int) or self.group_size not in divisors:
-            raise ValueError(
-                f"group_size={self.group_size!r} must divide head_dim={head_dim}; accepted values: "
-                f"{', '.join(map(str, divisors))}"
-            )
         check_non_negative(residual_length=self.residual_length)
-        packed_size(head_dim, self.bits)
-        if self.rotate and head_dim & (head_dim - 1):
-            raise ValueError(f"rotate=True needs a power-of-two head_dim, this model has head_dim={head_dim}")
+        channels = self.grouped_channels(layer)
+        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+        group_size = self.group_size
+        if group_size is None:
+            group_size = max(d for d in divisors if d <= DEFAULT_GROUP_SIZE)
+        elif not isinstance(group_size, int) or group_size not in divisors:
+            raise ValueError(
+                f"group_size={group_size!r} must divide the {channels} grouped channels of {layer.describe()} "
+                f"(key channels {layer.key_dim}, value channels {layer.value_dim}); accepted values: "
+                f"{', '.join(map(str, divisors))}, or None to choose per layer"
+            )
+        for name, size in (("key", layer.key_dim), ("value", layer.value_dim)):
+            try:
+                packed_size(size, self.bits)
+            except ValueError as error:
+                raise ValueError(f"bits={self.bits}: {layer.describe()} has {size} {name} channels: {error}") from None
+        return dataclasses.replace(self, group_size=group_size)
 
-    def new_store(self, template: torch.Tensor) -> KVStore:
+    def new_store(self, keys: torch.Tensor, values: torch.Tensor) -> KVStore:
+        """An empty store for tensors shaped like `keys`/`values`; call on a `for_layer` result."""
         if self.bits is None:
-            return FullPrecisionStore(template)
+            return FullPrecisionStore(keys, values)
         store = TokenQuantizedStore if self.token_wise else QuantizedStore
-        return store(template, self.bits, self.group_size, self.residual_length, self.rotate)
+        return store(keys, values, self.bits, self.group_size, self.residual_length, self.rotate)
 
 
 FULL_PRECISION = Storage()
@@ -68,47 +96,71 @@ FULL_PRECISION = Storage()
 class KVLayer(CacheLayerMixin):
     """One layer's cache: a full-precision head, a body store, and the count of tokens seen.
 
-    `update` returns every stored token plus all new ones (new ones in full precision), then lets the
-    strategy evict. Mask sizes follow the transformers contract: `(stored + query, seen - stored)`.
+    `update` returns the attended tokens plus all new ones (new ones in full precision), then lets the
+    strategy evict. Mask sizes follow the transformers contract: `(attended + query, seen - attended)`.
+    `crop` removes the newest tokens at any depth, as long as no token it would have to bring back was
+    evicted (assisted decoding turns on `activate_past_recording`, which defers eviction until `crop`).
     """
 
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, storage: Storage, head_tokens: int = 0):
+    def __init__(self, geometry: LayerGeometry, storage: Storage, head_tokens: int = 0):
         super().__init__()
-        self.storage = storage
-        self.head_tokens = head_tokens
+        self.geometry, self.storage, self.head_tokens = geometry, storage, head_tokens
         self.seen_tokens = 0
+        self.record_past = False
         self.head: FullPrecisionStore | None = None
         self.body: KVStore | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.check_shapes(key_states, value_states)
         self.dtype, self.device = key_states.dtype, key_states.device
-        template = key_states[:, :, :0, :]
-        self.head = FullPrecisionStore(template)
-        self.body = self.storage.new_store(template)
+        self.head = FullPrecisionStore(key_states, value_states)
+        self.body = self.storage.new_store(key_states, value_states)
         self.is_initialized = True
+
+    def check_shapes(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The first update must match the geometry the cache was built for (a cache built from another
+        model's config would otherwise serve wrongly rotated or wrongly grouped KV)."""
+        layer = self.geometry
+        received = (key_states.shape[1], key_states.shape[-1], value_states.shape[-1])
+        if received != (layer.kv_heads, layer.key_dim, layer.value_dim):
+            raise ValueError(
+                f"{layer.describe()} of this cache was built from a config with {layer.kv_heads} KV heads, "
+                f"{layer.key_dim} key and {layer.value_dim} value channels, but the model passed keys "
+                f"{tuple(key_states.shape)} and values {tuple(value_states.shape)}. Build the cache from the "
+                "config of the model it is used with (`model.config`)."
+            )
 
     # --- token accounting -------------------------------------------------------------------------
     @property
     def stored_tokens(self) -> int:
         return len(self.head) + len(self.body) if self.is_initialized else 0
 
+    @property
+    def attended_tokens(self) -> int:
+        """Stored tokens the next forward attends (all of them, unless eviction is deferred for a rollback)."""
+        return self.stored_tokens
+
+    def evicted_after(self, seen: int) -> int:
+        """How many tokens this layer has dropped after seeing `seen` tokens (none: it keeps everything)."""
+        return 0
+
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = self.stored_tokens
-        return stored + query_length, self.seen_tokens - stored
+        attended = self.attended_tokens
+        return attended + query_length, self.seen_tokens - attended
 
     def get_max_length(self) -> int:
         return -1
 
     # --- reading and writing ----------------------------------------------------------------------
-    def head_keys(self, kv_offset: int) -> torch.Tensor:
-        """Head keys as attention sees them when stored token 0 is labelled position `kv_offset`."""
-        return self.head.keys
+    def head_states(self, kv_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head keys and values as attention sees them when stored token 0 is labelled position `kv_offset`."""
+        return self.head.keys, self.head.values
 
     def evict(self) -> None:
         """Drop tokens after an update; the base layer keeps everything."""
@@ -118,13 +170,18 @@ class KVLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        kv_offset = self.seen_tokens - self.stored_tokens
+        kv_offset = self.seen_tokens - self.attended_tokens
         body_keys, body_values = zip(*self.body.parts())  # one concatenation for all pieces
-        keys = torch.cat([self.head_keys(kv_offset), *body_keys, key_states], dim=-2)
-        values = torch.cat([self.head.values, *body_values, value_states], dim=-2)
+        if skipped := self.stored_tokens - self.attended_tokens:  # kept only so that `crop` can restore them
+            body_keys, body_values = (torch.cat(parts, dim=-2)[:, :, skipped:] for parts in (body_keys, body_values))
+            body_keys, body_values = [body_keys], [body_values]
+        head_keys, head_values = self.head_states(kv_offset)
+        keys = torch.cat([head_keys, *body_keys, key_states], dim=-2)
+        values = torch.cat([head_values, *body_values, value_states], dim=-2)
         self.seen_tokens += key_states.shape[-2]
         self._append(key_states, value_states)
-        self.evict()
+        if not self.record_past:
+            self.evict()
         return keys, values
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -135,22 +192,31 @@ class KVLayer(CacheLayerMixin):
             self.body.append(key_states[:, :, to_head:], value_states[:, :, to_head:])
 
     # --- what generate needs ----------------------------------------------------------------------
+    def activate_past_recording(self) -> None:
+        """Defer eviction until the next `crop`, so that a rollback (assisted decoding) restores it exactly."""
+        self.record_past = True
+
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the newest `-tokens_to_remove` tokens (or keep the first `tokens_to_remove` if > 0)."""
+        """Remove the newest `-tokens_to_remove` tokens (or keep the first `tokens_to_remove` if > 0), then
+        apply any deferred eviction. Raises a ValueError if a token that should come back was evicted."""
         if not self.is_initialized:
             return
         count = self.seen_tokens - tokens_to_remove if tokens_to_remove > 0 else -tokens_to_remove
-        if count <= 0:
-            return
-        if self.seen_tokens != self.stored_tokens:
-            raise ValueError(
-                f"{type(self).__name__} cannot crop after it has evicted tokens: the {self.seen_tokens - self.stored_tokens} "
-                "evicted tokens are gone. Use a cache without eviction for assisted decoding."
-            )
-        from_body = min(count, len(self.body))
-        self.body.drop_newest(from_body)
-        self.head.drop_newest(count - from_body)
-        self.seen_tokens -= count
+        if count > 0:
+            remaining = self.seen_tokens - count
+            evicted = self.seen_tokens - self.stored_tokens
+            if evicted > self.evicted_after(remaining):
+                raise ValueError(
+                    f"{type(self).__name__} cannot remove the newest {count} tokens of {self.geometry.describe()}: "
+                    f"{evicted - self.evicted_after(remaining)} of the tokens it would have to bring back were "
+                    "evicted. Assisted decoding works because it calls `activate_past_recording()` first, which "
+                    "defers eviction until `crop`; do the same before a forward you may roll back."
+                )
+            from_body = min(count, len(self.body))
+            self.body.drop_newest(from_body)
+            self.head.drop_newest(count - from_body)
+            self.seen_tokens = remaining
+        self.evict()
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.is_initialized:
@@ -169,6 +235,7 @@ class KVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.head = self.body = None
         self.seen_tokens = 0
+        self.record_past = False
         self.is_initialized = False
 
     def offload(self) -> None:
@@ -184,11 +251,16 @@ class KVLayer(CacheLayerMixin):
 class WindowLayer(KVLayer):
     """Keeps the head plus the `window` most recent tokens."""
 
-    is_croppable = False
-
-    def __init__(self, storage: Storage, window: int, head_tokens: int = 0):
-        super().__init__(storage, head_tokens)
+    def __init__(self, geometry: LayerGeometry, storage: Storage, window: int, head_tokens: int = 0):
+        super().__init__(geometry, storage, head_tokens)
         self.window = window
+
+    @property
+    def attended_tokens(self) -> int:
+        return len(self.head) + min(len(self.body), self.window) if self.is_initialized else 0
+
+    def evicted_after(self, seen: int) -> int:
+        return max(0, seen - self.head_tokens - self.window)
 
     def get_max_length(self) -> int:
         return self.head_tokens + self.window
@@ -200,30 +272,36 @@ class WindowLayer(KVLayer):
 
 
 class KVCache(Cache):
-    """A `transformers.Cache` of `KVLayer`s, one per model layer, built from the model config.
+    """A `transformers.Cache` of `KVLayer`s, one per model layer, built from the per-layer geometry.
 
     Subclasses give the layer for full-attention layers (`full_attention_layer`). Layers the model
     itself runs with a sliding window (or chunked attention) keep the model's window of
     `window - 1` tokens, exactly as transformers' `DynamicSlidingWindowLayer` does, in the same storage.
+    Layers that store nothing (KV shared with another layer) get transformers' `DummyLayer`; layer
+    kinds no hf_kvcache cache can hold (linear attention, state-space) are refused at construction.
     """
 
     def __init__(self, config: PreTrainedConfig, storage: Storage):
         self.geometry: ModelGeometry = model_geometry(config)
-        storage.validate(self.geometry.head_dim)
+        self.geometry.refuse_unserved(type(self).__name__)
         self.storage = storage
-        layers = [
-            self.windowed_layer(window - 1) if layer_type in WINDOWED_LAYER_TYPES else self.full_attention_layer()
-            for layer_type, window in zip(self.geometry.layer_types, self.geometry.layer_windows)
-        ]
-        super().__init__(layers=layers)
+        super().__init__(layers=[self.layer_for(layer) for layer in self.geometry.layers])
 
-    def full_attention_layer(self) -> KVLayer:
+    def layer_for(self, layer: LayerGeometry) -> CacheLayerMixin:
+        if layer.kind == SHARED_KIND:
+            return DummyLayer()
+        storage = self.storage.for_layer(layer)
+        if layer.is_windowed:
+            return self.windowed_layer(layer, storage, layer.window - 1)
+        return self.full_attention_layer(layer, storage)
+
+    def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> KVLayer:
         raise NotImplementedError
 
-    def windowed_layer(self, model_window: int) -> KVLayer:
-        layer = WindowLayer(self.storage, window=model_window)
-        layer.is_sliding = True
-        return layer
+    def windowed_layer(self, layer: LayerGeometry, storage: Storage, model_window: int) -> KVLayer:
+        window_layer = WindowLayer(layer, storage, window=model_window)
+        window_layer.is_sliding = True
+        return window_layer
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         kv_length, kv_offset = super().get_mask_sizes(query_length, layer_idx)
@@ -233,7 +311,7 @@ class KVCache(Cache):
 
     def memory_bytes(self) -> int:
         """Bytes this cache really holds, summed over layers."""
-        return sum(layer.memory_bytes() for layer in self.layers)
+        return sum(layer.memory_bytes() for layer in self.layers if isinstance(layer, KVLayer))
 
     @property
     def seen_tokens(self) -> int:
@@ -241,4 +319,4 @@ class KVCache(Cache):
 
     @property
     def stored_tokens(self) -> int:
-        return max((layer.stored_tokens for layer in self.layers), default=0)
+        return max((layer.stored_tokens for layer in self.layers if isinstance(layer, KVLayer)), default=0)

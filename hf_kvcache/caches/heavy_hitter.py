@@ -6,6 +6,7 @@ from transformers import PreTrainedConfig
 from hf_kvcache.caches.base import FULL_PRECISION, Storage
 from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
 from hf_kvcache.caches.storage import TensorMap
+from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
 
 ACCUMULATIONS = ("sum", "mean")
@@ -21,13 +22,14 @@ class HeavyHitterLayer(ScoredLayer):
 
     def __init__(
         self,
+        geometry: LayerGeometry,
         budget: int,
         recent: int,
         accumulate: str = "sum",
         storage: Storage = FULL_PRECISION,
         per_head: bool = True,
     ):
-        super().__init__(budget, storage, per_head)
+        super().__init__(geometry, budget, storage, per_head)
         self.recent, self.accumulate = recent, accumulate
         self.scores: torch.Tensor | None = None  # float32 [batch, heads, stored]: attention received
         self.observers: torch.Tensor | None = None  # float32, same shape: queries that could attend each token
@@ -94,7 +96,7 @@ class HeavyHitterCache(ScoredCache):
         accumulate: str = "sum",
         per_head: bool = True,
         bits: int | None = None,
-        group_size: int = 32,
+        group_size: int | None = None,
         residual_length: int = 128,
         rotate: bool = True,
     ):
@@ -105,8 +107,8 @@ class HeavyHitterCache(ScoredCache):
         self.budget, self.recent, self.accumulate = budget, recent, accumulate
         super().__init__(config, per_head, bits, group_size, residual_length, rotate)
 
-    def full_attention_layer(self) -> HeavyHitterLayer:
-        return HeavyHitterLayer(self.budget, self.recent, self.accumulate, self.storage, self.per_head)
+    def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> HeavyHitterLayer:
+        return HeavyHitterLayer(layer, self.budget, self.recent, self.accumulate, storage, self.per_head)
 
 
 register_cache("h2o", HeavyHitterCache, "H2O: heavy hitters by accumulated attention + recent tokens (score capture)")

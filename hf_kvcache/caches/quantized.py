@@ -3,6 +3,7 @@
 from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage, check_non_negative
+from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
 
 
@@ -12,19 +13,28 @@ class QuantizedCache(KVCache):
     Args:
         config: the model config (decoder LM).
         bits: code width; 2, 3, 4 or 8.
-        group_size: tokens per key block and channels per value group (must divide the head dim).
+        group_size: tokens per key block and channels per value group (must divide every layer's value
+            channels); None picks the largest divisor up to 32 per layer (32 for head sizes 64/96/128).
         residual_length: recent tokens kept in full precision before their block is quantized.
         sink_tokens: first tokens kept in full precision for the whole generation (attention sinks).
-        rotate: apply an orthonormal Hadamard rotation to the head dimension before quantizing.
+        rotate: apply an orthonormal rotation to the channels before quantizing (Hadamard for a power-of-two
+            head size, Hadamard x DCT otherwise; see `hf_kvcache.quant.rotation`).
 
-    Blocks are quantized once, when complete, and never re-quantized.
+    Blocks are quantized once, when complete, and never re-quantized. `crop` removes the newest tokens at
+    any depth (the remaining codes keep their statistics), so assisted and prompt-lookup decoding work.
+
+    Source: KIVI, Liu et al. 2024, https://arxiv.org/abs/2402.02750.
+
+    Raises:
+        ValueError: `bits` not in 2/3/4/8, a `group_size` that does not divide some layer's channels, a layer
+            kind no cache can hold (linear attention, state-space), naming the layer.
     """
 
     def __init__(
         self,
         config: PreTrainedConfig,
         bits: int = 4,
-        group_size: int = 32,
+        group_size: int | None = None,
         residual_length: int = 128,
         sink_tokens: int = 4,
         rotate: bool = True,
@@ -33,8 +43,8 @@ class QuantizedCache(KVCache):
         self.sink_tokens = sink_tokens
         super().__init__(config, Storage(bits, group_size, residual_length, rotate))
 
-    def full_attention_layer(self) -> KVLayer:
-        return KVLayer(self.storage, head_tokens=self.sink_tokens)
+    def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> KVLayer:
+        return KVLayer(layer, storage, head_tokens=self.sink_tokens)
 
 
 register_cache("quantized", QuantizedCache, "KIVI-style quantized keys (per channel) and values (per token)")

@@ -25,6 +25,7 @@ from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.base import FULL_PRECISION, KVCache, KVLayer, Storage
 from hf_kvcache.caches.storage import TensorMap
+from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.scoring import announce_update
 
 
@@ -37,13 +38,21 @@ def check_budget(budget: int, **others: int) -> None:
             raise ValueError(f"{name}={value!r} must be an integer between 0 and budget={budget}")
 
 
+def refuse_rollback(layer: object) -> None:
+    raise ValueError(
+        f"{type(layer).__name__} cannot roll back (crop), so it cannot serve assisted or prompt-lookup decoding: "
+        "score-based eviction keeps no record of the tokens it evicted, and which tokens it keeps depends on "
+        "the tokens a rollback would remove. Use QuantizedCache, SlidingWindowCache or SinkCache for assisted decoding."
+    )
+
+
 class ScoredLayer(KVLayer):
     """A layer that keeps at most `budget` tokens per KV head, chosen by attention scores."""
 
     is_croppable = False
 
-    def __init__(self, budget: int, storage: Storage = FULL_PRECISION, per_head: bool = True):
-        super().__init__(storage)
+    def __init__(self, geometry: LayerGeometry, budget: int, storage: Storage = FULL_PRECISION, per_head: bool = True):
+        super().__init__(geometry, storage)
         self.budget, self.per_head = budget, per_head
         self.query_length = 0  # tokens added by the latest update
 
@@ -62,9 +71,13 @@ class ScoredLayer(KVLayer):
         raise NotImplementedError
 
     def observe(self, scores: torch.Tensor | None) -> None:
-        """Receive float32 [batch, kv_heads, stored] scores (or None when none were asked) and evict."""
-        if scores is not None and not self.per_head:
-            scores = scores.mean(dim=1, keepdim=True)
+        """Receive float32 [batch, attention KV heads, stored] scores (or None when none were asked) and evict.
+
+        Attention may see more KV heads than the cache holds (latent MLA caches hold one shared latent):
+        scores are then averaged over the attention heads that share a cached head."""
+        if scores is not None:
+            heads = 1 if not self.per_head else self.geometry.kv_heads
+            scores = scores.unflatten(1, (heads, -1)).mean(dim=2)
         keep = self.select(scores)
         if keep is not None:
             self.keep(keep.sort(dim=-1).values)
@@ -80,10 +93,10 @@ class ScoredLayer(KVLayer):
 
     # --- bookkeeping ------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            f"{type(self).__name__} cannot crop: score-based eviction keeps no record of evicted tokens. "
-            "Use a cache without eviction for assisted decoding."
-        )
+        refuse_rollback(self)
+
+    def activate_past_recording(self) -> None:
+        refuse_rollback(self)
 
     def _map_batch(self, fn: TensorMap) -> None:
         super()._map_batch(fn)
@@ -112,7 +125,7 @@ class ScoredCache(KVCache):
         config: PreTrainedConfig,
         per_head: bool,
         bits: int | None,
-        group_size: int,
+        group_size: int | None,
         residual_length: int,
         rotate: bool,
     ):

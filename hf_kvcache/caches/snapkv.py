@@ -5,6 +5,7 @@ from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.base import FULL_PRECISION, Storage
 from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
+from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
 
 POOLINGS = ("max", "avg")
@@ -18,6 +19,7 @@ class SnapKVLayer(ScoredLayer):
 
     def __init__(
         self,
+        geometry: LayerGeometry,
         budget: int,
         observation_window: int,
         kernel_size: int,
@@ -25,7 +27,7 @@ class SnapKVLayer(ScoredLayer):
         storage: Storage = FULL_PRECISION,
         per_head: bool = True,
     ):
-        super().__init__(budget, storage, per_head)
+        super().__init__(geometry, budget, storage, per_head)
         self.observation_window, self.kernel_size, self.pooling = observation_window, kernel_size, pooling
 
     def window(self) -> int:
@@ -82,7 +84,7 @@ class SnapKVCache(ScoredCache):
         pooling: str = "max",
         per_head: bool = True,
         bits: int | None = None,
-        group_size: int = 32,
+        group_size: int | None = None,
         residual_length: int = 128,
         rotate: bool = True,
     ):
@@ -97,9 +99,9 @@ class SnapKVCache(ScoredCache):
         self.kernel_size, self.pooling = kernel_size, pooling
         super().__init__(config, per_head, bits, group_size, residual_length, rotate)
 
-    def full_attention_layer(self) -> SnapKVLayer:
+    def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> SnapKVLayer:
         return SnapKVLayer(
-            self.budget, self.observation_window, self.kernel_size, self.pooling, self.storage, self.per_head
+            layer, self.budget, self.observation_window, self.kernel_size, self.pooling, storage, self.per_head
         )
 
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from hf_kvcache.quant import QuantizedTensor, dequantize, hadamard_matrix, quantize
-from hf_kvcache.quant.packing import check_bits, packed_size
+from hf_kvcache.quant import QuantizedTensor, dequantize, quantize, rotation_matrix
+from hf_kvcache.quant.packing import check_bits, packed_size, unpack_codes
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -60,9 +60,9 @@ class FullPrecisionStore(KVStore):
 
     tensor_names = ("keys", "values")
 
-    def __init__(self, template: torch.Tensor):
-        empty = template[:, :, :0, :]
-        self.keys, self.values = empty.clone(), empty.clone()
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        """`keys`/`values`: templates [batch, heads, any, key or value channels] (dtype, device, shape)."""
+        self.keys, self.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
 
     def __len__(self) -> int:
         return self.keys.shape[-2]
@@ -105,9 +105,11 @@ def _joined(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedTensor:
 
 class ResidualQuantizedStore(KVStore):
     """What both quantized layouts share: older tokens as packed codes with (scale, minimum) statistics,
-    the newest tokens in a full-precision residual, and an optional Hadamard rotation of the head
-    dimension applied before quantizing and undone on read. Values are always quantized per token over
-    groups of `group_size` channels; keys per channel (`KEY_REDUCE_DIM = 2`) or per token (3)."""
+    the newest tokens in a full-precision residual, and an optional orthonormal rotation of the channels
+    (`rotation_matrix`: Hadamard, or Hadamard x DCT for head sizes that are not powers of two) applied
+    before quantizing and undone on read. Values are always quantized per token over groups of
+    `group_size` channels; keys per channel (`KEY_REDUCE_DIM = 2`) or per token (3). Keys and values may
+    have different channel counts (latent MLA caches)."""
 
     KEY_REDUCE_DIM: int
     tensor_names = (
@@ -121,18 +123,23 @@ class ResidualQuantizedStore(KVStore):
         "residual_values",
     )
 
-    def __init__(self, template: torch.Tensor, bits: int, group_size: int, residual_length: int, rotate: bool):
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, bits: int, group_size: int, residual_length: int, rotate: bool
+    ):
         check_bits(bits)
-        batch, heads, _, head_dim = template.shape
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        self.rotation = hadamard_matrix(head_dim, template.dtype, template.device) if rotate else None
-        codes = template.new_empty((batch, heads, 0, packed_size(head_dim, bits)), dtype=torch.uint8)
-        token_stats = template.new_empty((batch, heads, 0, head_dim // group_size))
-        key_stats = template.new_empty((batch, heads, 0, head_dim)) if self.KEY_REDUCE_DIM == 2 else token_stats
-        self.key_codes, self.key_scale, self.key_min = codes, key_stats, key_stats.clone()
-        self.value_codes, self.value_scale, self.value_min = codes.clone(), token_stats.clone(), token_stats.clone()
-        self.residual_keys = template[:, :, :0, :].clone()
-        self.residual_values = self.residual_keys.clone()
+        self.key_rotation, self.value_rotation = (
+            (rotation_matrix(t.shape[-1], t.dtype, t.device) for t in (keys, values)) if rotate else (None, None)
+        )
+        self.key_codes, self.key_scale, self.key_min = self._empty_codes(keys, self.KEY_REDUCE_DIM)
+        self.value_codes, self.value_scale, self.value_min = self._empty_codes(values, 3)
+        self.residual_keys, self.residual_values = keys[:, :, :0].clone(), values[:, :, :0].clone()
+
+    def _empty_codes(self, template: torch.Tensor, reduce_dim: int) -> tuple[torch.Tensor, ...]:
+        batch, heads, _, channels = template.shape
+        codes = template.new_empty((batch, heads, 0, packed_size(channels, self.bits)), dtype=torch.uint8)
+        stats = template.new_empty((batch, heads, 0, channels if reduce_dim == 2 else channels // self.group_size))
+        return codes, stats, stats.clone()
 
     @property
     def quantized_length(self) -> int:
@@ -152,8 +159,8 @@ class ResidualQuantizedStore(KVStore):
         self.residual_values = self.residual_values[:, :, count:].clone()
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QuantizedTensor, QuantizedTensor]:
-        if self.rotation is not None:
-            keys, values = keys @ self.rotation, values @ self.rotation
+        if self.key_rotation is not None:
+            keys, values = keys @ self.key_rotation, values @ self.value_rotation
         return (
             quantize(keys, self.bits, reduce_dim=self.KEY_REDUCE_DIM, group_size=self.group_size),
             quantize(values, self.bits, reduce_dim=3, group_size=self.group_size),
@@ -178,19 +185,32 @@ class ResidualQuantizedStore(KVStore):
         self.key_codes, self.key_scale, self.key_min = keys.codes, keys.scale, keys.minimum
         self.value_codes, self.value_scale, self.value_min = values.codes, values.scale, values.minimum
 
-    def _read(self, keys: QuantizedTensor, values: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-precision keys and values back from codes, rotation undone."""
-        keys, values = dequantize(keys), dequantize(values)
-        if self.rotation is not None:
-            keys, values = keys @ self.rotation, values @ self.rotation
-        return keys, values
+    def _unrotated(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key_rotation is None:
+            return keys, values
+        return keys @ self.key_rotation.mT, values @ self.value_rotation.mT
 
     def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         residual = (self.residual_keys, self.residual_values)
         return [self._dequantized(), residual] if self.quantized_length else [residual]
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._read(*self._held())
+        keys, values = self._held()
+        return self._unrotated(dequantize(keys), dequantize(values))
+
+    def _slice_tokens(self, names: tuple[str, ...], tokens: slice) -> None:
+        for name in names:
+            setattr(self, name, getattr(self, name)[:, :, tokens].clone())
+
+    def drop_newest(self, count: int) -> None:
+        """Drop the newest `count` tokens: residual first, then codes (whose remaining tokens read as before)."""
+        from_residual = min(count, self.residual_keys.shape[-2])
+        self._slice_tokens(("residual_keys", "residual_values"), slice(0, self.residual_keys.shape[-2] - from_residual))
+        if count > from_residual:
+            self._drop_newest_quantized(count - from_residual)
+
+    def _drop_newest_quantized(self, count: int) -> None:
+        self._slice_tokens(self.tensor_names[:6], slice(0, self.quantized_length - count))
 
 
 class QuantizedStore(ResidualQuantizedStore):
@@ -199,54 +219,63 @@ class QuantizedStore(ResidualQuantizedStore):
 
     The residual holds between `residual_length` and `residual_length + group_size - 1` tokens; whenever
     it reaches the upper bound the oldest whole blocks are quantized, once. Codes are packed along
-    channels, so single tokens can still be evicted from the front: `block_offset` counts the tokens
-    of the oldest key block that were already dropped (its statistics stay until the block is empty).
+    channels, so single tokens can leave from either end: `block_lengths` counts the tokens each key
+    block still holds (eviction shortens the oldest, `crop` the newest); a block keeps its statistics
+    until it is empty, so every remaining token reads back exactly as before.
+
+    Source: KIVI, Liu et al. 2024, https://arxiv.org/abs/2402.02750.
     """
 
     KEY_REDUCE_DIM = 2
+    PER_TOKEN = ("key_codes", "value_codes", "value_scale", "value_min")  # key statistics are per block
 
-    def __init__(self, template: torch.Tensor, bits: int, group_size: int, residual_length: int, rotate: bool):
-        super().__init__(template, bits, group_size, residual_length, rotate)
-        self.block_offset = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block_lengths: list[int] = []
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         excess = self._extend_residual(keys, values)
         if excess >= self.group_size:
             count = excess - excess % self.group_size
             self._hold(*self._with_quantized(self.residual_keys[:, :, :count], self.residual_values[:, :, :count]))
+            self.block_lengths += [self.group_size] * (count // self.group_size)
             self._drop_oldest_residual(count)
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # The oldest key block may have lost `block_offset` tokens to eviction: pad its codes back to
-        # whole blocks so that every block meets its own statistics, then cut the padding off again.
         keys, values = self._held()
-        keys.codes = torch.nn.functional.pad(keys.codes, (0, 0, self.block_offset, 0))
-        keys, values = self._read(keys, values)
-        return keys[:, :, self.block_offset :], values
+        codes = unpack_codes(keys.codes, self.bits).to(keys.scale.dtype)
+        whole = all(length == self.group_size for length in self.block_lengths)
+        repeats = self.group_size if whole else torch.tensor(self.block_lengths, device=codes.device)
+        scale, minimum = (t.repeat_interleave(repeats, dim=2) for t in (keys.scale, keys.minimum))
+        return self._unrotated(torch.addcmul(minimum, codes, scale), dequantize(values))
+
+    def _drop_blocks(self, oldest: int, newest: int) -> None:
+        """Forget the statistics of the `oldest` first and `newest` last key blocks (all emptied)."""
+        self.block_lengths = self.block_lengths[oldest : len(self.block_lengths) - newest]
+        self._slice_tokens(("key_scale", "key_min"), slice(oldest, oldest + len(self.block_lengths)))
 
     def drop_oldest(self, count: int) -> None:
         from_quantized = min(count, self.quantized_length)
         if from_quantized:
-            self.block_offset += from_quantized
-            emptied_blocks = self.block_offset // self.group_size
-            self.block_offset %= self.group_size
-            if from_quantized == self.quantized_length:  # nothing quantized left: no partial block either
-                emptied_blocks, self.block_offset = self.key_scale.shape[-2], 0
-            for name in ("key_codes", "value_codes", "value_scale", "value_min"):
-                setattr(self, name, getattr(self, name)[:, :, from_quantized:].clone())
-            for name in ("key_scale", "key_min"):
-                setattr(self, name, getattr(self, name)[:, :, emptied_blocks:].clone())
+            self._slice_tokens(self.PER_TOKEN, slice(from_quantized, None))
+            emptied, remaining = 0, from_quantized
+            while remaining and remaining >= self.block_lengths[emptied]:
+                remaining -= self.block_lengths[emptied]
+                emptied += 1
+            if remaining:
+                self.block_lengths[emptied] -= remaining
+            self._drop_blocks(emptied, 0)
         self._drop_oldest_residual(count - from_quantized)
 
-    def drop_newest(self, count: int) -> None:
-        residual = self.residual_keys.shape[-2]
-        if count > residual:
-            raise ValueError(
-                f"cannot remove the newest {count} tokens: only the {residual} most recent tokens are still in "
-                "full precision, older ones are quantized in blocks. Use a larger residual_length to crop further."
-            )
-        self.residual_keys = self.residual_keys[:, :, : residual - count].clone()
-        self.residual_values = self.residual_values[:, :, : residual - count].clone()
+    def _drop_newest_quantized(self, count: int) -> None:
+        self._slice_tokens(self.PER_TOKEN, slice(0, self.quantized_length - count))
+        emptied = 0
+        while count and count >= self.block_lengths[-1 - emptied]:
+            count -= self.block_lengths[-1 - emptied]
+            emptied += 1
+        if count:
+            self.block_lengths[-1 - emptied] -= count
+        self._drop_blocks(0, emptied)
 
 
 class TokenQuantizedStore(ResidualQuantizedStore):
@@ -255,8 +284,8 @@ class TokenQuantizedStore(ResidualQuantizedStore):
 
     Every token owns its codes and statistics, so any token can be dropped per batch row and head
     (`gather`): the layout score-based eviction needs, where KIVI's per-channel key blocks would lose
-    their statistics. The Hadamard rotation (on by default) spreads outlier channels, which is what
-    makes per-token keys accurate. Tokens leave the residual oldest first and are quantized once.
+    their statistics. The rotation (on by default) spreads outlier channels, which is what makes
+    per-token keys accurate. Tokens leave the residual oldest first and are quantized once.
     """
 
     KEY_REDUCE_DIM = 3
@@ -268,8 +297,7 @@ class TokenQuantizedStore(ResidualQuantizedStore):
 
     def drop_oldest(self, count: int) -> None:
         from_quantized = min(count, self.quantized_length)
-        for name in self.tensor_names[:6]:  # codes and statistics
-            setattr(self, name, getattr(self, name)[:, :, from_quantized:].clone())
+        self._slice_tokens(self.tensor_names[:6], slice(from_quantized, None))  # codes and statistics
         self._drop_oldest_residual(count - from_quantized)
 
     def gather(self, indices: torch.Tensor) -> None:

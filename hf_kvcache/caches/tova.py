@@ -3,7 +3,9 @@
 import torch
 from transformers import PreTrainedConfig
 
+from hf_kvcache.caches.base import Storage
 from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
+from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
 
 
@@ -39,7 +41,7 @@ class TOVACache(ScoredCache):
         budget: int = 256,
         per_head: bool = False,
         bits: int | None = None,
-        group_size: int = 32,
+        group_size: int | None = None,
         residual_length: int = 128,
         rotate: bool = True,
     ):
@@ -47,8 +49,8 @@ class TOVACache(ScoredCache):
         self.budget = budget
         super().__init__(config, per_head, bits, group_size, residual_length, rotate)
 
-    def full_attention_layer(self) -> TOVALayer:
-        return TOVALayer(self.budget, self.storage, self.per_head)
+    def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> TOVALayer:
+        return TOVALayer(layer, self.budget, storage, self.per_head)
 
 
 register_cache("tova", TOVACache, "TOVA: keep the tokens the latest query attends to most (score capture)")

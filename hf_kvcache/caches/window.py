@@ -3,6 +3,7 @@
 from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer
+from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
 
 
@@ -26,7 +27,7 @@ class SlidingWindowCache(KVCache):
         config: PreTrainedConfig,
         window: int = 1024,
         bits: int | None = None,
-        group_size: int = 32,
+        group_size: int | None = None,
         residual_length: int = 128,
         rotate: bool = True,
     ):
@@ -34,11 +35,11 @@ class SlidingWindowCache(KVCache):
         self.window = window
         super().__init__(config, Storage(bits, group_size, residual_length, rotate))
 
-    def full_attention_layer(self) -> KVLayer:
-        return WindowLayer(self.storage, window=self.window)
+    def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> KVLayer:
+        return WindowLayer(layer, storage, window=self.window)
 
-    def windowed_layer(self, model_window: int) -> KVLayer:
-        return super().windowed_layer(min(model_window, self.window))
+    def windowed_layer(self, layer: LayerGeometry, storage: Storage, model_window: int) -> KVLayer:
+        return super().windowed_layer(layer, storage, min(model_window, self.window))
 
 
 register_cache("window", SlidingWindowCache, "keep the last `window` tokens (optionally quantized with bits)")

@@ -1,8 +1,8 @@
-"""Low-bit storage primitives: code packing, group-wise asymmetric quantization, Hadamard rotation."""
+"""Low-bit storage primitives: code packing, group-wise asymmetric quantization, orthonormal rotations."""
 
 from hf_kvcache.quant.groupwise import QuantizedTensor, dequantize, quantize
-from hf_kvcache.quant.hadamard import hadamard_matrix
 from hf_kvcache.quant.packing import SUPPORTED_BITS, pack_codes, unpack_codes
+from hf_kvcache.quant.rotation import hadamard_matrix, rotation_matrix
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -11,5 +11,6 @@ __all__ = [
     "hadamard_matrix",
     "pack_codes",
     "quantize",
+    "rotation_matrix",
     "unpack_codes",
 ]

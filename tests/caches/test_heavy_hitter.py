@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import eager_reference, kept_indices, random_ids
+from helpers import eager_reference, kept_indices, layer_geometry, random_ids
 
 from hf_kvcache import HeavyHitterCache, enable_score_capture, scoring
 from hf_kvcache.caches.heavy_hitter import HeavyHitterLayer
@@ -24,7 +24,7 @@ def kept(layer: HeavyHitterLayer) -> list[list[int]]:
 
 
 def test_keeps_recent_window_and_highest_accumulated_scores_per_head():
-    layer = HeavyHitterLayer(budget=5, recent=2)
+    layer = HeavyHitterLayer(layer_geometry(head_dim=1), budget=5, recent=2)
     append(layer, 0, 6)
     layer.observe(torch.tensor([[[0.5, 0.1, 0.9, 0.3, 0.2, 0.05], [0.2, 0.8, 0.1, 0.05, 0.7, 0.6]]]))
     # the 3 best of tokens 0-3, then the 2 most recent tokens; each KV head chooses its own
@@ -40,7 +40,7 @@ def test_keeps_recent_window_and_highest_accumulated_scores_per_head():
 
 
 def test_mean_accumulation_divides_by_the_queries_that_saw_each_token():
-    layer = HeavyHitterLayer(budget=3, recent=1, accumulate="mean")
+    layer = HeavyHitterLayer(layer_geometry(head_dim=1), budget=3, recent=1, accumulate="mean")
     append(layer, 0, 4)  # one forward of 4 queries: token i was seen by 4 - i of them
     layer.observe(torch.tensor([[[2.0, 1.2, 1.0, 0.5], [2.0, 1.2, 1.0, 0.5]]]))
     # means 0.5, 0.4, 0.5 (token 3 is the recent one): tokens 0 and 2 win, where sums would keep 0 and 1

@@ -106,20 +106,25 @@ def test_batch_operations_match_dynamic_cache(make_model):
     assert (actual - expected).abs().max() < TOLERANCE[8]
 
 
-def test_crop_within_the_full_precision_residual(make_model):
+@pytest.mark.parametrize("remove", [5, 13, 30, 39])  # residual only, into the last block, across blocks, all
+def test_crop_at_any_depth_keeps_the_rest_exactly(make_model, remove):
     model = make_model()
-    ids = random_ids(model, 1, 40)
+    ids = random_ids(model, 1, 48)
     cache = small_cache(model, 8)
-    chunked_logits(model, ids, cache, chunk=40)
-    cache.crop(-5)
-    assert cache.get_seq_length() == 35
-    step = ids[:, 35:36]
+    chunked_logits(model, ids[:, :40], cache, chunk=40)
+    before = [layer.body.read() for layer in cache.layers]
+    cache.crop(-remove)
+    assert cache.get_seq_length() == 40 - remove and cache.is_croppable
+    for layer, (keys, values) in zip(cache.layers, before):
+        kept = 40 - remove - len(layer.head)
+        after_keys, after_values = layer.body.read()
+        assert torch.equal(after_keys, keys[:, :, :kept]) and torch.equal(after_values, values[:, :, :kept])
+    # the cache goes on from there: 8 more tokens in two chunks, within the 8-bit tolerance of a dense run
+    chunked_logits(model, ids[:, 40 - remove : 44 - remove], cache, chunk=4)
     with torch.no_grad():
-        expected = model(ids[:, :36]).logits[:, -1]
-        actual = model(step, past_key_values=cache).logits[:, -1]
+        expected = model(ids[:, : 48 - remove]).logits[:, -4:]
+        actual = model(ids[:, 44 - remove : 48 - remove], past_key_values=cache).logits
     assert (actual - expected).abs().max() < TOLERANCE[8]
-    with pytest.raises(ValueError, match="residual_length"):
-        cache.crop(-30)
 
 
 def test_memory_bytes_is_what_the_tensors_hold():
@@ -165,7 +170,8 @@ def test_sliding_window_layers_keep_the_model_window():
         ({"bits": 5}, r"bits=5 is not supported; accepted values: 2, 3, 4, 8"),
         (
             {"bits": 4, "group_size": 12},
-            r"group_size=12 must divide head_dim=64; accepted values: 1, 2, 4, 8, 16, 32, 64",
+            r"group_size=12 must divide the 64 grouped channels of layer 0 \(full_attention\) \(key channels 64, "
+            r"value channels 64\); accepted values: 1, 2, 4, 8, 16, 32, 64, or None to choose per layer",
         ),
         ({"bits": 4, "residual_length": -1}, r"residual_length=-1 must be an integer >= 0"),
         ({"bits": 4, "sink_tokens": -2}, r"sink_tokens=-2 must be an integer >= 0"),
@@ -177,11 +183,11 @@ def test_bad_parameters_name_themselves(kwargs, message):
         QuantizedCache(config, **kwargs)
 
 
-def test_rotation_needs_power_of_two_head_dim():
-    config = LlamaConfig(hidden_size=96, num_attention_heads=1, num_hidden_layers=1)
-    with pytest.raises(ValueError, match="rotate=True needs a power-of-two head_dim"):
-        QuantizedCache(config, bits=4, group_size=32)
-    QuantizedCache(config, bits=4, group_size=32, rotate=False)
+@pytest.mark.parametrize(("head_dim", "group_size"), [(96, 32), (80, 20), (72, 24)])
+def test_defaults_work_on_head_sizes_that_are_not_powers_of_two(head_dim, group_size):
+    config = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, num_hidden_layers=1)
+    cache = QuantizedCache(config)
+    assert cache.layers[0].storage.group_size == group_size and cache.layers[0].storage.rotate
 
 
 def test_non_decoder_configs_are_refused():

@@ -3,14 +3,14 @@
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import eager_reference, kept_indices, random_ids, sharp_model
+from helpers import eager_reference, kept_indices, layer_geometry, random_ids, sharp_model
 
 from hf_kvcache import SnapKVCache, enable_score_capture, scoring
 from hf_kvcache.caches.snapkv import SnapKVLayer
 
 
 def test_pooling_keeps_neighbours_of_the_hand_built_peak():
-    layer = SnapKVLayer(budget=5, observation_window=2, kernel_size=3)
+    layer = SnapKVLayer(layer_geometry(head_dim=1), budget=5, observation_window=2, kernel_size=3)
     tokens = torch.arange(10, dtype=torch.float32)
     keys = torch.stack([tokens, tokens + 100]).view(1, 2, 10, 1)
     layer.update(keys, -keys)
@@ -26,7 +26,9 @@ def test_pooling_keeps_neighbours_of_the_hand_built_peak():
 
 
 def test_average_pooling_prefers_a_broad_region_to_a_lone_peak():
-    layer = SnapKVLayer(budget=5, observation_window=2, kernel_size=3, pooling="avg")
+    layer = SnapKVLayer(
+        layer_geometry(kv_heads=1, head_dim=1), budget=5, observation_window=2, kernel_size=3, pooling="avg"
+    )
     layer.update(torch.arange(12.0).view(1, 1, 12, 1), torch.zeros(1, 1, 12, 1))
     scoring._take_pending()
     scores = torch.zeros(1, 1, 12)
@@ -37,7 +39,7 @@ def test_average_pooling_prefers_a_broad_region_to_a_lone_peak():
 
 
 def test_decoding_grows_after_compression():
-    layer = SnapKVLayer(budget=4, observation_window=2, kernel_size=1)
+    layer = SnapKVLayer(layer_geometry(head_dim=4), budget=4, observation_window=2, kernel_size=1)
     layer.update(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
     scoring._take_pending()
     layer.observe(torch.rand(1, 2, 6))

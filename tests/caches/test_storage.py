@@ -20,7 +20,7 @@ def round_trip(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def new_store(bits: int = 4, residual_length: int = 4) -> TokenQuantizedStore:
-    return TokenQuantizedStore(tokens(0, 0), bits, GROUP, residual_length, rotate=True)
+    return TokenQuantizedStore(tokens(0, 0), tokens(0, 0), bits, GROUP, residual_length, rotate=True)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -73,7 +73,7 @@ def test_gather_that_keeps_the_whole_residual_only_selects_codes():
 
 
 def test_gather_with_one_set_for_all_heads():
-    store, reference = new_store(residual_length=2), FullPrecisionStore(tokens(0, 0))
+    store, reference = new_store(residual_length=2), FullPrecisionStore(tokens(0, 0), tokens(0, 0))
     keys, values = tokens(8, 5), tokens(8, 6)
     store.append(keys, values)
     reference.append(keys, values)

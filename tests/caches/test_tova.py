@@ -3,14 +3,14 @@
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import chunked_logits, eager_reference, kept_indices, random_ids, sharp_model
+from helpers import chunked_logits, eager_reference, kept_indices, layer_geometry, random_ids, sharp_model
 
 from hf_kvcache import TOVACache, enable_score_capture, scoring
 from hf_kvcache.caches.tova import TOVALayer
 
 
 def test_keeps_top_scores_of_hand_built_pattern_per_head():
-    layer = TOVALayer(budget=3)
+    layer = TOVALayer(layer_geometry(head_dim=1), budget=3)
     tokens = torch.arange(5, dtype=torch.float32)
     keys = torch.stack([tokens, tokens + 100]).view(1, 2, 5, 1)
     layer.update(keys, -keys)
@@ -23,7 +23,7 @@ def test_keeps_top_scores_of_hand_built_pattern_per_head():
 
 
 def test_within_budget_no_scores_are_computed():
-    layer = TOVALayer(budget=8)
+    layer = TOVALayer(layer_geometry(head_dim=4), budget=8)
     layer.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4))
     scoring._take_pending()
     assert layer.queries_needed(5) == 0

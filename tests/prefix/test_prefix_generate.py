@@ -77,7 +77,7 @@ def test_quantized_cache_is_filled_like_a_two_chunk_prefill():
         return QuantizedCache(model.config, bits=4, group_size=8, residual_length=8, sink_tokens=2)
 
     generate_with_prefix_cache(model, ids, store, past_key_values=quantized(), **GREEDY)
-    warm = generate_with_prefix_cache(model, ids, store, past_key_values=quantized(), **GREEDY)
+    warm = generate_with_prefix_cache(model, ids, store, cache=quantized(), **GREEDY)
     assert store.stats()["tokens_reused"] == 32
     reference_cache = quantized()
     with torch.no_grad():

@@ -1,0 +1,210 @@
+"""Per-layer model geometry, resolved once from the config: the one place that reads a model's layout.
+
+Layers differ within one model (DESIGN.md section 3): attention kind and window, KV heads, key and
+value sizes (Gemma 4's global layers, DeepSeek-V3's latent MLA cache), the RoPE of each layer kind
+(Gemma 3: local base 1e4, global 1e6), layers without RoPE (SmolLM3's `no_rope_layers`, Cohere 2's and
+EXAONE 4's global layers), the RoPE channel layout, and attention extras (learned sink logits,
+softcapping, scaling). Caches, sink re-rotation and score capture read `LayerGeometry`; nothing else
+reads `config.head_dim` or a global RoPE.
+"""
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedConfig
+
+from hf_kvcache.rope import Rope, inverse_frequencies
+
+# transformers layer types, as `get_layer_types_and_kwargs` reports them.
+FULL_ATTENTION = "full_attention"
+WINDOWED_KINDS = ("sliding_attention", "chunked_attention")
+ATTENTION_KINDS = (FULL_ATTENTION, *WINDOWED_KINDS)
+SHARED_KIND = "dummy"  # a layer that stores nothing: it reads another layer's KV, or has no attention
+
+# Models that rotate neighbouring channel pairs (GPT-J style) rather than the two halves of the head.
+INTERLEAVED_ROPE_MODELS = ("gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "ernie4_5", "ernie4_5_moe", "llama4")
+# Models whose global (non-sliding) layers use no RoPE when the model also has sliding layers.
+NOPE_GLOBAL_LAYER_MODELS = ("cohere2", "cohere2_moe", "flint", "exaone4", "exaone4_5", "exaone_moe", "kolibri1")
+# Models with learned per-head sink logits that join the softmax (GPT-OSS).
+LEARNED_SINK_MODELS = ("gpt_oss",)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerGeometry:
+    """What a cache must know about one model layer.
+
+    `kind`: a transformers layer type ("full_attention", "sliding_attention", "chunked_attention",
+    "dummy" for a layer that stores nothing, or a kind no hf_kvcache cache serves such as
+    "linear_attention"). `window`: the model's own window (sliding/chunked layers). `key_dim`/`value_dim`:
+    channels of the cached key and value tensors. `positions`: "rope" (see `rope`), "none" (keys carry no
+    position: re-rotation is the identity) or "absolute" (positions enter elsewhere, e.g. GPT-2's
+    position embeddings or ALiBi: cached keys cannot be moved). `rope_problem`: why this layer's RoPE
+    cannot be re-rotated, when it cannot.
+    """
+
+    index: int
+    kind: str
+    window: int | None
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+    positions: str
+    rope: Rope | None = None
+    rope_problem: str | None = None
+    softcap: float | None = None
+    learned_sinks: bool = False
+
+    @property
+    def is_attention(self) -> bool:
+        return self.kind in ATTENTION_KINDS
+
+    @property
+    def is_windowed(self) -> bool:
+        return self.kind in WINDOWED_KINDS
+
+    def describe(self) -> str:
+        return f"layer {self.index} ({self.kind})"
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """Every layer's `LayerGeometry`, in model order, and the model type they were read from."""
+
+    model_type: str
+    layers: tuple[LayerGeometry, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def refuse_unserved(self, cache_name: str) -> None:
+        """Raise a ValueError naming the first layer whose kind no hf_kvcache cache can hold."""
+        for layer in self.layers:
+            if not layer.is_attention and layer.kind != SHARED_KIND:
+                raise ValueError(
+                    f"{cache_name} cannot serve {self.model_type} {layer.describe()}: this layer keeps a recurrent "
+                    f"state, not per-token keys and values; hf_kvcache caches serve layers of kind "
+                    f"{', '.join(ATTENTION_KINDS)}. Use transformers' DynamicCache for this model."
+                )
+
+
+def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    if not isinstance(config, PreTrainedConfig):
+        raise ValueError(f"config must be a transformers PreTrainedConfig, got {type(config).__name__}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"config is an encoder-decoder config ({config.model_type}); hf_kvcache caches support decoder-only LMs"
+        )
+    text = config.get_text_config(decoder=True)
+    missing = [name for name in ("num_hidden_layers", "num_attention_heads", "hidden_size") if not hasattr(text, name)]
+    if missing:
+        raise ValueError(
+            f"config ({type(config).__name__}) is not a decoder language-model config: it has no {', '.join(missing)}"
+        )
+    return text
+
+
+def _layer_configs(text: PreTrainedConfig) -> list[PreTrainedConfig]:
+    """One config view per layer (transformers' heterogeneous per-layer configs, else the config itself)."""
+    views = getattr(text, "per_layer_config", None)
+    return list(views) if views is not None else [text] * text.num_hidden_layers
+
+
+def _caches_mla_latent(text: PreTrainedConfig) -> bool:
+    """DeepSeek-style multi-head latent attention whose cache holds the compressed latent (transformers 5.24:
+    the key slot holds the position-free latent, the value slot the shared rotated key part)."""
+    if getattr(text, "kv_lora_rank", None) is None or getattr(text, "qk_rope_head_dim", None) is None:
+        return False
+    import importlib
+
+    try:
+        modeling = importlib.import_module(f"transformers.models.{text.model_type}.modeling_{text.model_type}")
+    except ImportError:
+        return False
+    return any(hasattr(cls, "expand_kv") for cls in vars(modeling).values() if isinstance(cls, type))
+
+
+def _has_rope(text: PreTrainedConfig, index: int, kind: str, layer_types: list[str]) -> bool:
+    """Whether layer `index` applies RoPE, for a model that has RoPE at all."""
+    if (flags := getattr(text, "no_rope_layers", None)) is not None:
+        return bool(flags[index])
+    if text.model_type in NOPE_GLOBAL_LAYER_MODELS and "sliding_attention" in layer_types:
+        return kind == "sliding_attention" or bool(getattr(text, "force_rope", False))
+    return True
+
+
+def _rope_parameters(text: PreTrainedConfig, kind: str) -> tuple[dict, str | None]:
+    """This layer kind's RoPE parameters and the layer type they were filed under (None: shared by all)."""
+    params = getattr(text, "rope_parameters", None) or {}
+    nested_kind = kind if kind in params else FULL_ATTENTION
+    if isinstance(params.get(nested_kind), dict):
+        return params[nested_kind], nested_kind
+    return params, None
+
+
+def _rope(
+    text: PreTrainedConfig, kind: str, rotated_dim: int, key_dim: int, slot: str
+) -> tuple[Rope | None, str | None]:
+    """The layer's `Rope`, or None and the reason it cannot be re-rotated."""
+    params, layer_type = _rope_parameters(text, kind)
+    if "mrope_section" in params or params.get("rope_type") == "mrope":
+        return None, "multimodal RoPE (3-D positions, Qwen2-VL style) cannot be shifted by one token offset"
+    try:
+        inv_freq, rope_type = inverse_frequencies(text, params, rotated_dim, layer_type)
+    except (ValueError, KeyError, TypeError) as error:
+        return None, f"its RoPE ({params.get('rope_type', 'default')}) could not be resolved: {error}"
+    layout = "interleaved" if text.model_type in INTERLEAVED_ROPE_MODELS else "half"
+    start = key_dim - rotated_dim if slot == "keys" and _caches_rope_last(text) else 0
+    return Rope(inv_freq, start=start, layout=layout, slot=slot, rope_type=rope_type), None
+
+
+def _caches_rope_last(text: PreTrainedConfig) -> bool:
+    """MLA models that cache full keys put the rotated channels after the position-free ones."""
+    return getattr(text, "qk_rope_head_dim", None) is not None and getattr(text, "qk_nope_head_dim", None) is not None
+
+
+def model_geometry(config: PreTrainedConfig) -> ModelGeometry:
+    """Resolve every layer's geometry from a decoder LM config, or raise a ValueError naming what is wrong."""
+    text = _text_config(config)
+    # Local import: this helper is internal to transformers (it also maps KV-sharing layers to "dummy").
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+    has_rope = bool(getattr(text, "rope_parameters", None) or {})
+    mla_latent = _caches_mla_latent(text)
+    layers = []
+    for index, (kind, kwargs, layer) in enumerate(zip(layer_types, layer_kwargs, _layer_configs(text))):
+        heads = layer.num_attention_heads
+        if mla_latent:
+            kv_heads, key_dim, value_dim = 1, layer.kv_lora_rank, layer.qk_rope_head_dim
+            rotated_dim, slot = layer.qk_rope_head_dim, "values"
+        else:
+            kv_heads = getattr(layer, "num_key_value_heads", None) or heads
+            key_dim = getattr(layer, "head_dim", None) or layer.hidden_size // heads
+            if _caches_rope_last(layer):
+                key_dim = layer.qk_nope_head_dim + layer.qk_rope_head_dim
+                value_dim = getattr(layer, "v_head_dim", key_dim)
+                rotated_dim = layer.qk_rope_head_dim
+            else:
+                value_dim, rotated_dim = key_dim, key_dim
+            slot = "keys"
+        rope, rope_problem, positions = None, None, "absolute"
+        if has_rope:
+            positions = "rope" if _has_rope(text, index, kind, layer_types) else "none"
+            if positions == "rope":
+                rope, rope_problem = _rope(text, kind, rotated_dim, key_dim, slot)
+        layers.append(
+            LayerGeometry(
+                index=index,
+                kind=kind,
+                window=kwargs.get("sliding_window"),
+                kv_heads=kv_heads,
+                key_dim=key_dim,
+                value_dim=value_dim,
+                positions=positions,
+                rope=rope,
+                rope_problem=rope_problem,
+                softcap=getattr(layer, "attn_logit_softcapping", None),
+                learned_sinks=text.model_type in LEARNED_SINK_MODELS,
+            )
+        )
+    return ModelGeometry(text.model_type, tuple(layers))

@@ -1,0 +1,138 @@
+"""The architecture matrix: every cache on every architecture family, eager and SDPA.
+
+Each cell either equals `DynamicCache` (full precision with nothing evicted: to float rounding; 8-bit
+`QuantizedCache`: within a stated tolerance) or is refused at construction with a clear error
+(`REFUSED`). The README's matrix is this table. Sink eviction is checked separately on every layer kind
+of every RoPE family against a dense run over exactly the kept tokens.
+"""
+
+import re
+
+import pytest
+import torch
+from conftest import EAGER_ONLY, MATRIX, tiny_config
+from eviction_reference import dense_on_kept
+from helpers import random_ids
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from hf_kvcache import (
+    HeavyHitterCache,
+    QuantizedCache,
+    SinkCache,
+    SlidingWindowCache,
+    SnapKVCache,
+    TOVACache,
+    enable_score_capture,
+)
+from hf_kvcache.compat import CACHE_KWARG
+from hf_kvcache.geometry import model_geometry
+
+QUANTIZED_8BIT_TOLERANCE = 0.02  # max |logit difference| at 8 bits, 4-token residual (logits are O(1))
+CACHES = {
+    "quantized-8bit": lambda config: QuantizedCache(config, bits=8, group_size=4, residual_length=4, sink_tokens=2),
+    "window": lambda config: SlidingWindowCache(config, window=64),
+    "sink": lambda config: SinkCache(config, sink_tokens=4, window=60),
+    "sink-4bit": lambda config: SinkCache(config, sink_tokens=4, window=60, bits=4, residual_length=64),
+    "h2o": lambda config: HeavyHitterCache(config, budget=64),
+    "tova": lambda config: TOVACache(config, budget=64),
+    "snapkv": lambda config: SnapKVCache(config, budget=64),
+}
+LINEAR_ATTENTION = r"cannot serve qwen3_next layer 0 \(linear_attention\): this layer keeps a recurrent state"
+REFUSED = {
+    **{("qwen3-next-linear-hybrid", cache): LINEAR_ATTENTION for cache in CACHES},
+    ("gpt2", "sink"): r"gpt2 layer 0 \(full_attention\) has no rotary position embedding.*rerotate=False",
+    ("gpt2", "sink-4bit"): r"gpt2 layer 0 \(full_attention\) has no rotary position embedding.*rerotate=False",
+}
+CELLS = [
+    pytest.param(arch, cache, attn, id=f"{arch}-{cache}-{attn}")
+    for arch in MATRIX
+    for cache in CACHES
+    for attn in ("eager", "sdpa")
+    if not (attn == "sdpa" and arch in EAGER_ONLY)
+]
+
+
+def model_from(config, attn: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+@torch.no_grad()
+def feed(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """A prefill of 8 tokens, then one token at a time: every logit."""
+    logits = [model(ids[:, :8], **{CACHE_KWARG: cache}).logits]
+    logits += [model(ids[:, t : t + 1], **{CACHE_KWARG: cache}).logits for t in range(8, ids.shape[1])]
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize(("arch", "cache_name", "attn"), CELLS)
+def test_matrix_cell_equals_dynamic_cache_or_is_refused(arch, cache_name, attn):
+    config = tiny_config(arch)
+    if cache_name.startswith("sink") and getattr(config, "sliding_window", None):
+        # sinks take room in a sliding layer's window (tested in test_sink.py): here nothing may be evicted
+        config.sliding_window = 64
+    model = model_from(config, attn)
+    if cache_name in ("h2o", "tova", "snapkv"):
+        enable_score_capture(model)
+    if (arch, cache_name) in REFUSED:
+        with pytest.raises(ValueError, match=REFUSED[arch, cache_name]):
+            CACHES[cache_name](model.config)
+        return
+    ids = random_ids(model, 2, 16)
+    cache = CACHES[cache_name](model.config)
+    expected = feed(model, ids, DynamicCache(config=model.config))
+    actual = feed(model, ids, cache)
+    if cache_name == "quantized-8bit":
+        assert (actual - expected).abs().max() < QUANTIZED_8BIT_TOLERANCE
+        assert any(getattr(layer.body, "quantized_length", 0) for layer in cache.layers if hasattr(layer, "body"))
+    else:
+        torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+    generated = model.generate(
+        ids[:1], max_new_tokens=4, do_sample=False, **{CACHE_KWARG: CACHES[cache_name](model.config)}
+    )
+    assert torch.equal(generated, model.generate(ids[:1], max_new_tokens=4, do_sample=False))
+
+
+SINKS, WINDOW = 2, 10
+ROPE_FAMILIES = [arch for arch in MATRIX if arch not in ("gpt2", "qwen3-next-linear-hybrid")]
+
+
+def silence_other_layers(model, probe: int) -> None:
+    """Zero the attention output of every layer but `probe`: the other layers then act on each token alone,
+    so a dense run over the kept tokens is an exact reference for what the probed layer's cache holds."""
+    pattern = re.compile(r"layers\.(\d+)\.(self_attn|attention)\.(o_proj|dense)$")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if (found := pattern.search(name)) and int(found.group(1)) != probe:
+                module.weight.zero_()
+
+
+def probes(arch: str) -> list[tuple[int, str]]:
+    """The first layer of each kind in the architecture."""
+    first = {}
+    for layer in model_geometry(tiny_config(arch)).layers:
+        first.setdefault(layer.kind, layer.index)
+    return [(index, kind) for kind, index in first.items()]
+
+
+@pytest.mark.parametrize(
+    ("arch", "probe"),
+    [pytest.param(arch, probe, id=f"{arch}-{kind}") for arch in ROPE_FAMILIES for probe, kind in probes(arch)],
+)
+def test_sink_eviction_on_every_layer_kind_equals_a_dense_run_on_the_kept_tokens(arch, probe):
+    """Each layer re-rotates its sinks with its own RoPE (Gemma 3's local base, Gemma 4's head sizes, NoPE
+    layers not at all, DeepSeek-V3's rotated latent in the value slot, interleaved pairs in Cohere 2)."""
+    config = tiny_config(arch)
+    if getattr(config, "sliding_window", None):
+        config.sliding_window = 64  # the model's own window stays wider than sinks + window
+    model = model_from(config, "eager")
+    silence_other_layers(model, probe)
+    ids = random_ids(model, 1, 30, seed=3)
+    cache = SinkCache(model.config, sink_tokens=SINKS, window=WINDOW)
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            logits = model(ids[:, t : t + 1], **{CACHE_KWARG: cache}).logits
+            if t > SINKS + WINDOW:
+                kept = list(range(SINKS)) + list(range(t - WINDOW, t))
+                expected = dense_on_kept(model, ids, kept, [t], first_label=t - len(kept))
+                torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)

@@ -1,0 +1,88 @@
+"""Per-layer geometry: every layer's RoPE, head sizes and kind, checked against the models themselves."""
+
+import pytest
+import torch
+from conftest import MATRIX, make_tiny_model, tiny_config
+from transformers import DynamicCache, Qwen2VLConfig
+
+from hf_kvcache import QuantizedCache, SinkCache
+from hf_kvcache.compat import CACHE_KWARG
+from hf_kvcache.geometry import model_geometry
+
+ROTATED = [arch for arch in MATRIX if arch not in ("gpt2", "qwen3-next-linear-hybrid")]
+
+
+@torch.no_grad()
+def cached_states(model, token: torch.Tensor, position: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's cached (keys, values) for one token fed alone at `position`."""
+    cache = DynamicCache(config=model.config)
+    model(token, position_ids=torch.tensor([[position]]), **{CACHE_KWARG: cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("arch", ROTATED)
+def test_each_layers_rope_shift_equals_the_model_at_a_later_position(arch):
+    """A token alone attends only to itself, so its cached states depend on its position only through the
+    rotation: the layer's `Rope.shift` must take the states at position p exactly to those at p + delta,
+    and a layer without RoPE must cache the same states at both positions."""
+    model = make_tiny_model(arch, "eager", layers=None)
+    geometry = model_geometry(model.config)
+    token = torch.tensor([[7]])
+    for start, delta in ((3, 50), (0, 1234)):
+        before, after = cached_states(model, token, start), cached_states(model, token, start + delta)
+        for layer, states, expected in zip(geometry.layers, before, after):
+            if layer.positions == "none":
+                torch.testing.assert_close(states, expected, atol=1e-6, rtol=1e-5)
+                continue
+            assert layer.rope is not None, f"{arch} {layer.describe()}: {layer.rope_problem}"
+            slot = 0 if layer.rope.slot == "keys" else 1
+            torch.testing.assert_close(layer.rope.shift(states[slot], delta), expected[slot], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(states[1 - slot], expected[1 - slot], atol=1e-6, rtol=1e-5)
+
+
+def test_layer_facts_read_per_layer_from_the_config():
+    gemma3 = model_geometry(tiny_config("gemma3-local-rope")).layers
+    assert [layer.kind for layer in gemma3] == ["sliding_attention", "full_attention"]
+    assert gemma3[0].rope.inv_freq[1].item() == pytest.approx(1e4 ** (-2 / 16))  # local base
+    assert gemma3[1].rope.inv_freq[1].item() == pytest.approx(1e6 ** (-2 / 16))  # global base
+    assert [layer.positions for layer in model_geometry(tiny_config("smollm3-nope")).layers] == ["rope", "none"]
+    gemma4 = model_geometry(tiny_config("gemma4-per-layer-dims")).layers
+    assert [(layer.key_dim, layer.value_dim) for layer in gemma4] == [(16, 16), (32, 32)]
+    mla = model_geometry(tiny_config("deepseek-v3-mla")).layers[0]
+    assert (mla.kv_heads, mla.key_dim, mla.value_dim, mla.rope.slot) == (1, 32, 8, "values")
+    cohere2 = model_geometry(tiny_config("cohere2-interleaved-nope")).layers
+    assert cohere2[0].rope.layout == "interleaved" and cohere2[1].positions == "none"
+    assert model_geometry(tiny_config("gpt-oss-sinks")).layers[0].learned_sinks
+    assert model_geometry(tiny_config("gemma2-softcap")).layers[0].softcap == 5.0
+    assert model_geometry(tiny_config("gpt2")).layers[0].positions == "absolute"
+    assert model_geometry(tiny_config("phi-partial-rotary")).layers[0].rope.rotary_dim == 8
+
+
+def test_linear_attention_layers_are_refused_naming_the_layer():
+    with pytest.raises(ValueError, match=r"QuantizedCache cannot serve qwen3_next layer 0 \(linear_attention\)"):
+        QuantizedCache(tiny_config("qwen3-next-linear-hybrid"))
+
+
+def test_multimodal_rope_is_refused_for_sink_rerotation():
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+        }
+    )
+    with pytest.raises(ValueError, match=r"layer 0 \(full_attention\) cannot re-rotate its sinks: multimodal RoPE"):
+        SinkCache(config, sink_tokens=2, window=8)
+    SinkCache(config, sink_tokens=2, window=8, rerotate=False)
+    QuantizedCache(config)  # a cache that never moves keys serves it
+
+
+def test_cache_built_for_another_model_is_refused_at_its_first_update():
+    model = make_tiny_model("llama")  # head_dim 16, 2 KV heads
+    cache = QuantizedCache(tiny_config("phi3-head96"))
+    with pytest.raises(ValueError, match=r"built from a config with 2 KV heads, 96 key and 96 value channels"):
+        model(torch.tensor([[5, 6]]), **{CACHE_KWARG: cache})
