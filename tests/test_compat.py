@@ -9,7 +9,7 @@ from hf_kvcache.compat import CACHE_KWARG, pop_cache
 
 def test_the_installed_version_gets_the_name_it_prefers():
     renamed = Version(transformers.__version__).release >= (5, 24)
-    assert CACHE_KWARG == ("cache" if renamed else "past_key_values")
+    assert ("cache" if renamed else "past_key_values") == CACHE_KWARG
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])

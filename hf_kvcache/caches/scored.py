@@ -15,7 +15,7 @@ cache stays one dense tensor per layer, costs the same bytes, and shares the mas
 were computed with (no re-rotation); since every stored token precedes the new queries, the causal
 mask lets the queries attend all of them.
 
-Quantized storage (`bits`) quantizes keys and values per token (`TokenQuantizedStore`, Hadamard-rotated
+Quantized storage (`bits`) quantizes keys and values per token (`TokenQuantizedStore`, rotated
 by default, the newest `residual_length` tokens in full precision): KIVI's per-channel key blocks
 would lose their statistics when single tokens leave them, per head.
 """

@@ -136,3 +136,26 @@ def test_sink_eviction_on_every_layer_kind_equals_a_dense_run_on_the_kept_tokens
                 kept = list(range(SINKS)) + list(range(t - WINDOW, t))
                 expected = dense_on_kept(model, ids, kept, [t], first_label=t - len(kept))
                 torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arch", ["deepseek-v3-mla", "gemma4-per-layer-dims", "gpt-oss-sinks", "cohere2-interleaved-nope"]
+)
+@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
+def test_score_caches_evict_on_every_kind_of_layer(arch, cache_class):
+    """Past the budget, each full-attention layer keeps `budget` tokens (per cached head: DeepSeek-V3's single
+    latent takes the scores of all attention heads), sliding layers keep the model's window, and
+    `generate` goes on with the evicted cache."""
+    model = enable_score_capture(model_from(tiny_config(arch), "eager"))
+    ids = random_ids(model, 2, 20)
+    extra = {"observation_window": 2} if cache_class is SnapKVCache else {}
+    cache = cache_class(model.config, budget=6, **extra)
+    feed(model, ids, cache)  # a prefill of 8, then 12 single tokens
+    kept = 6 + 12 if cache_class is SnapKVCache else 6  # SnapKV compresses prompts only; decoding grows
+    for layer, geometry in zip(cache.layers, cache.geometry.layers):
+        if geometry.kind == "full_attention":
+            assert layer.stored_tokens == kept and layer.body.keys.shape[1] == geometry.kv_heads
+        else:
+            assert layer.stored_tokens == min(20, geometry.window - 1)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, **{CACHE_KWARG: cache})
+    assert out.shape == (2, 23)
