@@ -19,7 +19,7 @@ from transformers import (
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-_COMMON = dict(
+COMMON_CONFIG = dict(
     vocab_size=256,
     hidden_size=64,
     intermediate_size=128,
@@ -48,14 +48,14 @@ def _layer_types(*kinds: str) -> dict:
 
 
 _MIXED = _layer_types("sliding_attention", "full_attention")
-_GQA = dict(_COMMON, num_key_value_heads=2)
+_GQA = dict(COMMON_CONFIG, num_key_value_heads=2)
 
 # The architecture matrix (DESIGN.md section 3): each family's own kind of layer difference.
 MATRIX_CONFIGS = {
     "mixtral": lambda: transformers.MixtralConfig(**_GQA, num_local_experts=4, num_experts_per_tok=2),
     "phi3-head96": lambda: Phi3Config(**{**_GQA, "hidden_size": 192, "num_attention_heads": 2}),
-    "phi-partial-rotary": lambda: transformers.PhiConfig(**_COMMON, partial_rotary_factor=0.5),
-    "gpt-neox": lambda: transformers.GPTNeoXConfig(**_COMMON, rotary_pct=0.25),
+    "phi-partial-rotary": lambda: transformers.PhiConfig(**COMMON_CONFIG, partial_rotary_factor=0.5),
+    "gpt-neox": lambda: transformers.GPTNeoXConfig(**COMMON_CONFIG, rotary_pct=0.25),
     "gemma2-softcap": lambda: transformers.Gemma2Config(
         **{**_GQA, **_MIXED}, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, query_pre_attn_scalar=24
     ),
@@ -65,7 +65,7 @@ MATRIX_CONFIGS = {
         **{**_GQA, **_MIXED}, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8
     ),
     "deepseek-v3-mla": lambda: transformers.DeepseekV3Config(
-        **_COMMON,
+        **COMMON_CONFIG,
         num_key_value_heads=4,
         kv_lora_rank=32,
         q_lora_rank=None,
@@ -109,10 +109,10 @@ MATRIX = ["llama", "mistral-sliding", "qwen2", "qwen3", "gpt2", *MATRIX_CONFIGS]
 
 def _tiny_config(arch: str):
     if arch == "llama":
-        return LlamaConfig(**_COMMON, num_key_value_heads=2)
+        return LlamaConfig(**COMMON_CONFIG, num_key_value_heads=2)
     if arch == "llama-rope-scaling":
         return LlamaConfig(
-            **_COMMON,
+            **COMMON_CONFIG,
             num_key_value_heads=2,
             rope_parameters={
                 "rope_type": "llama3",
@@ -124,15 +124,15 @@ def _tiny_config(arch: str):
             },
         )
     if arch == "qwen2":
-        return Qwen2Config(**_COMMON, num_key_value_heads=2)
+        return Qwen2Config(**COMMON_CONFIG, num_key_value_heads=2)
     if arch == "qwen3":
-        return Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=16)
+        return Qwen3Config(**COMMON_CONFIG, num_key_value_heads=2, head_dim=16)
     if arch == "mistral":
-        return MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=None)
+        return MistralConfig(**COMMON_CONFIG, num_key_value_heads=2, sliding_window=None)
     if arch == "mistral-sliding":
-        return MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=12)
+        return MistralConfig(**COMMON_CONFIG, num_key_value_heads=2, sliding_window=12)
     if arch == "phi3":
-        return Phi3Config(**_COMMON, num_key_value_heads=4)
+        return Phi3Config(**COMMON_CONFIG, num_key_value_heads=4)
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=256,

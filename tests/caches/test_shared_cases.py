@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import COMMON_CONFIG
 from eviction_reference import dense_on_kept
 from helpers import random_ids
 from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, Gemma4TextConfig, SmolLM3Config
@@ -9,27 +10,14 @@ from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, G
 from hf_kvcache import QuantizedCache, SinkCache, SlidingWindowCache, TOVACache, enable_score_capture
 from hf_kvcache.compat import CACHE_KWARG
 
-COMMON = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    max_position_embeddings=4096,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+COMMON = {key: value for key, value in COMMON_CONFIG.items() if key != "num_hidden_layers"}
 GEMMA4 = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
+    COMMON,
     num_key_value_heads=2,
     head_dim=16,
     global_head_dim=32,
     vocab_size_per_layer_input=256,
     hidden_size_per_layer_input=16,
-    max_position_embeddings=4096,
 )
 
 
