@@ -8,6 +8,7 @@ softcapping, scaling). Caches, sink re-rotation and score capture read `LayerGeo
 reads `config.head_dim` or a global RoPE.
 """
 
+import importlib
 from dataclasses import dataclass
 
 from transformers import PreTrainedConfig
@@ -21,7 +22,22 @@ ATTENTION_KINDS = (FULL_ATTENTION, *WINDOWED_KINDS)
 SHARED_KIND = "dummy"  # a layer that stores nothing: it reads another layer's KV, or has no attention
 
 # Models that rotate neighbouring channel pairs (GPT-J style) rather than the two halves of the head.
-INTERLEAVED_ROPE_MODELS = ("gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "ernie4_5", "ernie4_5_moe", "llama4")
+INTERLEAVED_ROPE_MODELS = (
+    "gptj",
+    "codegen",
+    "cohere",
+    "cohere2",
+    "glm",
+    "glm4",
+    "ernie4_5",
+    "ernie4_5_moe",
+    "helium",
+    "llama4",
+    "llama4_text",
+    "deepseek_v2",
+)
+# Models whose RoPE predates `rope_parameters`: `rotary_dim` channels, base 10000 (GPT-J's sinusoids).
+ROTARY_DIM_MODELS = ("gptj", "codegen")
 # Models whose global (non-sliding) layers use no RoPE when the model also has sliding layers.
 NOPE_GLOBAL_LAYER_MODELS = ("cohere2", "cohere2_moe", "flint", "exaone4", "exaone4_5", "exaone_moe", "kolibri1")
 # Models with learned per-head sink logits that join the softmax (GPT-OSS).
@@ -114,8 +130,6 @@ def _caches_mla_latent(text: PreTrainedConfig) -> bool:
     the key slot holds the position-free latent, the value slot the shared rotated key part)."""
     if getattr(text, "kv_lora_rank", None) is None or getattr(text, "qk_rope_head_dim", None) is None:
         return False
-    import importlib
-
     try:
         modeling = importlib.import_module(f"transformers.models.{text.model_type}.modeling_{text.model_type}")
     except ImportError:
@@ -132,8 +146,18 @@ def _has_rope(text: PreTrainedConfig, index: int, kind: str, layer_types: list[s
     return True
 
 
+def _positions(text: PreTrainedConfig) -> str:
+    """Whether the model rotates keys ("rope"; some layers may still skip it) or not ("absolute")."""
+    if getattr(text, "alibi", False):  # Falcon with ALiBi still carries RoPE parameters it does not use
+        return "absolute"
+    has_rope = bool(getattr(text, "rope_parameters", None)) or text.model_type in ROTARY_DIM_MODELS
+    return "rope" if has_rope else "absolute"
+
+
 def _rope_parameters(text: PreTrainedConfig, kind: str) -> tuple[dict, str | None]:
     """This layer kind's RoPE parameters and the layer type they were filed under (None: shared by all)."""
+    if text.model_type in ROTARY_DIM_MODELS:
+        return {"rope_type": "default", "rope_theta": 10000.0}, None
     params = getattr(text, "rope_parameters", None) or {}
     nested_kind = kind if kind in params else FULL_ATTENTION
     if isinstance(params.get(nested_kind), dict):
@@ -141,25 +165,27 @@ def _rope_parameters(text: PreTrainedConfig, kind: str) -> tuple[dict, str | Non
     return params, None
 
 
-def _rope(
-    text: PreTrainedConfig, kind: str, rotated_dim: int, key_dim: int, slot: str
-) -> tuple[Rope | None, str | None]:
+def _rope(text: PreTrainedConfig, kind: str, rotated_dim: int, slot: str) -> tuple[Rope | None, str | None]:
     """The layer's `Rope`, or None and the reason it cannot be re-rotated."""
     params, layer_type = _rope_parameters(text, kind)
     if "mrope_section" in params or params.get("rope_type") == "mrope":
         return None, "multimodal RoPE (3-D positions, Qwen2-VL style) cannot be shifted by one token offset"
     try:
-        inv_freq, rope_type = inverse_frequencies(text, params, rotated_dim, layer_type)
+        inv_freq = inverse_frequencies(text, params, rotated_dim, layer_type)
     except (ValueError, KeyError, TypeError) as error:
         return None, f"its RoPE ({params.get('rope_type', 'default')}) could not be resolved: {error}"
     layout = "interleaved" if text.model_type in INTERLEAVED_ROPE_MODELS else "half"
-    start = key_dim - rotated_dim if slot == "keys" and _caches_rope_last(text) else 0
-    return Rope(inv_freq, start=start, layout=layout, slot=slot, rope_type=rope_type), None
+    return Rope(inv_freq, layout=layout, slot=slot), None
 
 
-def _caches_rope_last(text: PreTrainedConfig) -> bool:
-    """MLA models that cache full keys put the rotated channels after the position-free ones."""
-    return getattr(text, "qk_rope_head_dim", None) is not None and getattr(text, "qk_nope_head_dim", None) is not None
+def _channels(text: PreTrainedConfig, layer: PreTrainedConfig, mla_latent: bool) -> tuple[int, int, int, int, str]:
+    """KV heads, key and value channels of the cached tensors, rotated channels, and the slot they sit in."""
+    if mla_latent:
+        return 1, layer.kv_lora_rank, layer.qk_rope_head_dim, layer.qk_rope_head_dim, "values"
+    kv_heads = getattr(layer, "num_key_value_heads", None) or layer.num_attention_heads
+    head_dim = getattr(layer, "head_dim", None) or layer.hidden_size // layer.num_attention_heads
+    rotated = (getattr(layer, "rotary_dim", None) or head_dim) if text.model_type in ROTARY_DIM_MODELS else head_dim
+    return kv_heads, head_dim, head_dim, rotated, "keys"
 
 
 def model_geometry(config: PreTrainedConfig) -> ModelGeometry:
@@ -169,29 +195,16 @@ def model_geometry(config: PreTrainedConfig) -> ModelGeometry:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
-    has_rope = bool(getattr(text, "rope_parameters", None) or {})
+    has_rope = _positions(text) == "rope"
     mla_latent = _caches_mla_latent(text)
     layers = []
     for index, (kind, kwargs, layer) in enumerate(zip(layer_types, layer_kwargs, _layer_configs(text))):
-        heads = layer.num_attention_heads
-        if mla_latent:
-            kv_heads, key_dim, value_dim = 1, layer.kv_lora_rank, layer.qk_rope_head_dim
-            rotated_dim, slot = layer.qk_rope_head_dim, "values"
-        else:
-            kv_heads = getattr(layer, "num_key_value_heads", None) or heads
-            key_dim = getattr(layer, "head_dim", None) or layer.hidden_size // heads
-            if _caches_rope_last(layer):
-                key_dim = layer.qk_nope_head_dim + layer.qk_rope_head_dim
-                value_dim = getattr(layer, "v_head_dim", key_dim)
-                rotated_dim = layer.qk_rope_head_dim
-            else:
-                value_dim, rotated_dim = key_dim, key_dim
-            slot = "keys"
+        kv_heads, key_dim, value_dim, rotated_dim, slot = _channels(text, layer, mla_latent)
         rope, rope_problem, positions = None, None, "absolute"
         if has_rope:
             positions = "rope" if _has_rope(text, index, kind, layer_types) else "none"
             if positions == "rope":
-                rope, rope_problem = _rope(text, kind, rotated_dim, key_dim, slot)
+                rope, rope_problem = _rope(text, kind, rotated_dim, slot)
         layers.append(
             LayerGeometry(
                 index=index,

@@ -3,8 +3,8 @@
 Keys arrive in the cache already rotated for their position. `Rope.shift(keys, delta)` rotates them as
 if they sat `delta` positions later, with that layer's own frequencies (the default RoPE or any type in
 transformers' `ROPE_INIT_FUNCTIONS`: linear, dynamic, yarn, longrope, llama3, proportional), on the
-channels the layer rotates (`start`, `rotary_dim`), in its channel layout (`"half"`: the two halves of
-the rotated channels form the pairs, as in Llama; `"interleaved"`: neighbouring channels do, as in GPT-J).
+first `rotary_dim` channels (partial rotary), in its channel layout (`"half"`: the two halves of the
+rotated channels form the pairs, as in Llama; `"interleaved"`: neighbouring channels do, as in GPT-J).
 Only the pure rotation is applied: the attention scaling some types (yarn, longrope) fold into cos/sin
 is already in the keys.
 
@@ -18,20 +18,16 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-LAYOUTS = ("half", "interleaved")
-
 
 @dataclass(frozen=True, eq=False)
 class Rope:
-    """One layer's rotary embedding: `inv_freq` [rotary_dim / 2] (float64, radians per position), the first
-    rotated channel `start`, the pair `layout`, and which cached tensor carries it (`slot`: "keys" usually;
-    "values" where a model caches its rotated key part in the value slot, as DeepSeek-V3's latent MLA)."""
+    """One layer's rotary embedding: `inv_freq` [rotary_dim / 2] (float64, radians per position), the pair
+    `layout`, and which cached tensor carries it (`slot`: "keys" usually; "values" where a model caches its
+    rotated key part in the value slot, as DeepSeek-V3's latent MLA)."""
 
     inv_freq: torch.Tensor
-    start: int = 0
     layout: str = "half"
     slot: str = "keys"
-    rope_type: str = "default"
 
     @property
     def rotary_dim(self) -> int:
@@ -43,30 +39,29 @@ class Rope:
             return keys
         angles = delta * self.inv_freq.to(keys.device)
         cos, sin = angles.cos().float(), angles.sin().float()
-        stop = self.start + self.rotary_dim
-        rotary = keys[..., self.start : stop].float()
+        rotary = keys[..., : self.rotary_dim].float()
         if self.layout == "half":
             first, second = rotary.chunk(2, dim=-1)
             rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
         else:
             even, odd = rotary[..., 0::2], rotary[..., 1::2]
             rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
-        return torch.cat([keys[..., : self.start], rotated.to(keys.dtype), keys[..., stop:]], dim=-1)
+        return torch.cat([rotated.to(keys.dtype), keys[..., self.rotary_dim :]], dim=-1)
 
 
 def inverse_frequencies(
     text_config: PreTrainedConfig, params: dict, head_dim: int, layer_type: str | None
-) -> tuple[torch.Tensor, str]:
-    """Radians per position of each rotated pair (float64) and the RoPE type, or a ValueError."""
+) -> torch.Tensor:
+    """Radians per position of each rotated pair (float64), or a ValueError for an unknown rope_type."""
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         exponents = torch.arange(0, dim - dim % 2, 2, dtype=torch.float64) / dim
-        return 1.0 / (params["rope_theta"] ** exponents), rope_type
+        return 1.0 / (params["rope_theta"] ** exponents)
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(
             f"rope_type={rope_type!r} is not supported for re-rotation; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
         )
     kwargs = {"layer_type": layer_type} if layer_type else {}
     inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", **kwargs)
-    return inv_freq.to(torch.float64), rope_type
+    return inv_freq.to(torch.float64)

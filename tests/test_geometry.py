@@ -2,14 +2,53 @@
 
 import pytest
 import torch
-from conftest import MATRIX, make_tiny_model, tiny_config
-from transformers import DynamicCache, Qwen2VLConfig
+import transformers
+from conftest import COMMON_CONFIG, MATRIX, make_tiny_model, tiny_config
+from transformers import AutoModelForCausalLM, DynamicCache, Qwen2VLConfig
 
 from hf_kvcache import QuantizedCache, SinkCache
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.geometry import model_geometry
 
 ROTATED = [arch for arch in MATRIX if arch not in ("gpt2", "qwen3-next-linear-hybrid")]
+_GQA = dict(COMMON_CONFIG, num_key_value_heads=2)
+_MIXED = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
+# More families, checked here for their RoPE only (the matrix runs every cache on the ones in conftest).
+MORE_FAMILIES = {
+    "gptj": lambda: transformers.GPTJConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
+    "codegen": lambda: transformers.CodeGenConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
+    "falcon": lambda: transformers.FalconConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True
+    ),
+    "llama4": lambda: transformers.Llama4TextConfig(
+        **_GQA,
+        head_dim=16,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        intermediate_size_mlp=128,
+        no_rope_layers=[1, 0],
+        attention_chunk_size=16,
+        moe_layers=[],
+    ),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(
+        **{**COMMON_CONFIG, "num_key_value_heads": 4},
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense_replace=2,
+        moe_intermediate_size=32,
+    ),
+    "helium": lambda: transformers.HeliumConfig(**_GQA, head_dim=16),
+    "glm4": lambda: transformers.Glm4Config(**_GQA, head_dim=16),
+    "ernie4_5": lambda: transformers.Ernie4_5Config(**_GQA, head_dim=16),
+    "stablelm": lambda: transformers.StableLmConfig(**_GQA, partial_rotary_factor=0.25),
+    "exaone4": lambda: transformers.Exaone4Config(**_GQA, **_MIXED),
+    "olmo3": lambda: transformers.Olmo3Config(**_GQA, **_MIXED),
+}
 
 
 @torch.no_grad()
@@ -20,12 +59,19 @@ def cached_states(model, token: torch.Tensor, position: int) -> list[tuple[torch
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-@pytest.mark.parametrize("arch", ROTATED)
+def family_model(arch: str):
+    if arch in MORE_FAMILIES:
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(MORE_FAMILIES[arch](), attn_implementation="eager").eval()
+    return make_tiny_model(arch, "eager", layers=None)
+
+
+@pytest.mark.parametrize("arch", ROTATED + list(MORE_FAMILIES))
 def test_each_layers_rope_shift_equals_the_model_at_a_later_position(arch):
     """A token alone attends only to itself, so its cached states depend on its position only through the
     rotation: the layer's `Rope.shift` must take the states at position p exactly to those at p + delta,
     and a layer without RoPE must cache the same states at both positions."""
-    model = make_tiny_model(arch, "eager", layers=None)
+    model = family_model(arch)
     geometry = model_geometry(model.config)
     token = torch.tensor([[7]])
     for start, delta in ((3, 50), (0, 1234)):
@@ -55,6 +101,10 @@ def test_layer_facts_read_per_layer_from_the_config():
     assert model_geometry(tiny_config("gpt-oss-sinks")).layers[0].learned_sinks
     assert model_geometry(tiny_config("gemma2-softcap")).layers[0].softcap == 5.0
     assert model_geometry(tiny_config("gpt2")).layers[0].positions == "absolute"
+    alibi = transformers.FalconConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, alibi=True
+    )
+    assert model_geometry(alibi).layers[0].positions == "absolute"  # it keeps RoPE parameters it does not use
     assert model_geometry(tiny_config("phi-partial-rotary")).layers[0].rope.rotary_dim == 8
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import chunked_logits, dynamic_logits, left_padded_batch, random_ids
-from transformers import BertConfig, DynamicCache, LlamaConfig, T5Config
+from transformers import AutoModelForCausalLM, BertConfig, DynamicCache, LlamaConfig, Phi3Config, PhiConfig, T5Config
 
 from hf_kvcache import QuantizedCache
 
@@ -181,6 +181,33 @@ def test_bad_parameters_name_themselves(kwargs, message):
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_hidden_layers=2)
     with pytest.raises(ValueError, match=message):
         QuantizedCache(config, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Phi3Config(
+            vocab_size=256,
+            hidden_size=192,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            pad_token_id=0,
+        ),
+        PhiConfig(vocab_size=256, hidden_size=160, num_attention_heads=2, num_hidden_layers=2, intermediate_size=128),
+    ],
+    ids=["phi3-head96", "phi2-head80"],
+)
+def test_phi_models_run_with_defaults_and_8bit_matches_dynamic(config):
+    """Phi-3 (head size 96) and Phi-2 (80, partial rotary): defaults work (rotation and groups that fit)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = random_ids(model, 1, 200)  # past the 128-token residual: whole blocks are quantized
+    chunked_logits(model, ids, QuantizedCache(model.config), chunk=50)
+    cache = QuantizedCache(model.config, bits=8)
+    logits = chunked_logits(model, ids, cache, chunk=50)
+    assert cache.layers[0].body.quantized_length > 0 and cache.layers[0].storage.rotate
+    assert (logits - dynamic_logits(model, ids, chunk=50)).abs().max() < TOLERANCE[8]
 
 
 @pytest.mark.parametrize(("head_dim", "group_size"), [(96, 32), (80, 20), (72, 24)])
