@@ -20,9 +20,12 @@ def repetitive_prompt(model, length: int = 24) -> torch.Tensor:
     return random_ids(model, 1, 8, seed=4).repeat(1, length // 8)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3-local-rope", "gpt-oss-sinks", "deepseek-v3-mla", "mistral-sliding"])
 @pytest.mark.parametrize("assist", ["draft model", "prompt lookup"])
-def test_quantized_cache_assisted_greedy_equals_plain_greedy(assist):
-    model = make_tiny_model("llama", "eager")
+def test_quantized_cache_assisted_greedy_equals_plain_greedy(assist, arch):
+    """Rollbacks reach into quantized blocks (residual 4, groups of 4) and, on models with sliding layers,
+    into the model's window (8 or 12 tokens), which defers its eviction until `crop`."""
+    model = make_tiny_model(arch, "eager", layers=None)
     ids = repetitive_prompt(model)
     kwargs = {"prompt_lookup_num_tokens": 3} if assist == "prompt lookup" else {}
     if assist == "draft model":
@@ -86,14 +89,17 @@ def test_crop_without_recording_refuses_to_invent_evicted_tokens():
 
 
 @pytest.mark.real_model
-def test_real_model_prompt_lookup_with_8bit_cache_equals_dynamic_greedy(real_model):
+@pytest.mark.parametrize("assist", ["prompt lookup", "draft model"])
+def test_real_model_assisted_decoding_with_8bit_cache_equals_dynamic_greedy(real_model, assist):
+    """The packaged SmolLM2; its draft is the same model (no second model ships offline), which still
+    runs every crop that assisted decoding makes."""
     model, tokenizer = real_model
     prompt = "List the days of the week: Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. Again: Monday,"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    kwargs = {"prompt_lookup_num_tokens": 4} if assist == "prompt lookup" else {"assistant_model": model}
     cache = QuantizedCache(model.config, bits=8, group_size=8, residual_length=8)
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=24, do_sample=False, **{CACHE_KWARG: DynamicCache()})
-        actual = model.generate(
-            ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4, **{CACHE_KWARG: cache}
-        )
+        actual = model.generate(ids, max_new_tokens=24, do_sample=False, **kwargs, **{CACHE_KWARG: cache})
     assert torch.equal(actual, expected)
+    assert cache.layers[0].body.quantized_length > 0
