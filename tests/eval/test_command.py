@@ -43,6 +43,24 @@ def test_cli_runs_without_deprecation_warnings(tiny_model_dir, tmp_path):
     assert "FutureWarning" not in done.stderr and "sink:sink_tokens=2,window=16" in done.stdout
 
 
+def test_demo_runs_without_deprecation_warnings(tiny_model_dir):
+    command = [sys.executable, "-W", "error::FutureWarning", "-m", "hf_kvcache.cli", "demo"]
+    command += [
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "The lighthouse",
+        "--max-new-tokens",
+        "4",
+        "--bits",
+        "8",
+        "4",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "quantized 4-bit" in done.stdout and "FutureWarning" not in done.stderr
+
+
 def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
