@@ -114,7 +114,9 @@ def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
     missing = [name for name in ("num_hidden_layers", "num_attention_heads", "hidden_size") if not hasattr(text, name)]
     if missing:
         raise ValueError(
-            f"config ({type(config).__name__}) is not a decoder language-model config: it has no {', '.join(missing)}"
+            f"config ({type(config).__name__}) is not a decoder language-model config with attention: it has no "
+            f"{', '.join(missing)} (state-space models such as Mamba keep a recurrent state, not per-token keys "
+            "and values; use transformers' own cache for them)"
         )
     return text
 
@@ -178,11 +180,20 @@ def _rope(text: PreTrainedConfig, kind: str, rotated_dim: int, slot: str) -> tup
     return Rope(inv_freq, layout=layout, slot=slot), None
 
 
+def _kv_heads(text: PreTrainedConfig, layer: PreTrainedConfig) -> int:
+    """KV heads of the cached tensors."""
+    if text.model_type == "falcon":  # multi-query (Falcon-7B) caches 1 head; the new architecture all heads
+        if layer.new_decoder_architecture or not layer.multi_query:
+            return layer.num_attention_heads if layer.new_decoder_architecture else layer.num_kv_heads
+        return 1
+    return getattr(layer, "num_key_value_heads", None) or layer.num_attention_heads
+
+
 def _channels(text: PreTrainedConfig, layer: PreTrainedConfig, mla_latent: bool) -> tuple[int, int, int, int, str]:
     """KV heads, key and value channels of the cached tensors, rotated channels, and the slot they sit in."""
     if mla_latent:
         return 1, layer.kv_lora_rank, layer.qk_rope_head_dim, layer.qk_rope_head_dim, "values"
-    kv_heads = getattr(layer, "num_key_value_heads", None) or layer.num_attention_heads
+    kv_heads = _kv_heads(text, layer)
     head_dim = getattr(layer, "head_dim", None) or layer.hidden_size // layer.num_attention_heads
     rotated = (getattr(layer, "rotary_dim", None) or head_dim) if text.model_type in ROTARY_DIM_MODELS else head_dim
     return kv_heads, head_dim, head_dim, rotated, "keys"

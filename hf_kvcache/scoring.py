@@ -164,6 +164,10 @@ def enable_score_capture(model: PreTrainedModel) -> PreTrainedModel:
 
     Needed before a score-based cache is passed to the model. Outputs are unchanged: the original
     attention still computes them, and scores are only computed for score-based caches' layers.
+
+    Raises:
+        ValueError: another attention implementation, or a model whose attention does not go through
+            transformers' `AttentionInterface` (e.g. Falcon), so that scores could never be captured.
     """
     current = model.config._attn_implementation
     if current.startswith(CAPTURE_PREFIX):
@@ -174,6 +178,12 @@ def enable_score_capture(model: PreTrainedModel) -> PreTrainedModel:
             "Load it with attn_implementation='sdpa' or 'eager'."
         )
     model.set_attn_implementation(CAPTURE_PREFIX + current)
+    if model.config._attn_implementation != CAPTURE_PREFIX + current:  # transformers only logs the refusal
+        raise ValueError(
+            f"{type(model).__name__} does not take attention functions from transformers' AttentionInterface, "
+            "so score capture cannot be enabled and score-based caches (HeavyHitterCache, TOVACache, "
+            "SnapKVCache) cannot serve it; use a cache without score-based eviction"
+        )
     return model
 
 

@@ -88,6 +88,18 @@ MATRIX_CONFIGS = {
         vocab_size_per_layer_input=256,
         hidden_size_per_layer_input=16,
     ),
+    "llama4-chunked": lambda: transformers.Llama4TextConfig(
+        **_GQA,
+        head_dim=16,
+        intermediate_size_mlp=128,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        attention_chunk_size=8,
+        no_rope_layers=[1, 0],
+    ),
+    "falcon-multi-query": lambda: transformers.FalconConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0
+    ),
     "qwen3-next-linear-hybrid": lambda: transformers.Qwen3NextConfig(
         **{**_GQA, **_layer_types("linear_attention", "full_attention")},
         head_dim=16,
@@ -104,6 +116,8 @@ MATRIX_CONFIGS = {
 _CLASSIC = ("llama", "llama-rope-scaling", "qwen2", "qwen3", "mistral", "mistral-sliding", "phi3", "gpt2")
 # transformers itself offers only eager attention for these.
 EAGER_ONLY = ("gemma2-softcap", "gpt-oss-sinks")
+# Families whose attention does not go through transformers' AttentionInterface: no score capture.
+NO_ATTENTION_INTERFACE = ("falcon-multi-query",)
 MATRIX = ["llama", "mistral-sliding", "qwen2", "qwen3", "gpt2", *MATRIX_CONFIGS]
 
 

@@ -131,6 +131,18 @@ def test_multimodal_rope_is_refused_for_sink_rerotation():
     QuantizedCache(config)  # a cache that never moves keys serves it
 
 
+def test_a_config_with_fewer_layers_than_the_model_is_refused_at_the_first_extra_layer():
+    model = make_tiny_model("llama", layers=3)
+    cache = SinkCache(tiny_config("llama", layers=2))
+    with pytest.raises(ValueError, match=r"built from a config with 2 layers, but the model updates layer 2"):
+        model(torch.tensor([[5, 6]]), **{CACHE_KWARG: cache})
+
+
+def test_a_state_space_config_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"has no num_attention_heads \(state-space models such as Mamba"):
+        QuantizedCache(transformers.MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2))
+
+
 def test_cache_built_for_another_model_is_refused_at_its_first_update():
     model = make_tiny_model("llama")  # head_dim 16, 2 KV heads
     cache = QuantizedCache(tiny_config("phi3-head96"))

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MATRIX, make_tiny_model
+from conftest import MATRIX, NO_ATTENTION_INTERFACE, make_tiny_model
 from helpers import chunked_logits, dynamic_logits, left_padded_batch, random_ids
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -204,9 +204,9 @@ class ProbeCache(ScoredCache):
         return ProbeLayer(layer, budget=10**6, storage=storage)
 
 
-SCORED_FAMILIES = [
-    arch for arch in MATRIX if arch not in ("qwen3-next-linear-hybrid", "mistral-sliding")
-]  # full layers
+SCORED_FAMILIES = [  # families with full-attention layers and score capture
+    arch for arch in MATRIX if arch not in ("qwen3-next-linear-hybrid", "mistral-sliding", *NO_ATTENTION_INTERFACE)
+]
 
 
 @pytest.mark.parametrize("arch", SCORED_FAMILIES)

@@ -20,7 +20,7 @@ try:  # transformers >= 5.22: a layer that reads another layer's KV (Gemma 4) st
 except ImportError:  # older versions drop such layers from the layer list instead
     DummyLayer = None
 
-from hf_kvcache.caches.masking import announce
+from hf_kvcache.caches.masking import announce, install_mask_corrections
 from hf_kvcache.caches.storage import FullPrecisionStore, KVStore, QuantizedStore, TokenQuantizedStore
 from hf_kvcache.geometry import SHARED_KIND, LayerGeometry, ModelGeometry, model_geometry
 from hf_kvcache.quant.packing import SUPPORTED_BITS, packed_size
@@ -285,6 +285,7 @@ class KVCache(Cache):
         self.geometry: ModelGeometry = model_geometry(config)
         self.geometry.refuse_unserved(type(self).__name__)
         self.storage = storage
+        install_mask_corrections()
         super().__init__(layers=[self.layer_for(layer) for layer in self.geometry.layers])
 
     def layer_for(self, layer: LayerGeometry) -> CacheLayerMixin:
@@ -302,6 +303,14 @@ class KVCache(Cache):
         window_layer = WindowLayer(layer, storage, window=model_window)
         window_layer.is_sliding = True
         return window_layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"{type(self).__name__} was built from a config with {len(self.layers)} layers, but the model updates "
+                f"layer {layer_idx}. Build the cache from the config of the model it is used with (`model.config`)."
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         kv_length, kv_offset = super().get_mask_sizes(query_length, layer_idx)

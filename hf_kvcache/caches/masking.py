@@ -1,10 +1,16 @@
-"""Padding masks for caches whose kept tokens are not contiguous (attention sinks).
+"""Masks for caches that keep other tokens than transformers assumes.
 
-transformers looks up the padding status of stored token `j` at its *labelled* position
-`kv_offset + j`. A sink cache labels its sinks just before the window, so in a left-padded batch a
-row whose sinks are padding would read "real token" there and attend to padding. The sdpa and eager
-mask functions are wrapped (through transformers' own `AttentionMaskInterface.register`) so that a
-layer announced by `KVCache.get_mask_sizes` can move the sinks' true padding status onto their labels.
+The sdpa and eager mask functions are wrapped (through transformers' own `AttentionMaskInterface.register`)
+so that the layer announced by `KVCache.get_mask_sizes` can correct two assumptions:
+
+- Padding of non-contiguous kept tokens (attention sinks): transformers looks up the padding status of
+  stored token `j` at its *labelled* position `kv_offset + j`. A sink cache labels its sinks just before
+  the window, so in a left-padded batch a row whose sinks are padding would read "real token" there and
+  attend to padding; the layer moves the sinks' true padding status onto their labels.
+- Chunked attention (Llama 4): SDPA's mask may be skipped (left to `is_causal`) when fewer keys than the
+  chunk size are attended, which holds for a cache that keeps whole chunks but not for a smaller window,
+  whose keys can still straddle a chunk boundary. For a chunked layer the mask is always built.
+
 Masks for any other cache or model pass through unchanged.
 """
 
@@ -23,23 +29,25 @@ def announce(layer: object, kv_offset: int) -> None:
     _announced.request = (layer, kv_offset)
 
 
-def _relabelled(mask_function: Callable) -> Callable:
-    def mask_with_relabelled_padding(*args, attention_mask=None, kv_offset=0, **kwargs):
+def _corrected(mask_function: Callable) -> Callable:
+    def mask_with_corrections(*args, attention_mask=None, kv_offset=0, **kwargs):
         layer, expected_offset = getattr(_announced, "request", None) or (None, None)
         _announced.request = None
-        relabel = getattr(layer, "relabel_padding_mask", None)
-        is_padding_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
-        if relabel and expected_offset == kv_offset and is_padding_mask:
-            attention_mask = relabel(attention_mask, kv_offset)
+        if expected_offset == kv_offset:
+            relabel = getattr(layer, "relabel_padding_mask", None)
+            if relabel and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+                attention_mask = relabel(attention_mask, kv_offset)
+            if getattr(getattr(layer, "geometry", None), "kind", None) == "chunked_attention":
+                kwargs["allow_is_causal_skip"] = False
         return mask_function(*args, attention_mask=attention_mask, kv_offset=kv_offset, **kwargs)
 
-    mask_with_relabelled_padding.wrapped = mask_function
-    return mask_with_relabelled_padding
+    mask_with_corrections.wrapped = mask_function
+    return mask_with_corrections
 
 
-def install_padding_relabelling() -> None:
+def install_mask_corrections() -> None:
     """Wrap the sdpa and eager mask functions once (idempotent)."""
     for name in _WRAPPED_IMPLEMENTATIONS:
         current = AttentionMaskInterface._global_mapping[name]
         if not hasattr(current, "wrapped"):
-            AttentionMaskInterface.register(name, _relabelled(current))
+            AttentionMaskInterface.register(name, _corrected(current))

@@ -8,7 +8,6 @@ import torch
 from transformers import PreTrainedConfig
 
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer, check_non_negative
-from hf_kvcache.caches.masking import install_padding_relabelling
 from hf_kvcache.caches.window import check_window
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
@@ -90,7 +89,6 @@ class SinkCache(KVCache):
                 "e.g. sink_tokens=4, window=1020."
             )
         self.sink_tokens, self.window, self.rerotate = sink_tokens, window, rerotate
-        install_padding_relabelling()
         super().__init__(config, Storage(bits, group_size, residual_length, rotate))
 
     def layer_for(self, layer: LayerGeometry):

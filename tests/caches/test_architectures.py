@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import EAGER_ONLY, MATRIX, tiny_config
+from conftest import EAGER_ONLY, MATRIX, NO_ATTENTION_INTERFACE, tiny_config
 from eviction_reference import dense_on_kept
 from helpers import random_ids
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -38,8 +38,11 @@ CACHES = {
     "snapkv": lambda config: SnapKVCache(config, budget=64),
 }
 LINEAR_ATTENTION = r"cannot serve qwen3_next layer 0 \(linear_attention\): this layer keeps a recurrent state"
+NO_SCORE_CAPTURE = r"FalconForCausalLM does not take attention functions from transformers' AttentionInterface"
+SCORE_CACHES = ("h2o", "tova", "snapkv")
 REFUSED = {
     **{("qwen3-next-linear-hybrid", cache): LINEAR_ATTENTION for cache in CACHES},
+    **{(arch, cache): NO_SCORE_CAPTURE for arch in NO_ATTENTION_INTERFACE for cache in SCORE_CACHES},
     ("gpt2", "sink"): r"gpt2 layer 0 \(full_attention\) has no rotary position embedding.*rerotate=False",
     ("gpt2", "sink-4bit"): r"gpt2 layer 0 \(full_attention\) has no rotary position embedding.*rerotate=False",
 }
@@ -50,6 +53,14 @@ CELLS = [
     for attn in ("eager", "sdpa")
     if not (attn == "sdpa" and arch in EAGER_ONLY)
 ]
+
+
+def widen_model_window(config) -> None:
+    """Sinks take room in a sliding or chunked layer's window (tested in test_sink.py); widen the model's
+    window so that nothing is evicted."""
+    for name in ("sliding_window", "attention_chunk_size"):
+        if getattr(config, name, None):
+            setattr(config, name, 64)
 
 
 def model_from(config, attn: str):
@@ -68,18 +79,21 @@ def feed(model, ids: torch.Tensor, cache) -> torch.Tensor:
 @pytest.mark.parametrize(("arch", "cache_name", "attn"), CELLS)
 def test_matrix_cell_equals_dynamic_cache_or_is_refused(arch, cache_name, attn):
     config = tiny_config(arch)
-    if cache_name.startswith("sink") and getattr(config, "sliding_window", None):
-        # sinks take room in a sliding layer's window (tested in test_sink.py): here nothing may be evicted
-        config.sliding_window = 64
+    if cache_name.startswith("sink"):
+        widen_model_window(config)
     model = model_from(config, attn)
-    if cache_name in ("h2o", "tova", "snapkv"):
-        enable_score_capture(model)
+
+    def build():
+        if cache_name in SCORE_CACHES:
+            enable_score_capture(model)
+        return CACHES[cache_name](model.config)
+
     if (arch, cache_name) in REFUSED:
         with pytest.raises(ValueError, match=REFUSED[arch, cache_name]):
-            CACHES[cache_name](model.config)
+            build()
         return
     ids = random_ids(model, 2, 16)
-    cache = CACHES[cache_name](model.config)
+    cache = build()
     expected = feed(model, ids, DynamicCache(config=model.config))
     actual = feed(model, ids, cache)
     if cache_name == "quantized-8bit":
@@ -100,7 +114,7 @@ ROPE_FAMILIES = [arch for arch in MATRIX if arch not in ("gpt2", "qwen3-next-lin
 def silence_other_layers(model, probe: int) -> None:
     """Zero the attention output of every layer but `probe`: the other layers then act on each token alone,
     so a dense run over the kept tokens is an exact reference for what the probed layer's cache holds."""
-    pattern = re.compile(r"layers\.(\d+)\.(self_attn|attention)\.(o_proj|dense)$")
+    pattern = re.compile(r"(?:layers|h)\.(\d+)\.(?:self_attn|attention|self_attention)\.(?:o_proj|dense)$")
     with torch.no_grad():
         for name, module in model.named_modules():
             if (found := pattern.search(name)) and int(found.group(1)) != probe:
@@ -123,8 +137,7 @@ def test_sink_eviction_on_every_layer_kind_equals_a_dense_run_on_the_kept_tokens
     """Each layer re-rotates its sinks with its own RoPE (Gemma 3's local base, Gemma 4's head sizes, NoPE
     layers not at all, DeepSeek-V3's rotated latent in the value slot, interleaved pairs in Cohere 2)."""
     config = tiny_config(arch)
-    if getattr(config, "sliding_window", None):
-        config.sliding_window = 64  # the model's own window stays wider than sinks + window
+    widen_model_window(config)  # the model's own window stays wider than sinks + window
     model = model_from(config, "eager")
     silence_other_layers(model, probe)
     ids = random_ids(model, 1, 30, seed=3)
@@ -159,3 +172,24 @@ def test_score_caches_evict_on_every_kind_of_layer(arch, cache_class):
             assert layer.stored_tokens == min(20, geometry.window - 1)
     out = model.generate(ids, max_new_tokens=3, do_sample=False, **{CACHE_KWARG: cache})
     assert out.shape == (2, 23)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("cache_name", ["window", "sink"])
+def test_window_smaller_than_a_chunk_still_gets_the_chunk_mask(attn, cache_name):
+    """Llama 4's chunked layers, chunk 16, a cache keeping fewer tokens: SDPA must not drop the mask (it
+    would let the first queries of a chunk see the end of the previous one). Within the second chunk the
+    model attends only to that chunk's tokens, all kept, so the logits equal DynamicCache's."""
+    config = tiny_config("llama4-chunked")
+    config.num_hidden_layers, config.no_rope_layers, config.attention_chunk_size = 1, [1], 16
+    model = model_from(config, attn)
+    cache = SlidingWindowCache(config, window=10) if cache_name == "window" else SinkCache(config, 2, 10)
+    ids = random_ids(model, 1, 26)
+    logits = torch.cat([model(ids[:, t : t + 1], **{CACHE_KWARG: cache}).logits for t in range(26)], dim=1)
+    with torch.no_grad():
+        expected = model(ids).logits
+    if cache_name == "window":
+        torch.testing.assert_close(logits[:, 16:26], expected[:, 16:26], atol=2e-5, rtol=1e-4)
+    else:  # sinks sit before the window; only the tokens of the chunk itself are visible
+        assert model_geometry(config).layers[0].kind == "chunked_attention"
+        torch.testing.assert_close(logits[:, 16:22], expected[:, 16:22], atol=2e-5, rtol=1e-4)

@@ -188,6 +188,24 @@ def test_bad_input_is_refused_clearly():
         SinkCache(tiny_config("mistral-sliding"), sink_tokens=12, window=12)
 
 
+def test_sinks_inside_a_models_sliding_window_equal_a_dense_run_on_the_kept_tokens(attn):
+    """Mistral with a window of 12: the sliding layer keeps its 2 sinks + the last 9 tokens (11 = the 12-token
+    window less the query), so it differs from DynamicCache by design and equals a dense run on those."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("mistral-sliding", attn, layers=1)
+    ids = random_ids(model, 1, 30)
+    cache = SinkCache(model.config, sink_tokens=SINKS, window=WINDOW)
+    assert cache.layers[0].window == 9
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            logits = model(ids[:, t : t + 1], past_key_values=cache).logits
+            if t > SINKS + 9:
+                kept = list(range(SINKS)) + list(range(t - 9, t))
+                expected = dense_on_kept(model, ids, kept, [t], first_label=t - len(kept))
+                torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_models_without_rope_run_with_rerotate_false():
     from conftest import make_tiny_model
 
