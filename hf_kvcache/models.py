@@ -86,7 +86,12 @@ def load_model(
     `name_or_path`: hub id or local folder; None uses the packaged SmolLM2-135M-Instruct.
     `dtype`: torch dtype or its name ("float32", "bfloat16", "float16"); default float32.
     `device`: where to put the model; default CPU.
+
+    Raises:
+        ValueError: a device this torch cannot use (a malformed name, CUDA on a CPU-only build).
+        OSError: a hub id while the hub is unreachable and the model is not in the local cache.
     """
+    device = check_device(device)
     source = default_model_path() if name_or_path is None else name_or_path
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -106,4 +111,18 @@ def load_model(
             f"{source} is not a local folder, the Hugging Face hub is unreachable, and the model is not in "
             "the local Hugging Face cache; pass a local folder (or leave the model out for the packaged one)"
         ) from error
-    return model.to(device or "cpu").eval(), tokenizer
+    return model.to(device).eval(), tokenizer
+
+
+def check_device(device: torch.device | str | None) -> torch.device:
+    """The torch device for `device` (None: CPU), or a ValueError before any model is loaded."""
+    try:
+        resolved = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device ({error})") from None
+    if resolved.type != "cpu":
+        backend = getattr(torch, resolved.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"device={device!r}: this torch has no usable {resolved.type} device")
+    return resolved

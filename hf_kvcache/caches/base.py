@@ -23,15 +23,10 @@ except ImportError:  # older versions drop such layers from the layer list inste
 from hf_kvcache.caches.masking import announce, install_mask_corrections
 from hf_kvcache.caches.storage import FullPrecisionStore, KVStore, QuantizedStore, TokenQuantizedStore
 from hf_kvcache.geometry import SHARED_KIND, LayerGeometry, ModelGeometry, model_geometry
-from hf_kvcache.quant.packing import SUPPORTED_BITS, packed_size
+from hf_kvcache.quant.packing import check_bits, packed_size
+from hf_kvcache.validation import check_bool, check_int, check_optional_int
 
 DEFAULT_GROUP_SIZE = 32
-
-
-def check_non_negative(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r} must be an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -50,6 +45,16 @@ class Storage:
     rotate: bool = True
     token_wise: bool = False
 
+    def __post_init__(self) -> None:
+        if self.bits is not None:
+            try:
+                check_bits(self.bits)
+            except ValueError as error:
+                raise ValueError(f"{error} (or None for full precision)") from None
+        check_optional_int("group_size", self.group_size, minimum=1)
+        check_int("residual_length", self.residual_length)
+        check_bool("rotate", self.rotate)
+
     def grouped_channels(self, layer: LayerGeometry) -> int:
         """The channel count every group must divide: values, and keys too when keys are grouped per token."""
         return math.gcd(layer.value_dim, layer.key_dim) if self.token_wise else layer.value_dim
@@ -58,18 +63,12 @@ class Storage:
         """This storage with the group size resolved for `layer`; a ValueError names the layer if it cannot hold it."""
         if self.bits is None:
             return self
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(
-                f"bits={self.bits!r} is not supported; accepted values: "
-                f"{', '.join(map(str, SUPPORTED_BITS))} (or None for full precision)"
-            )
-        check_non_negative(residual_length=self.residual_length)
         channels = self.grouped_channels(layer)
         divisors = [d for d in range(1, channels + 1) if channels % d == 0]
         group_size = self.group_size
         if group_size is None:
             group_size = max(d for d in divisors if d <= DEFAULT_GROUP_SIZE)
-        elif not isinstance(group_size, int) or group_size not in divisors:
+        elif group_size not in divisors:
             raise ValueError(
                 f"group_size={group_size!r} must divide the {channels} grouped channels of {layer.describe()} "
                 f"(key channels {layer.key_dim}, value channels {layer.value_dim}); accepted values: "

@@ -8,6 +8,7 @@ from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
 from hf_kvcache.caches.storage import TensorMap
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
+from hf_kvcache.validation import check_choice
 
 ACCUMULATIONS = ("sum", "mean")
 
@@ -100,10 +101,10 @@ class HeavyHitterCache(ScoredCache):
         residual_length: int = 128,
         rotate: bool = True,
     ):
-        recent = budget // 2 if recent is None and isinstance(budget, int) else recent
+        check_budget(budget)
+        recent = budget // 2 if recent is None else recent
         check_budget(budget, recent=recent)
-        if accumulate not in ACCUMULATIONS:
-            raise ValueError(f"accumulate={accumulate!r} is not supported; accepted values: {', '.join(ACCUMULATIONS)}")
+        check_choice("accumulate", accumulate, ACCUMULATIONS)
         self.budget, self.recent, self.accumulate = budget, recent, accumulate
         super().__init__(config, per_head, bits, group_size, residual_length, rotate)
 

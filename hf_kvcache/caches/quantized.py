@@ -2,9 +2,11 @@
 
 from transformers import PreTrainedConfig
 
-from hf_kvcache.caches.base import KVCache, KVLayer, Storage, check_non_negative
+from hf_kvcache.caches.base import KVCache, KVLayer, Storage
 from hf_kvcache.geometry import LayerGeometry
+from hf_kvcache.quant.packing import check_bits
 from hf_kvcache.registry import register_cache
+from hf_kvcache.validation import check_int
 
 
 class QuantizedCache(KVCache):
@@ -39,7 +41,8 @@ class QuantizedCache(KVCache):
         sink_tokens: int = 4,
         rotate: bool = True,
     ):
-        check_non_negative(sink_tokens=sink_tokens)
+        check_bits(bits)  # None (full precision) is not a quantized cache
+        check_int("sink_tokens", sink_tokens)
         self.sink_tokens = sink_tokens
         super().__init__(config, Storage(bits, group_size, residual_length, rotate))
 

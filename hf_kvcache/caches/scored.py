@@ -27,15 +27,14 @@ from hf_kvcache.caches.base import FULL_PRECISION, KVCache, KVLayer, Storage
 from hf_kvcache.caches.storage import TensorMap
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.scoring import announce_update
+from hf_kvcache.validation import check_bool, check_int
 
 
 def check_budget(budget: int, **others: int) -> None:
     """`budget` must be an int >= 1 and every other value an int in [0, budget]."""
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ValueError(f"budget={budget!r} must be an integer >= 1 (tokens kept per layer and KV head)")
+    check_int("budget", budget, minimum=1)
     for name, value in others.items():
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= budget:
-            raise ValueError(f"{name}={value!r} must be an integer between 0 and budget={budget}")
+        check_int(name, value, 0, budget, maximum_name=f"budget={budget}")
 
 
 def refuse_rollback(layer: object) -> None:
@@ -129,5 +128,6 @@ class ScoredCache(KVCache):
         residual_length: int,
         rotate: bool,
     ):
+        check_bool("per_head", per_head)
         self.per_head = per_head
         super().__init__(config, Storage(bits, group_size, residual_length, rotate, token_wise=True))

@@ -7,10 +7,10 @@ right before the window (`Rope.shift` of each layer), so positions inside the ca
 import torch
 from transformers import PreTrainedConfig
 
-from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer, check_non_negative
-from hf_kvcache.caches.window import check_window
+from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
+from hf_kvcache.validation import check_bool, check_int
 
 
 class SinkLayer(WindowLayer):
@@ -80,8 +80,9 @@ class SinkCache(KVCache):
         rotate: bool = True,
         rerotate: bool = True,
     ):
-        check_non_negative(sink_tokens=sink_tokens)
-        check_window(window)
+        check_int("sink_tokens", sink_tokens)
+        check_int("window", window, minimum=1)
+        check_bool("rerotate", rerotate)
         if window < sink_tokens:
             raise ValueError(
                 f"window={window} is smaller than sink_tokens={sink_tokens}: `window` counts the recent tokens "

@@ -7,6 +7,7 @@ from hf_kvcache.caches.base import FULL_PRECISION, Storage
 from hf_kvcache.caches.scored import ScoredCache, ScoredLayer, check_budget
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
+from hf_kvcache.validation import check_choice, check_int
 
 POOLINGS = ("max", "avg")
 
@@ -89,12 +90,11 @@ class SnapKVCache(ScoredCache):
         rotate: bool = True,
     ):
         check_budget(budget, observation_window=observation_window)
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        check_int("observation_window", observation_window, minimum=1)
+        check_int("kernel_size", kernel_size, minimum=1)
+        if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size={kernel_size!r} must be an odd integer >= 1")
-        if observation_window < 1:
-            raise ValueError(f"observation_window={observation_window!r} must be an integer >= 1")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported; accepted values: {', '.join(POOLINGS)}")
+        check_choice("pooling", pooling, POOLINGS)
         self.budget, self.observation_window = budget, observation_window
         self.kernel_size, self.pooling = kernel_size, pooling
         super().__init__(config, per_head, bits, group_size, residual_length, rotate)

@@ -5,11 +5,7 @@ from transformers import PreTrainedConfig
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage, WindowLayer
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.registry import register_cache
-
-
-def check_window(window: int, name: str = "window") -> None:
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"{name}={window!r} must be an integer >= 1")
+from hf_kvcache.validation import check_int
 
 
 class SlidingWindowCache(KVCache):
@@ -31,7 +27,7 @@ class SlidingWindowCache(KVCache):
         residual_length: int = 128,
         rotate: bool = True,
     ):
-        check_window(window)
+        check_int("window", window, minimum=1)
         self.window = window
         super().__init__(config, Storage(bits, group_size, residual_length, rotate))
 

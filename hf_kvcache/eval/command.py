@@ -1,6 +1,7 @@
 """`hf-kvcache eval`: the evaluation tool on the command line (table, results.json/csv, PNG plots)."""
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import transformers
@@ -90,7 +91,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def writable_folder(folder: str) -> Path:
+    """`folder`, created if needed and checked by writing into it, before any work (results are never lost
+    to an output path found unusable after an hour of evaluation)."""
+    output = Path(folder)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {folder}: is a file, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output {folder}: cannot write there ({error.strerror or error})") from None
+    return output
+
+
 def run(args: argparse.Namespace) -> None:
+    output = writable_folder(args.output)
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()
     model = args.model
@@ -113,8 +130,6 @@ def run(args: argparse.Namespace) -> None:
     )
     from hf_kvcache.eval.plots import write_plots
 
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     results.write_json(output / "results.json")
     results.write_csv(output / "results.csv")
     plots = write_plots(results, output)

@@ -56,17 +56,27 @@ def bundled_text(dataset: str) -> str:
         return gzip.decompress(handle.read()).decode("utf-8")
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"dataset file {path} is not UTF-8 text: byte {error.start} ({error.reason})") from None
+
+
 def _from_file(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8")
+        return _read_utf8(path)
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{path}:{number}: each JSON line needs a string 'text' field")
             texts.append(record["text"])

@@ -6,6 +6,7 @@ precision); in token mode it is one token (each token sees only the cache).
 """
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from transformers.cache_utils import Cache
 
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.eval.memory import cache_bytes
+
+MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
 
 
 @dataclass
@@ -31,7 +34,7 @@ class PassRecord:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll.mean().item())
+        return perplexity_of(self.nll.mean().item())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -97,4 +100,10 @@ def full_sequence_nll(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.
 
 def bucket_perplexity(nll: torch.Tensor, bucket_size: int) -> list[float]:
     """Perplexity of consecutive buckets of `bucket_size` predicted tokens (the last may be shorter)."""
-    return [math.exp(part.mean().item()) for part in nll.split(bucket_size)]
+    return [perplexity_of(part.mean().item()) for part in nll.split(bucket_size)]
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean NLL), or infinity when that overflows a float (a mean NLL above ~709.8 nats: an untrained or
+    diverged model), so that every result is still reported and written."""
+    return math.exp(mean_nll) if mean_nll < MAX_EXP_ARGUMENT else math.inf

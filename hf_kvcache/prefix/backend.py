@@ -3,6 +3,8 @@
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+from hf_kvcache.validation import check_optional_int
+
 
 class BackendError(RuntimeError):
     """The backend could not be reached or failed; the store treats it as a miss and recomputes."""
@@ -34,5 +36,7 @@ class Backend(ABC):
 
 
 def check_max_bytes(max_bytes: int | None) -> None:
-    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
-        raise ValueError(f"max_bytes={max_bytes!r} must be a positive integer (bytes) or None for no limit")
+    try:
+        check_optional_int("max_bytes", max_bytes, minimum=1)
+    except ValueError as error:
+        raise ValueError(f"{error} (bytes; None for no limit)") from None

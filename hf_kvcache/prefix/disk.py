@@ -28,6 +28,8 @@ class DiskBackend(Backend):
 
     def __init__(self, path: str | os.PathLike, max_bytes: int | None = 10 << 30):
         check_max_bytes(max_bytes)
+        if not isinstance(path, str | os.PathLike) or not str(path):
+            raise ValueError(f"path={path!r} must be a non-empty directory path (str or os.PathLike)")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes

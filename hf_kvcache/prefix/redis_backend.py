@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hf_kvcache.prefix.backend import Backend, BackendError
+from hf_kvcache.validation import check_number, check_optional_int, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +44,24 @@ class RedisBackend(Backend):
             from redis.retry import Retry
         except ImportError as error:
             raise ImportError("RedisBackend needs redis-py: pip install 'hf_kvcache[prefix]'") from error
-        if ttl is not None and (not isinstance(ttl, int) or ttl <= 0):
-            raise ValueError(f"ttl={ttl!r} must be a positive number of seconds or None")
-        if retry_after < 0:
-            raise ValueError(f"retry_after={retry_after!r} must be >= 0 seconds")
+        check_text("url", url)
+        check_text("prefix", prefix)
+        try:
+            check_optional_int("ttl", ttl, minimum=1)
+        except ValueError as error:
+            raise ValueError(f"{error} (seconds)") from None
+        check_number("socket_timeout", socket_timeout, unit="seconds")
+        check_number("socket_connect_timeout", socket_connect_timeout, unit="seconds")
+        check_number("retry_after", retry_after, inclusive=True, unit="seconds")
         # One quick retry covers a pooled connection left stale by a server restart.
         redis_kwargs.setdefault("retry", Retry(NoBackoff(), 1))
         self.client = redis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout, **redis_kwargs
         )
+        try:  # builds a connection object without connecting: unknown keywords fail here, not at first use
+            self.client.connection_pool.make_connection().disconnect()
+        except TypeError as error:
+            raise ValueError(f"RedisBackend: a keyword is not a redis-py connection option: {error}") from None
         self.prefix = prefix
         self.ttl = ttl
         self.retry_after = retry_after

@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache
 from hf_kvcache.prefix.backend import Backend, BackendError
 from hf_kvcache.prefix.codec import BlockKV, CorruptBlock, decode_block, encode_block
 from hf_kvcache.prefix.keys import block_keys, model_fingerprint
+from hf_kvcache.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ class PrefixCache:
             raise ValueError(
                 f"backend={backend!r} must be a prefix backend: MemoryBackend, DiskBackend or RedisBackend"
             )
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"block_size={block_size!r} must be a positive integer (tokens per block)")
+        check_int("block_size", block_size, minimum=1)
         self.backend = backend
         self.block_size = block_size
         self._counts = dict.fromkeys(_COUNTERS, 0)

@@ -6,12 +6,13 @@ then be sliced, gathered or evicted without touching their neighbours.
 
 import torch
 
+from hf_kvcache.validation import check_choice
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported; accepted values: {', '.join(map(str, SUPPORTED_BITS))}")
+    check_choice("bits", bits, SUPPORTED_BITS)
 
 
 def packed_size(channels: int, bits: int) -> int:

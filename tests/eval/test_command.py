@@ -5,6 +5,7 @@ import sys
 
 import matplotlib.pyplot as plt
 import pytest
+import torch
 from conftest import make_tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -102,11 +103,18 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
         (["--max-tokens", "100000", "--cache", "dynamic"], "--max-tokens 100,000 is more than the 900 tokens"),
         (["--cache", "nope"], "unknown cache 'nope'"),
         (["--cache", "quantized:bits=5,group_size=16"], "bits=5 is not supported"),
+        (["--output", "text.txt"], "--output text.txt: is a file, not a folder"),
+        (["--output", "text.txt/results"], "--output text.txt/results: cannot write there"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nodevice"], "device="),
+        (["--dataset", "latin1.txt"], "dataset file latin1.txt is not UTF-8 text: byte 3"),
+        (["--dataset", "broken.jsonl"], "broken.jsonl:3: not valid JSON"),
     ],
 )
 def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "text.txt").write_text("0123456789" * 90, encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n\n{"text": oops}\n', encoding="utf-8")
     argv = ["eval", "--model", str(tiny_model_dir), "--dataset", "text.txt", "--no-progress", *extra]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()

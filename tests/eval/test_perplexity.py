@@ -70,3 +70,21 @@ def test_real_model_dynamic_matches_full_forward(real_model):
     result = evaluate(["dynamic"], model=model, input_ids=ids, chunk_size=128, decode_tokens=1, progress=False)
     assert result.results[0].perplexity == pytest.approx(reference, rel=1e-4)
     assert 5 < reference < 40
+
+
+def test_an_overflowing_perplexity_is_reported_as_infinite_and_written(tmp_path):
+    """A diverged model (mean NLL above ~709.8 nats) gets an infinite perplexity with its mean NLL, not an
+    OverflowError, and every output file is written."""
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)
+    ids = random_ids(model, 1, 40)
+    run = evaluate(
+        ["dynamic", "quantized:bits=4,group_size=8"], model=model, input_ids=ids, chunk_size=8, progress=False
+    )
+    for result in run.results:
+        assert result.mean_nll > 710 and result.perplexity == math.inf
+        assert all(value == math.inf for value in result.bucket_perplexity)
+    run.write_json(tmp_path / "results.json")
+    run.write_csv(tmp_path / "results.csv")
+    assert "Infinity" in (tmp_path / "results.json").read_text() and "inf" in run.table()
