@@ -311,6 +311,11 @@ class KVCache(Cache):
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def load(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """Append stored KV of tokens no attention runs over now (a prefix restored from a store): held as an
+        update would hold it (quantized, windowed), but no attention scores are awaited for it."""
+        KVLayer.update(self.layers[layer_idx], key_states, value_states)
+
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         kv_length, kv_offset = super().get_mask_sizes(query_length, layer_idx)
         if layer_idx < len(self.layers):

@@ -43,11 +43,11 @@ class HeavyHitterLayer(ScoredLayer):
         observers_of_new = torch.arange(new, 0, -1, dtype=torch.float32, device=scores.device).expand(
             *scores.shape[:2], -1
         )
-        if self.scores is None:
-            self.scores, self.observers = scores, observers_of_new
-        else:  # tokens new in this forward start from zero
-            self.scores = scores + torch.nn.functional.pad(self.scores, (0, new))
-            self.observers = torch.cat([self.observers + new, observers_of_new], dim=-1)
+        if self.scores is None:  # tokens held before the first scored forward (a restored prefix) start from zero
+            self.scores = self.observers = scores.new_zeros((*scores.shape[:2], scores.shape[-1] - new))
+        # tokens new in this forward start from zero
+        self.scores = scores + torch.nn.functional.pad(self.scores, (0, new))
+        self.observers = torch.cat([self.observers + new, observers_of_new], dim=-1)
         stored = self.scores.shape[-1]
         if stored <= self.budget:
             return None

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from hf_kvcache.caches.base import KVCache
 from hf_kvcache.prefix.backend import Backend, BackendError
 from hf_kvcache.prefix.codec import BlockKV, CorruptBlock, decode_block, encode_block
 from hf_kvcache.prefix.keys import block_keys, model_fingerprint
@@ -110,10 +111,11 @@ class PrefixCache:
         fingerprint = model_fingerprint(model)
         keys = block_keys(fingerprint, tokens[:usable], self.block_size)
         blocks = self._fetch(keys, fingerprint) if keys else []
+        feed = cache.load if isinstance(cache, KVCache) else cache.update  # score caches await no scores for it
         for layer in range(len(blocks[0]) if blocks else 0):
             keys_states = torch.cat([block[layer][0] for block in blocks], dim=-2)
             value_states = torch.cat([block[layer][1] for block in blocks], dim=-2)
-            cache.update(keys_states[None].to(model.device), value_states[None].to(model.device), layer)
+            feed(keys_states[None].to(model.device), value_states[None].to(model.device), layer)
         restored = len(blocks) * self.block_size
         self._count(lookups=1, hits=len(blocks), misses=len(keys) - len(blocks), tokens_reused=restored)
         return restored

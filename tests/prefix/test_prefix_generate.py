@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_model
 from helpers import random_ids
 
-from hf_kvcache import QuantizedCache
+from hf_kvcache import HeavyHitterCache, QuantizedCache, SnapKVCache, TOVACache, enable_score_capture
 from hf_kvcache.prefix import MemoryBackend, PrefixCache, generate_with_prefix_cache
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
@@ -124,3 +124,25 @@ def test_non_empty_cache_is_refused():
         model(random_ids(model, 1, 3), past_key_values=cache)
     with pytest.raises(ValueError, match="empty"):
         generate_with_prefix_cache(model, random_ids(model, 1, 9), PrefixCache(MemoryBackend()), past_key_values=cache)
+
+
+@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
+def test_score_caches_take_restored_prefixes(cache_class):
+    """A hit feeds the restored KV without running attention over it: score caches must not wait for scores
+    (they raised ScoreCaptureError on every second request). With a budget that evicts nothing the warm
+    output is plain generate's; with a small budget warm requests run and the cache keeps its budget."""
+    model = enable_score_capture(make_tiny_model("llama"))
+    store = PrefixCache(MemoryBackend(), block_size=8)
+    for ids in prompts(model):
+        reference = model.generate(ids, **GREEDY)
+        for _ in range(2):
+            output = generate_with_prefix_cache(
+                model, ids, store, cache=cache_class(model.config, budget=256), **GREEDY
+            )
+            assert torch.equal(output, reference)
+    assert store.stats()["hits"] > 0
+    extra = {"observation_window": 4} if cache_class is SnapKVCache else {}
+    for _ in range(2):
+        small = cache_class(model.config, budget=16, **extra)
+        output = generate_with_prefix_cache(model, prompts(model)[0], store, cache=small, **GREEDY)
+        assert output.shape == (1, 40 + 6) and small.layers[0].stored_tokens <= 16 + 6
