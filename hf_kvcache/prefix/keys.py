@@ -14,38 +14,63 @@ import transformers
 from transformers import PreTrainedModel
 
 # Bump when the stored layout changes: old entries then become unreachable misses.
-LAYOUT_VERSION = "hf_kvcache.prefix/1"
-_SAMPLED_PARAMETERS = 4
-_SAMPLES_PER_PARAMETER = 4096
+LAYOUT_VERSION = "hf_kvcache.prefix/2"
+_SAMPLES_PER_TENSOR = 1024
+
+_DIGEST_ATTRIBUTE = "_hf_kvcache_digest"  # kept on each tensor: ((data pointer, autograd version), digest)
 
 
-def _parameter_digest(model: PreTrainedModel) -> str:
-    """Hash of the names, shapes and a strided sample of a few parameter tensors (first, middle, last)."""
-    named = list(model.named_parameters())
-    if not named:
-        return "no-parameters"
-    picks = sorted({round(i * (len(named) - 1) / (_SAMPLED_PARAMETERS - 1)) for i in range(_SAMPLED_PARAMETERS)})
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of all of `tensor`'s bytes; recomputed only when its storage or autograd version changes."""
+    stamp = (tensor.data_ptr(), tensor._version)
+    cached = getattr(tensor, _DIGEST_ATTRIBUTE, None)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    digest = hashlib.sha256(_bytes_of(tensor)).hexdigest()
+    setattr(tensor, _DIGEST_ATTRIBUTE, (stamp, digest))
+    return digest
+
+
+def _sample_digest(tensor: torch.Tensor) -> bytes:
+    """A strided sample of `tensor`, read on every lookup: edits through `.data` do not bump the version."""
+    flat = tensor.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)].contiguous().cpu()
+    return sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b""
+
+
+def _weights_digest(model: PreTrainedModel) -> str:
+    """Hash of every parameter and buffer: names, shapes, dtypes and all bytes (adapters included)."""
     digest = hashlib.sha256()
-    for index in picks:
-        name, parameter = named[index]
-        flat = parameter.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_PARAMETER)].to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{_tensor_digest(tensor)}".encode())
+        digest.update(_sample_digest(tensor))
     return digest.hexdigest()
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
-    """A hex digest of what determines a model's KV: config, dtype, name, sampled weights, library versions."""
+    """A hex digest of what determines a model's KV: config, dtype, attention implementation, every weight
+    and buffer (all bytes: any change, an adapter or another checkpoint at the same path is a new
+    fingerprint), and library versions.
+
+    Cost: every tensor's bytes are hashed once (sha256; measured 0.35 s for the packaged 135M-parameter fp32
+    model's 538 MB on one CPU core, 1.5 GB/s, so about 11 s for an 8B-parameter bf16 model's 16 GB) and again
+    only when the tensor changes (its autograd version or storage); each lookup then costs the re-read of a
+    1,024-element sample of every tensor (4.6 ms on the packaged model), which also catches most edits made
+    through `.data`, which autograd does not count.
+    """
     from hf_kvcache import __version__
 
-    config = model.config.to_dict()
     identity = {
         "layout": LAYOUT_VERSION,
-        "config": config,
+        "config": model.config.to_dict(),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "dtype": str(model.dtype),
-        "name_or_path": str(getattr(model, "name_or_path", "")),
-        "parameters": _parameter_digest(model),
+        "weights": _weights_digest(model),
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "hf_kvcache": __version__},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()

@@ -36,6 +36,40 @@ def test_fingerprint_tells_models_apart():
     assert model_fingerprint(model.to(torch.bfloat16)) != model_fingerprint(model.to(torch.float32))
 
 
+def test_fingerprint_covers_every_weight_adapters_and_attention():
+    """Any weight, not a sample: one element of a middle v_proj changed in place, a checkpoint loaded into the
+    same object, an adapter's new parameters, another attention implementation: each a new fingerprint."""
+    model = make_tiny_model("llama", layers=3)
+    before = model_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[5, 7] += 1e-3
+    edited = model_fingerprint(model)
+    assert edited != before
+    model.load_state_dict(make_tiny_model("llama", seed=3, layers=3).state_dict())
+    assert model_fingerprint(model) not in (before, edited)
+    reloaded = model_fingerprint(model)
+    adapter = torch.nn.Linear(16, 4, bias=False)
+    model.model.layers[2].self_attn.k_proj.register_module("lora_A", adapter)
+    assert model_fingerprint(model) != reloaded
+    eager = make_tiny_model("llama", "eager", layers=3)
+    assert model_fingerprint(eager) != model_fingerprint(make_tiny_model("llama", "sdpa", layers=3))
+
+
+def test_fingerprint_hashes_each_tensor_once_until_it_changes(monkeypatch):
+    from hf_kvcache.prefix import keys
+
+    model = make_tiny_model("llama")
+    model_fingerprint(model)
+    hashed = []
+    monkeypatch.setattr(keys, "_bytes_of", lambda tensor: hashed.append(tensor) or memoryview(b"x"))
+    model_fingerprint(model)
+    assert hashed == []  # nothing changed: every tensor's digest is reused
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model_fingerprint(model)
+    assert len(hashed) == 1  # only the changed tensor is read in full again
+
+
 def random_block(dtype=torch.float32, layers=3, tokens=8):
     generator = torch.Generator().manual_seed(0)
     return [
