@@ -18,8 +18,9 @@ class Backend(ABC):
         """Values of `keys[0]`, `keys[1]`, ... up to (not including) the first missing key."""
 
     @abstractmethod
-    def put(self, key: str, value: bytes) -> None:
-        """Store `value` under `key` (replacing any old value); may evict other entries."""
+    def put(self, key: str, value: bytes) -> bool:
+        """Store `value` under `key` (replacing any old value); may evict other entries. False when the value
+        was not kept (larger than the whole budget)."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

@@ -56,12 +56,12 @@ class DiskBackend(Backend):
                 os.utime(path)
         return found
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes) -> bool:
         if self.max_bytes is not None and len(value) > self.max_bytes:
-            return
+            return False
         path = self.file(key)
         try:
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)  # the store folder itself may have been deleted
             handle, temp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=SUFFIX)
             try:
                 with os.fdopen(handle, "wb") as out:
@@ -75,10 +75,15 @@ class DiskBackend(Backend):
         with self._lock:
             self._bytes += len(value)
             if self.max_bytes is not None and self._bytes > self.max_bytes:
-                self._evict()
+                self._evict(newest=path)
+        return True
 
     def delete(self, key: str) -> None:
-        self.file(key).unlink(missing_ok=True)
+        path = self.file(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            raise BackendError(f"cannot delete {path}: {error}") from error
 
     def _files(self) -> list[tuple[float, int, Path]]:
         """(access stamp, size, path) of every block file; drops temporary files left by dead writers."""
@@ -95,15 +100,29 @@ class DiskBackend(Backend):
                 path.unlink(missing_ok=True)
         return entries
 
-    def _evict(self) -> None:
+    def _evict(self, newest: Path) -> None:
+        """Delete the least recently used files until the store fits `max_bytes`. Files that cannot be deleted
+        (permissions) are skipped; if the store still does not fit, the file just written goes too, and the
+        write fails: the store never grows past its budget."""
         entries = sorted(self._files(), key=lambda entry: entry[0])
         self._bytes = sum(size for _, size, _ in entries)
+        stuck = []
         for _, size, path in entries:
             if self._bytes <= self.max_bytes:
-                break
-            path.unlink(missing_ok=True)
+                return
+            if path == newest:
+                continue
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                stuck.append(f"{path.name}: {error.strerror or error}")
+                continue
             self._bytes -= size
             self._evictions += 1
+        if self._bytes > self.max_bytes:
+            with contextlib.suppress(OSError):
+                newest.unlink(missing_ok=True)
+            raise BackendError(f"over max_bytes={self.max_bytes} and {len(stuck)} files cannot be deleted ({stuck[0]})")
 
     def nbytes(self) -> int:
         return sum(size for _, size, _ in self._files())

@@ -63,6 +63,12 @@ def _prompt(inputs: Any, generate_kwargs: dict) -> tuple[torch.Tensor, torch.Ten
             raise ValueError(f"{name}={generate_kwargs[name]!r} is not supported with a prefix store; accepted: 1")
     if generate_kwargs.get("use_cache") is False:
         raise ValueError("use_cache=False leaves nothing to restore or save; accepted: use_cache=True")
+    for name in ("output_hidden_states", "output_attentions"):
+        if generate_kwargs.get(name):
+            raise ValueError(
+                f"{name}=True is not supported with a prefix store: restored prompt tokens are not run through "
+                "the model, so a hit would return them for the uncomputed tail only; call model.generate for them"
+            )
     return input_ids, attention_mask
 
 

@@ -33,9 +33,9 @@ class MemoryBackend(Backend):
                 found.append(value)
         return found
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes) -> bool:
         if self.max_bytes is not None and len(value) > self.max_bytes:
-            return
+            return False
         with self._lock:
             old = self._entries.pop(key, None)
             self._bytes += len(value) - (len(old) if old is not None else 0)
@@ -44,6 +44,7 @@ class MemoryBackend(Backend):
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= len(evicted)
                 self._evictions += 1
+        return True
 
     def delete(self, key: str) -> None:
         with self._lock:

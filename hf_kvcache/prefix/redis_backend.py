@@ -81,11 +81,11 @@ class RedisBackend(Backend):
             result = operation()
         except self._errors as error:
             if self._down_until == 0.0:
-                logger.warning("Redis at %s failed (%s); recomputing until it is back", self._server, error)
+                logger.debug("Redis at %s failed (%s)", self._server, error)  # the store warns once per outage
             self._down_until = time.monotonic() + self.retry_after
             raise BackendError(f"Redis at {self._server}: {error}") from error
         if self._down_until:
-            logger.info("Redis at %s is reachable again", self._server)
+            logger.debug("Redis at %s is reachable again", self._server)
             self._down_until = 0.0
         return result
 
@@ -105,17 +105,22 @@ class RedisBackend(Backend):
                     pipe.get(self.prefix + key)
                 else:
                     pipe.getex(self.prefix + key, ex=self.ttl)
-            return pipe.execute()
+            return pipe.execute(raise_on_error=False)  # one bad entry is not an outage
 
         found = []
-        for value in self._call(fetch):
+        for key, value in zip(keys, self._call(fetch)):
+            if isinstance(value, self._errors):  # e.g. another client stored a list under this key
+                logger.warning("Redis entry %s%s… is unusable (%s); deleting it", self.prefix, key[:16], value)
+                self.delete(key)
+                break
             if value is None:
                 break
             found.append(value)
         return found
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes) -> bool:
         self._call(lambda: self.client.set(self.prefix + key, value, ex=self.ttl))
+        return True
 
     def delete(self, key: str) -> None:
         self._call(lambda: self.client.delete(self.prefix + key))

@@ -54,6 +54,7 @@ class PrefixCache:
         self.backend = backend
         self.block_size = block_size
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._outage = False
         self._lock = threading.Lock()
 
     def _count(self, **amounts: int) -> None:
@@ -66,9 +67,9 @@ class PrefixCache:
         try:
             values = self.backend.get_prefix(keys)
         except BackendError as error:
-            logger.warning("prefix store unavailable, recomputing: %s", error)
-            self._count(errors=1)
+            self._unavailable("recomputing", error)
             return []
+        self._available()
         blocks: list[BlockKV] = []
         for key, data in zip(keys, values):
             try:
@@ -90,6 +91,20 @@ class PrefixCache:
             self.backend.delete(key)
         except BackendError as error:
             logger.warning("could not delete prefix store entry %s…: %s", key[:16], error)
+
+    def _unavailable(self, consequence: str, error: BackendError) -> None:
+        """Count a backend failure; warn once per outage (the next success logs the recovery)."""
+        self._count(errors=1)
+        with self._lock:
+            first, self._outage = not self._outage, True
+        if first:
+            logger.warning("prefix store unavailable, %s until it is back: %s", consequence, error)
+
+    def _available(self) -> None:
+        with self._lock:
+            recovered, self._outage = self._outage, False
+        if recovered:
+            logger.warning("prefix store is reachable again: %r", self.backend)
 
     @torch.no_grad()
     def restore(
@@ -146,10 +161,12 @@ class PrefixCache:
             block = [(k[0, :, begin:end], v[0, :, begin:end]) for k, v in layers]
             data = encode_block(keys[index], fingerprint, block)
             try:
-                self.backend.put(keys[index], data)
+                stored = self.backend.put(keys[index], data)
             except BackendError as error:
-                logger.warning("prefix store unavailable, blocks not saved: %s", error)
-                self._count(errors=1)
+                self._unavailable("blocks not saved", error)
+                break
+            self._available()
+            if not stored:  # larger than the backend's whole budget
                 break
             saved += 1
             self._count(blocks_saved=1, bytes_stored=len(data))

@@ -153,3 +153,24 @@ def test_redis_password_is_passed_through(redis_server):
 def test_bad_arguments_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_disk_store_never_grows_past_its_budget_when_old_files_cannot_be_deleted(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    backend = DiskBackend(tmp_path, max_bytes=200)
+    backend.put("aa" * 16, b"x" * 100)
+    backend.put("bb" * 16, b"y" * 100)
+    old, real_unlink = set(tmp_path.glob("*/*.safetensors")), Path.unlink
+
+    def old_files_stay(path, missing_ok=False):
+        if path in old:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", old_files_stay)
+    with pytest.raises(BackendError, match="over max_bytes=200 and 2 files cannot be deleted"):
+        backend.put("cc" * 16, b"z" * 100)
+    assert backend.nbytes() == 200 and backend.get_prefix(["cc" * 16]) == []
+    with pytest.raises(BackendError, match="cannot delete"):
+        backend.delete("aa" * 16)

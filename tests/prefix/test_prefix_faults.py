@@ -116,3 +116,117 @@ def test_outage_is_skipped_for_retry_after_seconds(redis_server):
     with pytest.raises(BackendError, match="unavailable"):
         backend.get_prefix(["ab" * 32])
     assert RedisBackend(redis_server.url).get_prefix(["ab" * 32]) == []  # the server itself is back
+
+
+def warnings_of(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+class FlakyBackend(MemoryBackend):
+    """A memory backend whose every call fails while `down` is set."""
+
+    down = False
+
+    def get_prefix(self, keys):
+        if self.down:
+            raise BackendError("connection refused")
+        return super().get_prefix(keys)
+
+    def put(self, key, value):
+        if self.down:
+            raise BackendError("connection refused")
+        return super().put(key, value)
+
+
+def test_an_outage_warns_once_and_its_recovery_once(model, caplog):
+    store = PrefixCache(FlakyBackend(), block_size=8)
+    ids = random_ids(model, 1, 30)
+    reference = model.generate(ids, **GREEDY)
+    store.backend.down = True
+    with caplog.at_level(logging.WARNING, logger="hf_kvcache.prefix"):
+        for _ in range(5):
+            assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+        store.backend.down = False
+        for _ in range(2):
+            assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+    messages = warnings_of(caplog)
+    assert len(messages) == 2 and "unavailable" in messages[0] and "reachable again" in messages[1]
+    assert store.stats()["errors"] == 10 and store.stats()["hits"] == 3  # 5 lookups + 5 saves failed
+
+
+def test_a_redis_entry_of_the_wrong_type_is_one_unusable_entry(model, redis_server, caplog):
+    """Another client wrote a list under a block's key: that block is a miss, repaired by the next save."""
+    import redis
+
+    store = PrefixCache(RedisBackend(redis_server.url), block_size=8)
+    ids = random_ids(model, 1, 30)
+    reference = model.generate(ids, **GREEDY)
+    generate_with_prefix_cache(model, ids, store, **GREEDY)
+    key = block_keys(model_fingerprint(model), ids[0].tolist(), 8)[1]
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(store.backend.prefix + key)
+    client.rpush(store.backend.prefix + key, b"not a block")
+    with caplog.at_level(logging.WARNING, logger="hf_kvcache.prefix"):
+        assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+    assert "unusable" in caplog.text and "unavailable" not in caplog.text
+    for _ in range(3):
+        assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+    assert store.stats()["hits"] == 1 + 3 * 3 and client.type(store.backend.prefix + key) == b"string"
+
+
+def test_disk_store_faults_never_escape(model, tmp_path, monkeypatch, caplog):
+    """A damaged file that cannot be deleted, old files that cannot be evicted, the store folder deleted:
+    every request is answered (misses), the store stays within max_bytes, and comes back by itself."""
+    import shutil
+    from pathlib import Path
+
+    ids = random_ids(model, 1, 30)
+    reference = model.generate(ids, **GREEDY)
+    store = PrefixCache(DiskBackend(tmp_path / "store"), block_size=8)
+    generate_with_prefix_cache(model, ids, store, **GREEDY)
+    damage_second_block(store, model, ids, DAMAGES["corrupt"])
+    real_unlink = Path.unlink
+
+    def read_only_unlink(path, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)  # as a read-only store (root ignores chmod)
+    for _ in range(2):
+        assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+    block_bytes = store.backend.nbytes() // 3
+    small = PrefixCache(DiskBackend(tmp_path / "small", max_bytes=3 * block_bytes), block_size=8)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    generate_with_prefix_cache(model, ids, small, **GREEDY)  # fills the budget
+    old = set((tmp_path / "small").glob("*/*.safetensors"))
+
+    def old_files_stay(path, missing_ok=False):  # old files sit in read-only folders, new ones do not
+        return read_only_unlink(path) if path in old else real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", old_files_stay)
+    for seed in range(3):
+        other = random_ids(model, 1, 30, seed=20 + seed)
+        assert torch.equal(generate_with_prefix_cache(model, other, small, **GREEDY), model.generate(other, **GREEDY))
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    # the budget is full of files that cannot go: each new block is refused (one error per request), and
+    # nothing raised out of generate
+    assert small.backend.nbytes() <= 3 * block_bytes and small.stats()["errors"] == 3
+    assert old <= set((tmp_path / "small").glob("*/*.safetensors"))
+    shutil.rmtree(tmp_path / "store")
+    for _ in range(2):
+        assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+    assert store.stats()["hits"] >= 3  # the folder was created again and the blocks stored again
+
+
+def test_blocks_larger_than_the_budget_are_not_counted_as_saved(model):
+    store = PrefixCache(MemoryBackend(max_bytes=100), block_size=8)
+    generate_with_prefix_cache(model, random_ids(model, 1, 30), store, **GREEDY)
+    assert store.stats()["blocks_saved"] == 0 and store.stats()["bytes_stored"] == 0
+
+
+def test_hidden_states_and_attentions_are_refused_rather_than_cut(model):
+    store = PrefixCache(MemoryBackend(), block_size=8)
+    for name in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=f"{name}=True is not supported with a prefix store"):
+            generate_with_prefix_cache(
+                model, random_ids(model, 1, 30), store, return_dict_in_generate=True, **{name: True}
+            )
