@@ -11,6 +11,7 @@ reads `config.head_dim` or a global RoPE.
 import importlib
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedConfig
 
 from hf_kvcache.rope import Rope, inverse_frequencies
@@ -91,6 +92,24 @@ class ModelGeometry:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def difference(self, other: "ModelGeometry") -> str | None:
+        """The first fact in which `other` differs from this geometry, described, or None if they agree."""
+        if self.num_layers != other.num_layers:
+            return f"{self.num_layers} layers here, {other.num_layers} in the model"
+        for mine, theirs in zip(self.layers, other.layers):
+            for name in ("kind", "window", "kv_heads", "key_dim", "value_dim", "positions"):
+                if getattr(mine, name) != getattr(theirs, name):
+                    return f"{mine.describe()}: {name} {getattr(mine, name)} here, {getattr(theirs, name)} in the model"
+            if (mine.rope is None) != (theirs.rope is None) or (
+                mine.rope is not None
+                and (
+                    (mine.rope.layout, mine.rope.slot) != (theirs.rope.layout, theirs.rope.slot)
+                    or not torch.equal(mine.rope.inv_freq, theirs.rope.inv_freq)
+                )
+            ):
+                return f"{mine.describe()}: its rotary embedding (frequencies or layout) differs from the model's"
+        return None
 
     def refuse_unserved(self, cache_name: str) -> None:
         """Raise a ValueError naming the first layer whose kind no hf_kvcache cache can hold."""

@@ -172,6 +172,19 @@ def make_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0,
     return model.eval()
 
 
+def save_tiny_model_folder(folder: Path) -> Path:
+    """A tiny random Llama with a 256-symbol byte-level tokenizer, saved as a local model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    make_tiny_model("llama").save_pretrained(folder)
+    vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param

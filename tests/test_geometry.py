@@ -131,11 +131,13 @@ def test_multimodal_rope_is_refused_for_sink_rerotation():
     QuantizedCache(config)  # a cache that never moves keys serves it
 
 
-def test_a_config_with_fewer_layers_than_the_model_is_refused_at_the_first_extra_layer():
+def test_a_config_with_fewer_layers_than_the_model_is_refused():
     model = make_tiny_model("llama", layers=3)
-    cache = SinkCache(tiny_config("llama", layers=2))
+    with pytest.raises(ValueError, match=r"does not match this model \(2 layers here, 3 in the model\)"):
+        model(torch.tensor([[5, 6]]), **{CACHE_KWARG: SinkCache(tiny_config("llama", layers=2))})
+    keys = torch.zeros(1, 2, 1, 16)  # and where no mask is built (a direct update), at the extra layer
     with pytest.raises(ValueError, match=r"built from a config with 2 layers, but the model updates layer 2"):
-        model(torch.tensor([[5, 6]]), **{CACHE_KWARG: cache})
+        SinkCache(tiny_config("llama", layers=2)).update(keys, keys, 2)
 
 
 def test_a_state_space_config_is_refused_with_the_reason():
@@ -143,8 +145,24 @@ def test_a_state_space_config_is_refused_with_the_reason():
         QuantizedCache(transformers.MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2))
 
 
-def test_cache_built_for_another_model_is_refused_at_its_first_update():
+def test_a_config_of_the_same_shapes_but_another_rope_or_window_is_refused_before_attention():
+    """The mask functions receive the model's config: a cache built from another one says what differs."""
+    model = make_tiny_model("llama")
+    other_rope = tiny_config("llama")
+    other_rope.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    with pytest.raises(ValueError, match=r"layer 0 \(full_attention\): its rotary embedding .* differs"):
+        model(torch.tensor([[5, 6]]), **{CACHE_KWARG: SinkCache(other_rope, sink_tokens=1, window=4)})
+    sliding = make_tiny_model("mistral-sliding")
+    with pytest.raises(ValueError, match=r"kind full_attention here, sliding_attention in the model"):
+        sliding(torch.tensor([[5, 6]]), **{CACHE_KWARG: QuantizedCache(tiny_config("mistral"))})
+    copy = tiny_config("llama")  # another object, same geometry: served
+    model(torch.tensor([[5, 6]]), **{CACHE_KWARG: SinkCache(copy, sink_tokens=1, window=4)})
+
+
+def test_cache_built_for_another_model_is_refused():
     model = make_tiny_model("llama")  # head_dim 16, 2 KV heads
-    cache = QuantizedCache(tiny_config("phi3-head96"))
+    with pytest.raises(ValueError, match=r"key_dim 96 here, 16 in the model"):
+        model(torch.tensor([[5, 6]]), **{CACHE_KWARG: QuantizedCache(tiny_config("phi3-head96"))})
+    keys = torch.zeros(1, 2, 1, 16)  # where no mask is built (a direct update): at the first update
     with pytest.raises(ValueError, match=r"built from a config with 2 KV heads, 96 key and 96 value channels"):
-        model(torch.tensor([[5, 6]]), **{CACHE_KWARG: cache})
+        QuantizedCache(tiny_config("phi3-head96")).update(keys, keys, 0)

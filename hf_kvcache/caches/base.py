@@ -284,6 +284,7 @@ class KVCache(Cache):
         self.geometry: ModelGeometry = model_geometry(config)
         self.geometry.refuse_unserved(type(self).__name__)
         self.storage = storage
+        self._checked_config: PreTrainedConfig | None = config
         install_mask_corrections()
         super().__init__(layers=[self.layer_for(layer) for layer in self.geometry.layers])
 
@@ -319,8 +320,22 @@ class KVCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         kv_length, kv_offset = super().get_mask_sizes(query_length, layer_idx)
         if layer_idx < len(self.layers):
-            announce(self.layers[layer_idx], kv_offset)
+            announce(self.layers[layer_idx], kv_offset, self)
         return kv_length, kv_offset
+
+    def check_model_config(self, config: PreTrainedConfig) -> None:
+        """Refuse a model whose config gives another geometry than the one this cache was built from (a
+        different RoPE, window or layer layout would serve wrongly rotated or windowed KV). Checked once per
+        config object: a cache built from `model.config` costs nothing."""
+        if config is self._checked_config:
+            return
+        difference = self.geometry.difference(model_geometry(config))
+        if difference:
+            raise ValueError(
+                f"{type(self).__name__} was built from a config that does not match this model ({difference}). "
+                "Build the cache from the config of the model it is used with (`model.config`)."
+            )
+        self._checked_config = config
 
     def memory_bytes(self) -> int:
         """Bytes this cache really holds, summed over layers."""

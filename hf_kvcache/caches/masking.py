@@ -7,6 +7,9 @@ so that the layer announced by `KVCache.get_mask_sizes` can correct two assumpti
   stored token `j` at its *labelled* position `kv_offset + j`. A sink cache labels its sinks just before
   the window, so in a left-padded batch a row whose sinks are padding would read "real token" there and
   attend to padding; the layer moves the sinks' true padding status onto their labels.
+- A cache built from another model's config: transformers passes the model's config to the mask
+  function, so the cache compares it (once per config object) with the geometry it was built for, and
+  refuses a different RoPE, window or layer layout before any wrong attention is computed.
 - Chunked attention (Llama 4): SDPA's mask may be skipped (left to `is_causal`) when fewer keys than the
   chunk size are attended, which holds for a cache that keeps whole chunks but not for a smaller window,
   whose keys can still straddle a chunk boundary. For a chunked layer the mask is always built.
@@ -24,16 +27,19 @@ _announced = threading.local()
 _WRAPPED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def announce(layer: object, kv_offset: int) -> None:
-    """Called right before transformers builds the mask for `layer` with this `kv_offset`."""
-    _announced.request = (layer, kv_offset)
+def announce(layer: object, kv_offset: int, cache: object = None) -> None:
+    """Called right before transformers builds the mask for `layer` (of `cache`) with this `kv_offset`."""
+    _announced.request = (layer, kv_offset, cache)
 
 
 def _corrected(mask_function: Callable) -> Callable:
     def mask_with_corrections(*args, attention_mask=None, kv_offset=0, **kwargs):
-        layer, expected_offset = getattr(_announced, "request", None) or (None, None)
+        layer, expected_offset, cache = getattr(_announced, "request", None) or (None, None, None)
         _announced.request = None
         if expected_offset == kv_offset:
+            check_model_config = getattr(cache, "check_model_config", None)
+            if check_model_config and kwargs.get("config") is not None:
+                check_model_config(kwargs["config"])
             relabel = getattr(layer, "relabel_padding_mask", None)
             if relabel and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 attention_mask = relabel(attention_mask, kv_offset)

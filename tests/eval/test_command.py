@@ -6,9 +6,7 @@ import sys
 import matplotlib.pyplot as plt
 import pytest
 import torch
-from conftest import make_tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import save_tiny_model_folder
 
 from hf_kvcache import models as model_loading
 from hf_kvcache.cli import main
@@ -21,14 +19,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    """A tiny random Llama with a 256-symbol byte-level tokenizer, saved as a local model folder."""
-    folder = tmp_path / "tiny"
-    make_tiny_model("llama").save_pretrained(folder)
-    vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
-    return folder
+    return save_tiny_model_folder(tmp_path / "tiny")
 
 
 def test_cli_runs_without_deprecation_warnings(tiny_model_dir, tmp_path):
