@@ -40,11 +40,21 @@ DAMAGES = {
 }
 
 
+def make_backend(kind: str, tmp_path, request):
+    if kind == "memory":
+        return MemoryBackend()
+    if kind == "disk":
+        return DiskBackend(tmp_path)
+    return RedisBackend(request.getfixturevalue("redis_server").url)
+
+
+BACKENDS = ["memory", "disk", "redis"]
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
-@pytest.mark.parametrize("kind", ["memory", "disk"])
-def test_damaged_entry_is_a_logged_miss_then_rewritten(model, kind, damage, tmp_path, caplog):
-    backend = MemoryBackend() if kind == "memory" else DiskBackend(tmp_path)
-    store = PrefixCache(backend, block_size=8)
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_damaged_entry_is_a_logged_miss_then_rewritten(model, kind, damage, tmp_path, caplog, request):
+    store = PrefixCache(make_backend(kind, tmp_path, request), block_size=8)
     ids = random_ids(model, 1, 30)
     reference = model.generate(ids, **GREEDY)
     generate_with_prefix_cache(model, ids, store, **GREEDY)
@@ -58,9 +68,10 @@ def test_damaged_entry_is_a_logged_miss_then_rewritten(model, kind, damage, tmp_
     assert store.stats()["hits"] == 1 + 3  # the damaged block was recomputed and stored again
 
 
-def test_stale_entry_for_another_key_is_a_miss(model, caplog):
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_stale_entry_for_another_key_is_a_miss(model, kind, tmp_path, caplog, request):
     """Bytes of the right shape and a valid checksum, but written for another block, are refused."""
-    store = PrefixCache(MemoryBackend(), block_size=8)
+    store = PrefixCache(make_backend(kind, tmp_path, request), block_size=8)
     ids = random_ids(model, 1, 30)
     generate_with_prefix_cache(model, ids, store, **GREEDY)
     keys = block_keys(model_fingerprint(model), ids[0].tolist(), 8)
@@ -230,3 +241,17 @@ def test_hidden_states_and_attentions_are_refused_rather_than_cut(model):
             generate_with_prefix_cache(
                 model, random_ids(model, 1, 30), store, return_dict_in_generate=True, **{name: True}
             )
+
+
+def test_redis_flushed_mid_run_is_a_miss_then_refilled(model, redis_server):
+    import redis
+
+    store = PrefixCache(RedisBackend(redis_server.url), block_size=8)
+    ids = random_ids(model, 1, 30)
+    reference = model.generate(ids, **GREEDY)
+    generate_with_prefix_cache(model, ids, store, **GREEDY)
+    redis.Redis.from_url(redis_server.url).flushall()
+    for _ in range(2):
+        assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+    stats = store.stats()
+    assert (stats["hits"], stats["errors"]) == (3, 0)  # the flushed lookup missed, the next one hit
