@@ -95,5 +95,5 @@ def generate_with_prefix_cache(model: PreTrainedModel, inputs: Any, store: Prefi
         generate_kwargs["attention_mask"] = attention_mask
     with _PrefillRecorder(cache, input_ids.shape[1] - restored) as recorder:
         output = model.generate(input_ids=input_ids, **{CACHE_KWARG: cache}, **generate_kwargs)
-    store.save(model, input_ids, recorder.layers(), start=restored)
+    store.save(model, input_ids, recorder.layers(), start=restored, cache=cache)
     return output

@@ -76,6 +76,23 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def cache_signature(cache: object | None) -> str:
+    """What in a cache changes the KV a model computes after a restore: later tokens attend to what the
+    cache holds (quantized codes, an evicted window), so their KV depends on the cache's class and settings.
+    None stands for a cache that keeps every token exactly (`DynamicCache`)."""
+    if cache is None or type(cache).__name__ == "DynamicCache":
+        return "DynamicCache"
+    settings = {
+        name: value
+        for name, value in sorted(vars(cache).items())
+        if isinstance(value, bool | int | float | str | type(None)) and not name.startswith("_")
+    }
+    storage = getattr(cache, "storage", None)
+    if storage is not None:
+        settings["storage"] = repr(storage)
+    return f"{type(cache).__module__}.{type(cache).__qualname__}:{json.dumps(settings, sort_keys=True)}"
+
+
 def block_keys(fingerprint: str, token_ids: Sequence[int], block_size: int) -> list[str]:
     """Chain keys of the complete `block_size`-token blocks of `token_ids` (a trailing partial block has none)."""
     tokens = torch.as_tensor(list(token_ids), dtype=torch.int64)

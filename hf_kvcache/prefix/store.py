@@ -1,5 +1,6 @@
 """`PrefixCache`: restore the longest stored prefix of a prompt into a cache, and save new blocks."""
 
+import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from transformers.cache_utils import Cache
 from hf_kvcache.caches.base import KVCache
 from hf_kvcache.prefix.backend import Backend, BackendError
 from hf_kvcache.prefix.codec import BlockKV, CorruptBlock, decode_block, encode_block
-from hf_kvcache.prefix.keys import block_keys, model_fingerprint
+from hf_kvcache.prefix.keys import block_keys, cache_signature, model_fingerprint
 from hf_kvcache.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,12 @@ class PrefixCache:
             blocks.append(block)
         return blocks
 
+    @staticmethod
+    def fingerprint(model: PreTrainedModel, cache: Cache | None) -> str:
+        """The model's fingerprint combined with the cache's signature: KV computed after a restore through
+        a quantizing or evicting cache differs from full-precision KV, so each configuration has its own keys."""
+        return hashlib.sha256(f"{model_fingerprint(model)}:{cache_signature(cache)}".encode()).hexdigest()
+
     def _drop(self, key: str) -> None:
         try:
             self.backend.delete(key)
@@ -123,7 +130,7 @@ class PrefixCache:
             raise ValueError("cache must be empty: restore() fills a fresh cache")
         tokens = prompt_tokens(input_ids)
         usable = len(tokens) if max_tokens is None else max(0, min(len(tokens), max_tokens))
-        fingerprint = model_fingerprint(model)
+        fingerprint = self.fingerprint(model, cache)
         keys = block_keys(fingerprint, tokens[:usable], self.block_size)
         blocks = self._fetch(keys, fingerprint) if keys else []
         feed = cache.load if isinstance(cache, KVCache) else cache.update  # score caches await no scores for it
@@ -141,11 +148,14 @@ class PrefixCache:
         input_ids: torch.Tensor | Sequence[int],
         layers: list[tuple[torch.Tensor, torch.Tensor]],
         start: int = 0,
+        cache: Cache | None = None,
     ) -> int:
         """Store every complete block of the prompt covered by `layers`; returns the blocks written.
 
         `layers[i]` holds layer i's keys and values, shaped `(1, kv_heads, tokens, head_dim)`, for the
-        prompt's tokens `start, start + 1, ...`; `start` must be a multiple of `block_size`.
+        prompt's tokens `start, start + 1, ...`; `start` must be a multiple of `block_size`. `cache`: the
+        cache the model ran with while computing them (None: one that keeps every token exactly); blocks
+        are only ever restored into a cache of the same class and settings.
         """
         if start % self.block_size:
             raise ValueError(f"start={start} must be a multiple of block_size={self.block_size}")
@@ -153,7 +163,7 @@ class PrefixCache:
             raise ValueError("layers must hold one prompt (batch size 1)")
         tokens = prompt_tokens(input_ids)
         covered = min(len(tokens), start + min((k.shape[-2] for k, _ in layers), default=0))
-        fingerprint = model_fingerprint(model)
+        fingerprint = self.fingerprint(model, cache)
         keys = block_keys(fingerprint, tokens[:covered], self.block_size)
         saved = 0
         for index in range(start // self.block_size, len(keys)):

@@ -5,7 +5,14 @@ import torch
 from conftest import make_tiny_model
 from helpers import random_ids
 
-from hf_kvcache import HeavyHitterCache, QuantizedCache, SnapKVCache, TOVACache, enable_score_capture
+from hf_kvcache import (
+    HeavyHitterCache,
+    QuantizedCache,
+    SlidingWindowCache,
+    SnapKVCache,
+    TOVACache,
+    enable_score_capture,
+)
 from hf_kvcache.prefix import MemoryBackend, PrefixCache, generate_with_prefix_cache
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
@@ -146,3 +153,23 @@ def test_score_caches_take_restored_prefixes(cache_class):
         small = cache_class(model.config, budget=16, **extra)
         output = generate_with_prefix_cache(model, prompts(model)[0], store, cache=small, **GREEDY)
         assert output.shape == (1, 40 + 6) and small.layers[0].stored_tokens <= 16 + 6
+
+
+def test_kv_computed_through_an_approximate_cache_is_never_served_to_another_configuration():
+    """After a restore, the tail's KV is computed attending to what the cache holds (an evicted window,
+    quantized codes): it is stored under that cache's configuration and never restored into another."""
+    model = make_tiny_model("llama")
+    store = PrefixCache(MemoryBackend(), block_size=8)
+    ids = prompts(model)[0]
+
+    def window():
+        return SlidingWindowCache(model.config, window=6)
+
+    for _ in range(2):  # the second request restores blocks computed through the window
+        generate_with_prefix_cache(model, ids, store, cache=window(), **GREEDY)
+    assert store.stats()["hits"] == 4
+    reference = model.generate(ids, **GREEDY)
+    assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+    assert store.stats()["hits"] == 4  # a DynamicCache request found none of the window's blocks
+    generate_with_prefix_cache(model, ids, store, cache=window(), **GREEDY)
+    assert store.stats()["hits"] == 8  # the same configuration still finds its own
