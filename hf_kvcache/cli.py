@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (ValueError, RuntimeError, OSError) as error:
-        print(f"hf-kvcache {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line
+        print(f"hf-kvcache {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -50,6 +50,21 @@ def _layer_types(*kinds: str) -> dict:
 _MIXED = _layer_types("sliding_attention", "full_attention")
 _GQA = dict(COMMON_CONFIG, num_key_value_heads=2)
 
+# Multi-head latent attention (DeepSeek V2/V3): tiny latent, rotary and expert sizes.
+MLA_CONFIG = dict(
+    COMMON_CONFIG,
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    q_lora_rank=None,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    first_k_dense_replace=2,
+    moe_intermediate_size=32,
+)
+
 # The architecture matrix (DESIGN.md section 3): each family's own kind of layer difference.
 MATRIX_CONFIGS = {
     "mixtral": lambda: transformers.MixtralConfig(**_GQA, num_local_experts=4, num_experts_per_tok=2),
@@ -64,21 +79,7 @@ MATRIX_CONFIGS = {
     "gpt-oss-sinks": lambda: transformers.GptOssConfig(
         **{**_GQA, **_MIXED}, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8
     ),
-    "deepseek-v3-mla": lambda: transformers.DeepseekV3Config(
-        **COMMON_CONFIG,
-        num_key_value_heads=4,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        first_k_dense_replace=2,
-        moe_intermediate_size=32,
-        n_group=1,
-        topk_group=1,
-    ),
+    "deepseek-v3-mla": lambda: transformers.DeepseekV3Config(**MLA_CONFIG, n_group=1, topk_group=1),
     "cohere2-interleaved-nope": lambda: transformers.Cohere2Config(**{**_GQA, **_MIXED}, sliding_window=8),
     "gemma4-per-layer-dims": lambda: transformers.Gemma4TextConfig(
         **{**_GQA, **_MIXED},

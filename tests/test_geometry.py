@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from conftest import COMMON_CONFIG, MATRIX, make_tiny_model, tiny_config
+from conftest import COMMON_CONFIG, MATRIX, MLA_CONFIG, make_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM, DynamicCache, Qwen2VLConfig
 
 from hf_kvcache import QuantizedCache, SinkCache
@@ -30,18 +30,7 @@ MORE_FAMILIES = {
         attention_chunk_size=16,
         moe_layers=[],
     ),
-    "deepseek_v2": lambda: transformers.DeepseekV2Config(
-        **{**COMMON_CONFIG, "num_key_value_heads": 4},
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        first_k_dense_replace=2,
-        moe_intermediate_size=32,
-    ),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(**MLA_CONFIG),
     "helium": lambda: transformers.HeliumConfig(**_GQA, head_dim=16),
     "glm4": lambda: transformers.Glm4Config(**_GQA, head_dim=16),
     "ernie4_5": lambda: transformers.Ernie4_5Config(**_GQA, head_dim=16),

@@ -113,6 +113,13 @@ def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch
     assert message in error
 
 
+def test_cli_error_spanning_lines_is_printed_on_one(tiny_model_dir, tmp_path, capsys):
+    (tiny_model_dir / "tokenizer.json").unlink()  # transformers' error for this spans three lines
+    assert main(["eval", "--model", str(tiny_model_dir), "--no-progress", "--output", str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("hf-kvcache eval: error:")
+
+
 def test_cli_missing_model(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip() == f"hf-kvcache eval: error: model folder not found: {tmp_path / 'nowhere'}"
