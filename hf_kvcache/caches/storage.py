@@ -243,9 +243,15 @@ class QuantizedStore(ResidualQuantizedStore):
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._held()
+        if all(length == self.group_size for length in self.block_lengths[1:]):
+            # The usual case: only the oldest block may have lost tokens to eviction. Pad its codes back to a
+            # whole block so every block meets its statistics by broadcasting, then cut the padding off.
+            missing = self.group_size - self.block_lengths[0]
+            keys.codes = torch.nn.functional.pad(keys.codes, (0, 0, missing, 0))
+            return self._unrotated(dequantize(keys)[:, :, missing:], dequantize(values))
+        # Blocks cut short by `crop` in the middle: each token meets its block's statistics explicitly.
         codes = unpack_codes(keys.codes, self.bits).to(keys.scale.dtype)
-        whole = all(length == self.group_size for length in self.block_lengths)
-        repeats = self.group_size if whole else torch.tensor(self.block_lengths, device=codes.device)
+        repeats = torch.tensor(self.block_lengths, device=codes.device)
         scale, minimum = (t.repeat_interleave(repeats, dim=2) for t in (keys.scale, keys.minimum))
         return self._unrotated(torch.addcmul(minimum, codes, scale), dequantize(values))
 
