@@ -155,3 +155,14 @@ def test_cache_built_for_another_model_is_refused():
     keys = torch.zeros(1, 2, 1, 16)  # where no mask is built (a direct update): at the first update
     with pytest.raises(ValueError, match=r"built from a config with 2 KV heads, 96 key and 96 value channels"):
         QuantizedCache(tiny_config("phi3-head96")).update(keys, keys, 0)
+
+
+def test_the_old_rope_rotator_name_returns_a_layers_rope_with_a_deprecation_warning():
+    from hf_kvcache.rope import RopeRotator
+
+    config = tiny_config("gemma3-local-rope")
+    with pytest.warns(DeprecationWarning, match="RoPE differs per layer"):
+        rope = RopeRotator(config, 1)
+    assert rope is not None and torch.equal(rope.inv_freq, model_geometry(config).layers[1].rope.inv_freq)
+    with pytest.raises(ValueError, match="has no RoPE to shift"), pytest.warns(DeprecationWarning):
+        RopeRotator(tiny_config("gpt2"))
