@@ -61,7 +61,13 @@ CONFIG = tiny_config("llama")
 CONSTRUCTORS = {
     "QuantizedCache": (
         lambda **kw: QuantizedCache(CONFIG, **kw),
-        {**STORAGE, "bits": BITS, "sink_tokens": NON_NEGATIVE},
+        {
+            **STORAGE,
+            "bits": BITS,
+            "sink_tokens": NON_NEGATIVE,
+            "key_bits": OPTIONAL_BITS,
+            "key_group_size": OPTIONAL_POSITIVE,
+        },
     ),
     "SlidingWindowCache": (lambda **kw: SlidingWindowCache(CONFIG, **kw), {**STORAGE, "window": POSITIVE}),
     "SinkCache": (

@@ -36,7 +36,9 @@ class Storage:
 
     `group_size=None` picks, per layer, the largest group of at most 32 channels that divides the
     layer's value channels (and key channels when `token_wise`): 32 for head sizes 64/96/128/256, 20 for 80,
-    24 for 72. `for_layer` checks the settings against one layer and fills that in.
+    24 for 72. `key_bits` and `key_group_size` (None: `bits`, `group_size`) set the keys apart: their code
+    width, and their block of tokens (KIVI's per-channel keys) or group of channels (`token_wise`).
+    `for_layer` checks the settings against one layer and fills the groups in.
     """
 
     bits: int | None = None
@@ -44,6 +46,8 @@ class Storage:
     residual_length: int = 128
     rotate: bool = True
     token_wise: bool = False
+    key_bits: int | None = None
+    key_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits is not None:
@@ -51,7 +55,10 @@ class Storage:
                 check_bits(self.bits)
             except ValueError as error:
                 raise ValueError(f"{error} (or None for full precision)") from None
+        if self.key_bits is not None:
+            check_bits(self.key_bits, name="key_bits")
         check_optional_int("group_size", self.group_size, minimum=1)
+        check_optional_int("key_group_size", self.key_group_size, minimum=1)
         check_int("residual_length", self.residual_length)
         check_bool("rotate", self.rotate)
 
@@ -74,11 +81,19 @@ class Storage:
                 f"(key channels {layer.key_dim}, value channels {layer.value_dim}); accepted values: "
                 f"{', '.join(map(str, divisors))}, or None to choose per layer"
             )
-        for name, size in (("key", layer.key_dim), ("value", layer.value_dim)):
+        if self.token_wise and self.key_group_size is not None and layer.key_dim % self.key_group_size:
+            raise ValueError(
+                f"key_group_size={self.key_group_size!r} must divide the {layer.key_dim} key channels of "
+                f"{layer.describe()}"
+            )
+        for name, size, bits in (
+            ("key", layer.key_dim, self.key_bits or self.bits),
+            ("value", layer.value_dim, self.bits),
+        ):
             try:
-                packed_size(size, self.bits)
+                packed_size(size, bits)
             except ValueError as error:
-                raise ValueError(f"bits={self.bits}: {layer.describe()} has {size} {name} channels: {error}") from None
+                raise ValueError(f"bits={bits}: {layer.describe()} has {size} {name} channels: {error}") from None
         return dataclasses.replace(self, group_size=group_size)
 
     def new_store(self, keys: torch.Tensor, values: torch.Tensor) -> KVStore:
@@ -86,7 +101,16 @@ class Storage:
         if self.bits is None:
             return FullPrecisionStore(keys, values)
         store = TokenQuantizedStore if self.token_wise else QuantizedStore
-        return store(keys, values, self.bits, self.group_size, self.residual_length, self.rotate)
+        return store(
+            keys,
+            values,
+            self.bits,
+            self.group_size,
+            self.residual_length,
+            self.rotate,
+            self.key_bits,
+            self.key_group_size,
+        )
 
 
 FULL_PRECISION = Storage()

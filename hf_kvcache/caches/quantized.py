@@ -21,6 +21,9 @@ class QuantizedCache(KVCache):
         sink_tokens: first tokens kept in full precision for the whole generation (attention sinks).
         rotate: apply an orthonormal rotation to the channels before quantizing (Hadamard for a power-of-two
             head size, Hadamard x DCT otherwise; see `hf_kvcache.quant.rotation`).
+        key_bits: the keys' code width when it differs from the values' (`bits`); None: `bits`.
+        key_group_size: tokens per key block when it differs from `group_size` (smaller blocks follow
+            the keys' per-channel ranges more closely, for more statistics); None: `group_size`.
 
     Blocks are quantized once, when complete, and never re-quantized. `crop` removes the newest tokens at
     any depth (the remaining codes keep their statistics), so assisted and prompt-lookup decoding work.
@@ -40,11 +43,14 @@ class QuantizedCache(KVCache):
         residual_length: int = 128,
         sink_tokens: int = 4,
         rotate: bool = True,
+        key_bits: int | None = None,
+        key_group_size: int | None = None,
     ):
         check_bits(bits)  # None (full precision) is not a quantized cache
         check_int("sink_tokens", sink_tokens)
         self.sink_tokens = sink_tokens
-        super().__init__(config, Storage(bits, group_size, residual_length, rotate))
+        storage = Storage(bits, group_size, residual_length, rotate, key_bits=key_bits, key_group_size=key_group_size)
+        super().__init__(config, storage)
 
     def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> KVLayer:
         return KVLayer(layer, storage, head_tokens=self.sink_tokens)

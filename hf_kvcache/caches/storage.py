@@ -124,21 +124,36 @@ class ResidualQuantizedStore(KVStore):
     )
 
     def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, bits: int, group_size: int, residual_length: int, rotate: bool
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        bits: int,
+        group_size: int,
+        residual_length: int,
+        rotate: bool,
+        key_bits: int | None = None,
+        key_group_size: int | None = None,
     ):
-        check_bits(bits)
-        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        """`bits`/`group_size` are the values' (and the keys' unless `key_bits`/`key_group_size` are given)."""
+        self.value_bits, self.key_bits = bits, key_bits or bits
+        self.value_group, self.key_group = group_size, key_group_size or group_size
+        for width in (self.value_bits, self.key_bits):
+            check_bits(width)
+        self.residual_length = residual_length
         self.key_rotation, self.value_rotation = (
             (rotation_matrix(t.shape[-1], t.dtype, t.device) for t in (keys, values)) if rotate else (None, None)
         )
-        self.key_codes, self.key_scale, self.key_min = self._empty_codes(keys, self.KEY_REDUCE_DIM)
-        self.value_codes, self.value_scale, self.value_min = self._empty_codes(values, 3)
+        self.key_codes, self.key_scale, self.key_min = self._empty_codes(
+            keys, self.KEY_REDUCE_DIM, self.key_bits, self.key_group
+        )
+        self.value_codes, self.value_scale, self.value_min = self._empty_codes(values, 3, bits, group_size)
         self.residual_keys, self.residual_values = keys[:, :, :0].clone(), values[:, :, :0].clone()
 
-    def _empty_codes(self, template: torch.Tensor, reduce_dim: int) -> tuple[torch.Tensor, ...]:
+    @staticmethod
+    def _empty_codes(template: torch.Tensor, reduce_dim: int, bits: int, group: int) -> tuple[torch.Tensor, ...]:
         batch, heads, _, channels = template.shape
-        codes = template.new_empty((batch, heads, 0, packed_size(channels, self.bits)), dtype=torch.uint8)
-        stats = template.new_empty((batch, heads, 0, channels if reduce_dim == 2 else channels // self.group_size))
+        codes = template.new_empty((batch, heads, 0, packed_size(channels, bits)), dtype=torch.uint8)
+        stats = template.new_empty((batch, heads, 0, channels if reduce_dim == 2 else channels // group))
         return codes, stats, stats.clone()
 
     @property
@@ -162,17 +177,17 @@ class ResidualQuantizedStore(KVStore):
         if self.key_rotation is not None:
             keys, values = keys @ self.key_rotation, values @ self.value_rotation
         return (
-            quantize(keys, self.bits, reduce_dim=self.KEY_REDUCE_DIM, group_size=self.group_size),
-            quantize(values, self.bits, reduce_dim=3, group_size=self.group_size),
+            quantize(keys, self.key_bits, reduce_dim=self.KEY_REDUCE_DIM, group_size=self.key_group),
+            quantize(values, self.value_bits, reduce_dim=3, group_size=self.value_group),
         )
 
     def _held(self) -> tuple[QuantizedTensor, QuantizedTensor]:
         """The quantized keys and values as held."""
         return (
             QuantizedTensor(
-                self.key_codes, self.key_scale, self.key_min, self.bits, self.KEY_REDUCE_DIM, self.group_size
+                self.key_codes, self.key_scale, self.key_min, self.key_bits, self.KEY_REDUCE_DIM, self.key_group
             ),
-            QuantizedTensor(self.value_codes, self.value_scale, self.value_min, self.bits, 3, self.group_size),
+            QuantizedTensor(self.value_codes, self.value_scale, self.value_min, self.value_bits, 3, self.value_group),
         )
 
     def _with_quantized(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QuantizedTensor, QuantizedTensor]:
@@ -217,7 +232,7 @@ class QuantizedStore(ResidualQuantizedStore):
     """KIVI layout: keys per channel over blocks of `group_size` tokens, values per token over groups of
     `group_size` channels, and a full-precision residual of recent tokens.
 
-    The residual holds between `residual_length` and `residual_length + group_size - 1` tokens; whenever
+    The residual holds between `residual_length` and `residual_length + key_group - 1` tokens; whenever
     it reaches the upper bound the oldest whole blocks are quantized, once. Codes are packed along
     channels, so single tokens can leave from either end: `block_lengths` counts the tokens each key
     block still holds (eviction shortens the oldest, `crop` the newest); a block keeps its statistics
@@ -235,22 +250,22 @@ class QuantizedStore(ResidualQuantizedStore):
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         excess = self._extend_residual(keys, values)
-        if excess >= self.group_size:
-            count = excess - excess % self.group_size
+        if excess >= self.key_group:
+            count = excess - excess % self.key_group
             self._hold(*self._with_quantized(self.residual_keys[:, :, :count], self.residual_values[:, :, :count]))
-            self.block_lengths += [self.group_size] * (count // self.group_size)
+            self.block_lengths += [self.key_group] * (count // self.key_group)
             self._drop_oldest_residual(count)
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._held()
-        if all(length == self.group_size for length in self.block_lengths[1:]):
+        if all(length == self.key_group for length in self.block_lengths[1:]):
             # The usual case: only the oldest block may have lost tokens to eviction. Pad its codes back to a
             # whole block so every block meets its statistics by broadcasting, then cut the padding off.
-            missing = self.group_size - self.block_lengths[0]
+            missing = self.key_group - self.block_lengths[0]
             keys.codes = torch.nn.functional.pad(keys.codes, (0, 0, missing, 0))
             return self._unrotated(dequantize(keys)[:, :, missing:], dequantize(values))
         # Blocks cut short by `crop` in the middle: each token meets its block's statistics explicitly.
-        codes = unpack_codes(keys.codes, self.bits).to(keys.scale.dtype)
+        codes = unpack_codes(keys.codes, self.key_bits).to(keys.scale.dtype)
         repeats = torch.tensor(self.block_lengths, device=codes.device)
         scale, minimum = (t.repeat_interleave(repeats, dim=2) for t in (keys.scale, keys.minimum))
         return self._unrotated(torch.addcmul(minimum, codes, scale), dequantize(values))

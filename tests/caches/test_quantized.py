@@ -234,3 +234,28 @@ def test_real_model_greedy_tokens_identical_at_8_bits(real_model):
         **prompt, max_new_tokens=64, do_sample=False, past_key_values=QuantizedCache(model.config, bits=8)
     )
     assert torch.equal(actual, expected)
+
+
+def test_keys_can_have_their_own_bits_and_block_size():
+    """key_bits / key_group_size set the keys apart: their codes, blocks and statistics, nothing else."""
+    model = pytest.importorskip("conftest").make_tiny_model("llama")
+    ids = random_ids(model, 1, 48)
+    cache = QuantizedCache(
+        model.config, bits=2, key_bits=4, group_size=16, key_group_size=8, residual_length=8, sink_tokens=0
+    )
+    chunked_logits(model, ids, cache, chunk=8)
+    body = cache.layers[0].body
+    assert body.key_codes.shape[-1] == 16 * 4 // 8 and body.value_codes.shape[-1] == 16 * 2 // 8
+    assert body.quantized_length == 40 and body.key_scale.shape[-2] == 40 // 8  # 8-token key blocks
+    assert body.value_scale.shape[-1] == 16 // 16  # values grouped by 16 channels
+    # layer 0 sees the same keys and values under any cache: 4-bit keys read back closer, values identically
+    reference = DynamicCache(config=model.config)
+    chunked_logits(model, ids, reference, chunk=8)
+    reads = {}
+    for key_bits in (2, 4):
+        quantized = QuantizedCache(model.config, bits=2, key_bits=key_bits, group_size=16, residual_length=8)
+        chunked_logits(model, ids, quantized, chunk=8)
+        reads[key_bits] = quantized.layers[0].body.read()
+    exact = reference.layers[0].keys[:, :, 4:]  # after the 4 sink tokens
+    assert (reads[4][0] - exact).abs().mean() < (reads[2][0] - exact).abs().mean() / 2
+    assert torch.equal(reads[4][1], reads[2][1])
