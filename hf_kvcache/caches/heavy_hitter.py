@@ -73,6 +73,9 @@ class HeavyHitterLayer(ScoredLayer):
 class HeavyHitterCache(ScoredCache):
     """H2O: a drop-in `Cache` keeping `budget` tokens per layer and KV head, in prefill and decoding.
 
+    Source: Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large
+    Language Models", https://arxiv.org/abs/2306.14048.
+
     Args:
         config: the model config (decoder LM).
         budget: tokens kept per layer and KV head.

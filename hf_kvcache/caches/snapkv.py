@@ -59,6 +59,9 @@ class SnapKVCache(ScoredCache):
     """SnapKV: a drop-in `Cache` that compresses each prompt (or prompt chunk) to `budget` tokens per
     layer and KV head.
 
+    Source: Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation",
+    https://arxiv.org/abs/2404.14469.
+
     Args:
         config: the model config (decoder LM).
         budget: tokens kept per layer and KV head after a prompt is compressed.

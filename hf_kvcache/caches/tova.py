@@ -23,6 +23,8 @@ class TOVALayer(ScoredLayer):
 class TOVACache(ScoredCache):
     """TOVA (Token Omission Via Attention): a drop-in `Cache` keeping `budget` tokens per layer and KV head.
 
+    Source: Oren et al. 2024, "Transformers are Multi-State RNNs", https://arxiv.org/abs/2401.06104.
+
     Args:
         config: the model config (decoder LM).
         budget: tokens kept per layer and KV head.

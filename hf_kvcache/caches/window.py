@@ -16,6 +16,9 @@ class SlidingWindowCache(KVCache):
     `residual_length`, `rotate` as there); eviction is per token, also inside quantized blocks.
     In a multi-token forward (prefill, chunks), each query sees the window kept before the forward
     plus every earlier token of the same forward; the window is applied after the forward.
+
+    Source: the window-attention baseline of Xiao et al. 2023 (StreamingLLM), https://arxiv.org/abs/2309.17453;
+    sliding-window attention as in Beltagy et al. 2020 (Longformer), https://arxiv.org/abs/2004.05150.
     """
 
     def __init__(
