@@ -6,49 +6,52 @@ integer-valued float is not an integer (`bits=4.0` is refused at construction, n
 from collections.abc import Collection
 
 
-def check_int(name: str, value: object, minimum: int = 0, maximum: int | None = None, maximum_name: str = "") -> None:
+def _refuse(name: str, value: object, accepted: str, hint: str = "") -> None:
+    """The one form of every refusal: the parameter, the value, what is accepted, and an optional hint."""
+    raise ValueError(f"{name}={value!r} {accepted}{f' ({hint})' if hint else ''}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(
+    name: str, value: object, minimum: int = 0, maximum: int | None = None, maximum_name: str = "", hint: str = ""
+) -> None:
     """`value` must be an int (not a bool) in [minimum, maximum]; a ValueError names it otherwise."""
-    valid = isinstance(value, int) and not isinstance(value, bool)
-    if valid and value >= minimum and (maximum is None or value <= maximum):
+    if _is_int(value) and value >= minimum and (maximum is None or value <= maximum):
         return
-    accepted = f"an integer >= {minimum}"
-    if maximum is not None:
-        accepted = f"an integer between {minimum} and {maximum_name or maximum}"
-    raise ValueError(f"{name}={value!r} must be {accepted}")
+    if maximum is None:
+        _refuse(name, value, f"must be an integer >= {minimum}", hint)
+    _refuse(name, value, f"must be an integer between {minimum} and {maximum_name or maximum}", hint)
 
 
-def check_optional_int(name: str, value: object, minimum: int = 0) -> None:
+def check_optional_int(name: str, value: object, minimum: int = 0, hint: str = "") -> None:
     """None, or an int (not a bool) >= minimum."""
-    if value is not None:
-        try:
-            check_int(name, value, minimum)
-        except ValueError:
-            raise ValueError(f"{name}={value!r} must be None or an integer >= {minimum}") from None
+    if value is not None and not (_is_int(value) and value >= minimum):
+        _refuse(name, value, f"must be None or an integer >= {minimum}", hint)
 
 
 def check_bool(name: str, value: object) -> None:
     """`value` must be True or False (the string 'no' is not False)."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be True or False")
+        _refuse(name, value, "must be True or False")
 
 
-def check_choice(name: str, value: object, choices: Collection) -> None:
+def check_choice(name: str, value: object, choices: Collection, hint: str = "") -> None:
     """`value` must be one of `choices` (compared by type too: 4.0 is not 4, True is not 1)."""
     if not any(type(value) is type(choice) and value == choice for choice in choices):
-        accepted = ", ".join(map(str, choices))
-        raise ValueError(f"{name}={value!r} is not supported; accepted values: {accepted}")
+        _refuse(name, value, f"is not supported; accepted values: {', '.join(map(str, choices))}", hint)
 
 
 def check_number(name: str, value: object, minimum: float = 0.0, inclusive: bool = False, unit: str = "") -> None:
     """`value` must be an int or float (not a bool) above `minimum` (or equal to it with `inclusive`)."""
     valid = isinstance(value, int | float) and not isinstance(value, bool)
-    if valid and (value >= minimum if inclusive else value > minimum):
-        return
-    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-    raise ValueError(f"{name}={value!r} must be a number {bound}{f' ({unit})' if unit else ''}")
+    if not (valid and (value >= minimum if inclusive else value > minimum)):
+        _refuse(name, value, f"must be a number {'>=' if inclusive else '>'} {minimum:g}", unit)
 
 
 def check_text(name: str, value: object) -> None:
     """`value` must be a non-empty string."""
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{name}={value!r} must be a non-empty string")
+        _refuse(name, value, "must be a non-empty string")

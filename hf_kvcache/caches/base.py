@@ -51,10 +51,7 @@ class Storage:
 
     def __post_init__(self) -> None:
         if self.bits is not None:
-            try:
-                check_bits(self.bits)
-            except ValueError as error:
-                raise ValueError(f"{error} (or None for full precision)") from None
+            check_bits(self.bits, hint="or None for full precision")
         if self.key_bits is not None:
             check_bits(self.key_bits, name="key_bits")
         check_optional_int("group_size", self.group_size, minimum=1)

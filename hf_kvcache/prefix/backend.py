@@ -37,7 +37,4 @@ class Backend(ABC):
 
 
 def check_max_bytes(max_bytes: int | None) -> None:
-    try:
-        check_optional_int("max_bytes", max_bytes, minimum=1)
-    except ValueError as error:
-        raise ValueError(f"{error} (bytes; None for no limit)") from None
+    check_optional_int("max_bytes", max_bytes, minimum=1, hint="bytes; None for no limit")

@@ -46,10 +46,7 @@ class RedisBackend(Backend):
             raise ImportError("RedisBackend needs redis-py: pip install 'hf_kvcache[prefix]'") from error
         check_text("url", url)
         check_text("prefix", prefix)
-        try:
-            check_optional_int("ttl", ttl, minimum=1)
-        except ValueError as error:
-            raise ValueError(f"{error} (seconds)") from None
+        check_optional_int("ttl", ttl, minimum=1, hint="seconds")
         check_number("socket_timeout", socket_timeout, unit="seconds")
         check_number("socket_connect_timeout", socket_connect_timeout, unit="seconds")
         check_number("retry_after", retry_after, inclusive=True, unit="seconds")

@@ -11,8 +11,8 @@ from hf_kvcache.validation import check_choice
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
-def check_bits(bits: int, name: str = "bits") -> None:
-    check_choice(name, bits, SUPPORTED_BITS)
+def check_bits(bits: int, name: str = "bits", hint: str = "") -> None:
+    check_choice(name, bits, SUPPORTED_BITS, hint)
 
 
 def packed_size(channels: int, bits: int) -> int:
