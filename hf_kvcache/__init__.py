@@ -7,7 +7,14 @@ from hf_kvcache.caches.snapkv import SnapKVCache
 from hf_kvcache.caches.tova import TOVACache
 from hf_kvcache.caches.window import SlidingWindowCache
 from hf_kvcache.compat import CACHE_KWARG
-from hf_kvcache.prefix import DiskBackend, MemoryBackend, PrefixCache, RedisBackend, generate_with_prefix_cache
+from hf_kvcache.prefix import (
+    DiskBackend,
+    MemoryBackend,
+    PrefixCache,
+    RedisBackend,
+    TieredBackend,
+    generate_with_prefix_cache,
+)
 from hf_kvcache.registry import build_cache, parse_cache_spec, register_cache
 from hf_kvcache.scoring import disable_score_capture, enable_score_capture
 
@@ -23,6 +30,7 @@ __all__ = [
     "SlidingWindowCache",
     "SnapKVCache",
     "TOVACache",
+    "TieredBackend",
     "build_cache",
     "disable_score_capture",
     "enable_score_capture",

@@ -29,6 +29,11 @@ from hf_kvcache.validation import check_bool, check_int, check_optional_int
 DEFAULT_GROUP_SIZE = 32
 
 
+def largest_group(channels: int, at_most: int = DEFAULT_GROUP_SIZE) -> int:
+    """The largest group of at most `at_most` channels that divides `channels`."""
+    return max(d for d in range(1, min(channels, at_most) + 1) if channels % d == 0)
+
+
 @dataclass(frozen=True)
 class Storage:
     """How kept tokens are held: full precision (`bits=None`), KIVI-quantized, or with `token_wise`
@@ -71,7 +76,7 @@ class Storage:
         divisors = [d for d in range(1, channels + 1) if channels % d == 0]
         group_size = self.group_size
         if group_size is None:
-            group_size = max(d for d in divisors if d <= DEFAULT_GROUP_SIZE)
+            group_size = largest_group(channels)
         elif group_size not in divisors:
             raise ValueError(
                 f"group_size={group_size!r} must divide the {channels} grouped channels of {layer.describe()} "
@@ -93,12 +98,23 @@ class Storage:
                 raise ValueError(f"bits={bits}: {layer.describe()} has {size} {name} channels: {error}") from None
         return dataclasses.replace(self, group_size=group_size)
 
+    def store_from_state(self, state: dict[str, torch.Tensor]) -> KVStore:
+        """A store holding `state` (from `KVStore.state()` of a store made by this storage)."""
+        store = self.new_store(*(state[name] for name in self.store_type.template_names))
+        store.load_state(state)
+        return store
+
+    @property
+    def store_type(self) -> type[KVStore]:
+        if self.bits is None:
+            return FullPrecisionStore
+        return TokenQuantizedStore if self.token_wise else QuantizedStore
+
     def new_store(self, keys: torch.Tensor, values: torch.Tensor) -> KVStore:
         """An empty store for tensors shaped like `keys`/`values`; call on a `for_layer` result."""
         if self.bits is None:
             return FullPrecisionStore(keys, values)
-        store = TokenQuantizedStore if self.token_wise else QuantizedStore
-        return store(
+        return self.store_type(
             keys,
             values,
             self.bits,

@@ -20,9 +20,18 @@ class KVStore:
     """Base class: the tensors named in `tensor_names` all have the batch as their first dimension."""
 
     tensor_names: tuple[str, ...] = ()
+    template_names: tuple[str, str] = ("", "")  # held tensors shaped like the model's keys and values
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The held tensors by name: what `load_state` of an empty store with the same settings takes back."""
+        return {name: getattr(self, name) for name in self.tensor_names}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.tensor_names:
+            setattr(self, name, state[name])
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         raise NotImplementedError
@@ -59,6 +68,7 @@ class FullPrecisionStore(KVStore):
     """Keys and values kept as they came, in the model's dtype."""
 
     tensor_names = ("keys", "values")
+    template_names = ("keys", "values")
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         """`keys`/`values`: templates [batch, heads, any, key or value channels] (dtype, device, shape)."""
@@ -122,6 +132,7 @@ class ResidualQuantizedStore(KVStore):
         "residual_keys",
         "residual_values",
     )
+    template_names = ("residual_keys", "residual_values")
 
     def __init__(
         self,
@@ -247,6 +258,13 @@ class QuantizedStore(ResidualQuantizedStore):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.block_lengths: list[int] = []
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**super().state(), "block_lengths": torch.tensor(self.block_lengths, dtype=torch.int64)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state(state)
+        self.block_lengths = state["block_lengths"].tolist()
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         excess = self._extend_residual(keys, values)

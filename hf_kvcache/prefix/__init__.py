@@ -1,11 +1,14 @@
-"""Prefix cache store: reuse prompt KV across requests, from memory, disk or a shared Redis server.
+"""Prefix cache store: reuse prompt KV across requests, from memory, disk, a Redis server or cluster, or
+tiers of them.
 
 ```python
-from hf_kvcache import DiskBackend, PrefixCache, generate_with_prefix_cache
+from hf_kvcache import DiskBackend, MemoryBackend, PrefixCache, TieredBackend, generate_with_prefix_cache
 
-store = PrefixCache(DiskBackend("~/.cache/prompt-kv", max_bytes=20 << 30), block_size=256)
+backend = TieredBackend(MemoryBackend(2 << 30, policy="lfu"), DiskBackend("~/.cache/prompt-kv", max_bytes=20 << 30))
+store = PrefixCache(backend, block_size=256, bits=4)  # 4-bit blocks: 0.28x the bytes of fp16 blocks
 output = generate_with_prefix_cache(model, tokenizer(prompt, return_tensors="pt"), store, max_new_tokens=64)
-print(store)  # lookups, hit rate, tokens reused, bytes, evictions
+print(store)  # lookups, hit rate, tokens reused, bytes, evictions, fetch latency
+store.stats()["tiers"]  # the same per level
 ```
 """
 
@@ -16,6 +19,7 @@ from hf_kvcache.prefix.keys import block_keys, model_fingerprint
 from hf_kvcache.prefix.memory import MemoryBackend
 from hf_kvcache.prefix.redis_backend import RedisBackend
 from hf_kvcache.prefix.store import PrefixCache
+from hf_kvcache.prefix.tiered import TieredBackend
 
 __all__ = [
     "Backend",
@@ -24,6 +28,7 @@ __all__ = [
     "MemoryBackend",
     "PrefixCache",
     "RedisBackend",
+    "TieredBackend",
     "block_keys",
     "generate_with_prefix_cache",
     "model_fingerprint",

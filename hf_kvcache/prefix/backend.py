@@ -18,9 +18,13 @@ class Backend(ABC):
         """Values of `keys[0]`, `keys[1]`, ... up to (not including) the first missing key."""
 
     @abstractmethod
-    def put(self, key: str, value: bytes) -> bool:
+    def put(self, key: str, value: bytes, parent: str | None = None) -> bool:
         """Store `value` under `key` (replacing any old value); may evict other entries. False when the value
-        was not kept (larger than the whole budget)."""
+        was not kept (larger than the whole budget).
+
+        `parent`: the key of the block before this one in its prompt's chain (None for a first block). A
+        block is only ever served after its parent, so backends that evict use it to drop a chain's
+        newest blocks before the ones they extend."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

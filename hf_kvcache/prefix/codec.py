@@ -1,25 +1,80 @@
 """Serialization of one block: every layer's keys and values as safetensors, with a sha256 checksum.
 
-Tensors are named `keys.<layer>` and `values.<layer>`, shaped `(kv_heads, block_size, head_dim)`.
-The safetensors metadata holds the block's key, the model fingerprint, the layout version and a
-sha256 over all of these and every tensor's name, dtype, shape and bytes. `decode_block` refuses
-(with `CorruptBlock`) anything truncated, altered, stale or written for another key or model.
+A block holds, per layer, the state of a `KVStore` (`caches/storage.py`) that was given the block's
+tokens: full-precision keys and values, or, with `BlockFormat(bits=...)`, `QuantizedCache`'s KIVI
+codes (keys per channel over blocks of `group_size` tokens, values per token over groups of channels,
+after the rotation) with their scales and minimums. Tensors are named `<layer>.<store tensor>`. The
+safetensors metadata holds the block's key, the model fingerprint, the layout version, the format and
+a sha256 over all of these and every tensor's name, dtype, shape and bytes. `decode_block` refuses
+(with `CorruptBlock`) anything truncated, altered, stale or written for another key, model or format.
 """
 
 import hashlib
 import json
 import struct
+from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load, save
 
+from hf_kvcache.caches.base import FULL_PRECISION, Storage, largest_group
 from hf_kvcache.prefix.keys import LAYOUT_VERSION
+from hf_kvcache.quant.packing import check_bits
+from hf_kvcache.validation import check_int
 
 BlockKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class CorruptBlock(ValueError):
     """A stored block that must not be used: truncated, altered, stale, or for another key or model."""
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """How a block's KV is stored: full precision (`bits=None`) or `bits`-bit KIVI codes.
+
+    `group_size`: at most, tokens per key block and channels per value group (the largest divisors of the
+    block's tokens and of a layer's value channels up to it). Bytes per element at 4 bits: 0.5 for codes plus
+    2 x 2 / `group_size` for fp16 statistics, so 64 keeps 4-bit blocks under 0.3x of fp16 blocks.
+
+    Raises:
+        ValueError: `bits` not None, 2, 3, 4 or 8; `group_size` not a positive integer.
+    """
+
+    bits: int | None = None
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits is not None:
+            check_bits(self.bits, hint="or None for full precision")
+        check_int("group_size", self.group_size, minimum=1)
+
+    def describe(self) -> str:
+        return "full precision" if self.bits is None else f"{self.bits}-bit KIVI, group_size={self.group_size}"
+
+    def storage(self, tokens: int, value_channels: int) -> Storage:
+        """The store settings for a block of `tokens` tokens of a layer with `value_channels`: key blocks of the
+        largest divisor of `tokens` up to `group_size` tokens, so every token is quantized."""
+        if self.bits is None:
+            return FULL_PRECISION
+        return Storage(
+            self.bits,
+            largest_group(value_channels, self.group_size),
+            residual_length=0,
+            key_group_size=largest_group(tokens, self.group_size),
+        )
+
+    def pack(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors for one layer's `(1, kv_heads, tokens, channels)` keys and values."""
+        store = self.storage(keys.shape[-2], values.shape[-1]).new_store(keys, values)
+        store.append(keys, values)
+        return {name: tensor.contiguous() for name, tensor in store.state().items()}
+
+    def unpack(self, state: dict[str, torch.Tensor], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's `(1, kv_heads, tokens, channels)` keys and values back from `pack`'s tensors."""
+        value_template = state[self.storage(1, 1).store_type.template_names[1]]
+        return self.storage(tokens, value_template.shape[-1]).store_from_state(state).read()
 
 
 def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
@@ -31,15 +86,15 @@ def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def encode_block(key: str, fingerprint: str, layers: BlockKV) -> bytes:
-    """Serialize one block; `layers[i]` is layer i's `(keys, values)`, each `(kv_heads, tokens, head_dim)`."""
+def encode_block(key: str, fingerprint: str, layers: BlockKV, block_format: BlockFormat = BlockFormat()) -> bytes:
+    """Serialize one block; `layers[i]` is layer i's `(keys, values)`, each `(kv_heads, tokens, channels)`."""
     tensors = {}
     for index, (keys, values) in enumerate(layers):
-        tensors[f"keys.{index}"] = keys.detach().to("cpu").contiguous()
-        tensors[f"values.{index}"] = values.detach().to("cpu").contiguous()
+        state = block_format.pack(*(t.detach().to("cpu")[None] for t in (keys, values)))
+        tensors |= {f"{index}.{name}": tensor for name, tensor in state.items()}
     tokens = layers[0][0].shape[-2] if layers else 0
     meta = {"layout": LAYOUT_VERSION, "key": key, "fingerprint": fingerprint, "layers": str(len(layers))}
-    meta["tokens"] = str(tokens)
+    meta |= {"tokens": str(tokens), "format": block_format.describe()}
     return save(tensors, metadata={**meta, "sha256": _checksum(meta, tensors)})
 
 
@@ -59,24 +114,43 @@ def _metadata(data: bytes) -> dict[str, str]:
     return meta
 
 
-def decode_block(data: bytes, key: str, fingerprint: str, block_size: int) -> BlockKV:
-    """The `(keys, values)` of every layer, after checking the block's identity, shape and checksum."""
+def decode_block(
+    data: bytes, key: str, fingerprint: str, block_size: int, block_format: BlockFormat = BlockFormat()
+) -> BlockKV:
+    """The `(keys, values)` of every layer (dequantized for a quantized format), after checking the block's
+    identity, format, checksum and token count."""
     meta = _metadata(data)
-    expected = {"layout": LAYOUT_VERSION, "key": key, "fingerprint": fingerprint, "tokens": str(block_size)}
+    expected = {
+        "layout": LAYOUT_VERSION,
+        "key": key,
+        "fingerprint": fingerprint,
+        "tokens": str(block_size),
+        "format": block_format.describe(),
+    }
     for field, value in expected.items():
         if meta.get(field) != value:
             raise CorruptBlock(f"stale or foreign entry: {field}={meta.get(field)!r}, expected {value!r}")
     try:
         tensors = load(data)
         layers = int(meta["layers"])
-        blocks = [(tensors[f"keys.{i}"], tensors[f"values.{i}"]) for i in range(layers)]
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise CorruptBlock(f"unreadable tensors: {error}") from None
-    if layers == 0 or len(tensors) != 2 * layers:
-        raise CorruptBlock(f"expected {2 * layers} tensors for {layers} layers, found {len(tensors)}")
-    if any(t.dim() != 3 or t.shape[-2] != block_size for pair in blocks for t in pair):
-        raise CorruptBlock(f"tensor shapes do not hold {block_size} tokens")
-    signed = {field: meta[field] for field in ("layout", "key", "fingerprint", "layers", "tokens")}
+    signed = {field: meta[field] for field in ("layout", "key", "fingerprint", "layers", "tokens", "format")}
     if meta.get("sha256") != _checksum(signed, tensors):
         raise CorruptBlock("checksum mismatch")
+    states: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for name, tensor in tensors.items():
+        index, _, field = name.partition(".")
+        states[index][field] = tensor
+    if layers == 0 or sorted(states) != sorted(map(str, range(layers))):
+        raise CorruptBlock(f"expected tensors for {layers} layers, found layers {sorted(states)}")
+    blocks = []
+    for index in range(layers):
+        try:
+            keys, values = block_format.unpack(states[str(index)], block_size)
+        except Exception as error:  # signed by our encoder but unreadable: a layout this version cannot read
+            raise CorruptBlock(f"layer {index} cannot be read back: {error}") from None
+        if keys.shape[-2] != block_size or values.shape[-2] != block_size:
+            raise CorruptBlock(f"layer {index} holds {keys.shape[-2]} tokens, not {block_size}")
+        blocks.append((keys[0], values[0]))
     return blocks

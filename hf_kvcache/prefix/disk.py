@@ -15,6 +15,12 @@ SUFFIX = ".safetensors"
 _TEMP_PREFIX = ".tmp-"
 _ABANDONED_TEMP_SECONDS = 600
 _KEY = re.compile(r"^[0-9a-f]{16,128}$")
+_CHAIN_STEP_NS = 1000  # a block's stamp is this much older than its parent's
+
+
+def _stamp(path: Path, mtime_ns: int) -> None:
+    with contextlib.suppress(OSError):  # evicted by another process meanwhile: nothing to stamp
+        os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
 class DiskBackend(Backend):
@@ -22,7 +28,9 @@ class DiskBackend(Backend):
 
     Writes go to a temporary file in the same folder and are moved in place with `os.replace`, so a
     reader sees the old file, the new one, or none. A read stamps the file's modification time;
-    beyond `max_bytes` the files stamped longest ago are deleted. (A file damaged some other way,
+    beyond `max_bytes` the files stamped longest ago are deleted (least recently used). Within a chain
+    a block is stamped a microsecond before its parent, on reads and writes, so a prompt's later
+    blocks go before the ones they extend. (A file damaged some other way,
     for example by a crash before the data reached the disk, fails the store's checksum: a miss.)
     """
 
@@ -52,11 +60,12 @@ class DiskBackend(Backend):
                 break
             except OSError as error:
                 raise BackendError(f"cannot read {path}: {error}") from error
-            with contextlib.suppress(OSError):  # evicted by another process meanwhile: the bytes are read
-                os.utime(path)
+        now = time.time_ns()
+        for depth, key in enumerate(keys[: len(found)]):
+            _stamp(self.file(key), now - depth * _CHAIN_STEP_NS)
         return found
 
-    def put(self, key: str, value: bytes) -> bool:
+    def put(self, key: str, value: bytes, parent: str | None = None) -> bool:
         if self.max_bytes is not None and len(value) > self.max_bytes:
             return False
         path = self.file(key)
@@ -67,6 +76,9 @@ class DiskBackend(Backend):
                 with os.fdopen(handle, "wb") as out:
                     out.write(value)
                 os.replace(temp, path)
+                if parent is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        _stamp(path, self.file(parent).stat().st_mtime_ns - _CHAIN_STEP_NS)
             except BaseException:
                 Path(temp).unlink(missing_ok=True)
                 raise

@@ -14,7 +14,7 @@ import transformers
 from transformers import PreTrainedModel
 
 # Bump when the stored layout changes: old entries then become unreachable misses.
-LAYOUT_VERSION = "hf_kvcache.prefix/2"
+LAYOUT_VERSION = "hf_kvcache.prefix/3"
 _SAMPLES_PER_TENSOR = 1024
 
 _DIGEST_ATTRIBUTE = "_hf_kvcache_digest"  # kept on each tensor: ((data pointer, autograd version), digest)

@@ -115,7 +115,7 @@ class RedisBackend(Backend):
             found.append(value)
         return found
 
-    def put(self, key: str, value: bytes) -> bool:
+    def put(self, key: str, value: bytes, parent: str | None = None) -> bool:
         self._call(lambda: self.client.set(self.prefix + key, value, ex=self.ttl))
         return True
 

@@ -3,7 +3,8 @@
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from transformers import PreTrainedModel
@@ -11,8 +12,9 @@ from transformers.cache_utils import Cache
 
 from hf_kvcache.caches.base import KVCache
 from hf_kvcache.prefix.backend import Backend, BackendError
-from hf_kvcache.prefix.codec import BlockKV, CorruptBlock, decode_block, encode_block
+from hf_kvcache.prefix.codec import BlockFormat, BlockKV, CorruptBlock, decode_block, encode_block
 from hf_kvcache.prefix.keys import block_keys, cache_signature, model_fingerprint
+from hf_kvcache.prefix.stats import LevelStats
 from hf_kvcache.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -37,61 +39,116 @@ class PrefixCache:
     """A store of prompt KV in blocks of `block_size` tokens, keyed by a chain hash and the model.
 
     Args:
-        backend: where blocks live: `MemoryBackend`, `DiskBackend` or `RedisBackend`.
+        backend: where blocks live: `MemoryBackend`, `DiskBackend`, `RedisBackend` or a `TieredBackend`
+            of them.
         block_size: tokens per block; only whole blocks are stored and restored.
+        bits: None stores blocks in the model's precision (restores are exact); 2, 3, 4 or 8 store
+            `QuantizedCache`'s KIVI codes with their statistics (4 bits: 0.28x of fp16 bytes), restored
+            dequantized (lossy: outputs after a hit may differ from a cold run's).
+        group_size: with `bits`: tokens per key block and, at most, channels per value group.
+        prefetch_blocks: blocks per backend request while restoring; the next request runs in a background
+            thread while the blocks just received are checked and decoded, so a long prefix's transfer
+            overlaps its decoding. 0 fetches the whole prefix in one request.
+
+    Blocks are keyed by the model, the cache's class and settings, and the format: a block is never
+    restored into another configuration.
 
     Counters (see `stats()`): `lookups` prompts looked up; `hits` and `misses` blocks of those prompts
     found or not (of the whole blocks a lookup could use); `tokens_reused`; `blocks_saved` and
     `bytes_stored` written by this object; `errors` corrupt entries and backend failures (each a
     miss with a logged warning, never an exception).
+
+    Raises:
+        ValueError: a backend that is not a prefix backend, or a parameter out of range (named).
     """
 
-    def __init__(self, backend: Backend, block_size: int = 256):
+    def __init__(
+        self,
+        backend: Backend,
+        block_size: int = 256,
+        bits: int | None = None,
+        group_size: int = 64,
+        prefetch_blocks: int = 4,
+    ):
         if not isinstance(backend, Backend):
             raise ValueError(
-                f"backend={backend!r} must be a prefix backend: MemoryBackend, DiskBackend or RedisBackend"
+                f"backend={backend!r} must be a prefix backend: MemoryBackend, DiskBackend, RedisBackend "
+                "or TieredBackend"
             )
         check_int("block_size", block_size, minimum=1)
+        check_int("prefetch_blocks", prefetch_blocks, hint="0 fetches a prefix in one request")
         self.backend = backend
         self.block_size = block_size
+        self.block_format = BlockFormat(bits, group_size)
+        self.prefetch_blocks = prefetch_blocks
+        self.backend_stats = LevelStats(backend)
         self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._outage = False
         self._lock = threading.Lock()
+        self._prefetcher: ThreadPoolExecutor | None = None
 
     def _count(self, **amounts: int) -> None:
         with self._lock:
             for name, amount in amounts.items():
                 self._counts[name] += amount
 
+    def _get(self, keys: list[str]) -> list[bytes] | BackendError:
+        """The backend's values for the longest present prefix of `keys`, or the error it raised."""
+        try:
+            values = self.backend_stats.timed_fetch(keys)
+        except BackendError as error:
+            return error
+        return values
+
+    def _requests(self, keys: list[str]) -> Iterator[tuple[list[str], list[bytes] | BackendError]]:
+        """`(keys, values)` per request of `prefetch_blocks` keys; the next request is already running while
+        the caller decodes the current one, and none is sent once a request comes back short."""
+        if not self.prefetch_blocks or len(keys) <= self.prefetch_blocks:
+            yield keys, self._get(keys)
+            return
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="hf_kvcache-prefetch")
+        chunks = [keys[i : i + self.prefetch_blocks] for i in range(0, len(keys), self.prefetch_blocks)]
+        pending: Future = self._prefetcher.submit(self._get, chunks[0])
+        for index, chunk in enumerate(chunks):
+            values = pending.result()
+            complete = not isinstance(values, BackendError) and len(values) == len(chunk)
+            if complete and index + 1 < len(chunks):
+                pending = self._prefetcher.submit(self._get, chunks[index + 1])
+            yield chunk, values
+            if not complete:
+                return
+
     def _fetch(self, keys: list[str], fingerprint: str) -> list[BlockKV]:
         """Decoded blocks for the longest run of valid entries at the start of `keys`."""
-        try:
-            values = self.backend.get_prefix(keys)
-        except BackendError as error:
-            self._unavailable("recomputing", error)
-            return []
-        self._available()
         blocks: list[BlockKV] = []
-        for key, data in zip(keys, values):
-            try:
-                block = decode_block(data, key, fingerprint, self.block_size)
-                if blocks and [t.shape for pair in block for t in pair] != [
-                    t.shape for pair in blocks[0] for t in pair
-                ]:
-                    raise CorruptBlock("tensor shapes differ from the blocks before it")
-            except CorruptBlock as error:
-                logger.warning("prefix store entry %s… is unusable (%s); recomputing it", key[:16], error)
-                self._count(errors=1)
-                self._drop(key)
+        for chunk, values in self._requests(keys):
+            if isinstance(values, BackendError):
+                self._unavailable("recomputing", values)
                 break
-            blocks.append(block)
+            self._available()
+            for key, data in zip(chunk, values):
+                try:
+                    block = decode_block(data, key, fingerprint, self.block_size, self.block_format)
+                    if blocks and [t.shape for pair in block for t in pair] != [
+                        t.shape for pair in blocks[0] for t in pair
+                    ]:
+                        raise CorruptBlock("tensor shapes differ from the blocks before it")
+                except CorruptBlock as error:
+                    logger.warning("prefix store entry %s… is unusable (%s); recomputing it", key[:16], error)
+                    self._count(errors=1)
+                    self._drop(key)
+                    return blocks
+                blocks.append(block)
+            if len(values) < len(chunk):
+                break
         return blocks
 
-    @staticmethod
-    def fingerprint(model: PreTrainedModel, cache: Cache | None) -> str:
-        """The model's fingerprint combined with the cache's signature: KV computed after a restore through
-        a quantizing or evicting cache differs from full-precision KV, so each configuration has its own keys."""
-        return hashlib.sha256(f"{model_fingerprint(model)}:{cache_signature(cache)}".encode()).hexdigest()
+    def fingerprint(self, model: PreTrainedModel, cache: Cache | None) -> str:
+        """The model's fingerprint combined with the cache's signature and the block format: KV computed after a
+        restore through a quantizing or evicting cache differs from full-precision KV, and a block is read
+        in the format it was written in, so each configuration has its own keys."""
+        identity = f"{model_fingerprint(model)}:{cache_signature(cache)}:{self.block_format.describe()}"
+        return hashlib.sha256(identity.encode()).hexdigest()
 
     def _drop(self, key: str) -> None:
         try:
@@ -102,15 +159,11 @@ class PrefixCache:
     def _unavailable(self, consequence: str, error: BackendError) -> None:
         """Count a backend failure; warn once per outage (the next success logs the recovery)."""
         self._count(errors=1)
-        with self._lock:
-            first, self._outage = not self._outage, True
-        if first:
+        if self.backend_stats.went_down():
             logger.warning("prefix store unavailable, %s until it is back: %s", consequence, error)
 
     def _available(self) -> None:
-        with self._lock:
-            recovered, self._outage = self._outage, False
-        if recovered:
+        if self.backend_stats.came_back():
             logger.warning("prefix store is reachable again: %r", self.backend)
 
     @torch.no_grad()
@@ -169,9 +222,9 @@ class PrefixCache:
         for index in range(start // self.block_size, len(keys)):
             begin, end = index * self.block_size - start, (index + 1) * self.block_size - start
             block = [(k[0, :, begin:end], v[0, :, begin:end]) for k, v in layers]
-            data = encode_block(keys[index], fingerprint, block)
+            data = encode_block(keys[index], fingerprint, block, self.block_format)
             try:
-                stored = self.backend.put(keys[index], data)
+                stored = self.backend.put(keys[index], data, keys[index - 1] if index else None)
             except BackendError as error:
                 self._unavailable("blocks not saved", error)
                 break
@@ -182,21 +235,27 @@ class PrefixCache:
             self._count(blocks_saved=1, bytes_stored=len(data))
         return saved
 
-    def stats(self) -> dict[str, int | float | None]:
-        """Counters since creation, the hit rate (hits / blocks looked up), and the backend's bytes and evictions."""
+    def stats(self) -> dict:
+        """Counters since creation, the hit rate (hits / blocks looked up), the backend's bytes and evictions,
+        fetch latency in milliseconds (`fetch_ms_mean`, `_p50`, `_p95`, `_p99`, per backend request), and for a
+        `TieredBackend` a `tiers` list with the same figures per level, fastest first."""
         with self._lock:
-            counts = dict(self._counts)
+            counts: dict = dict(self._counts)
         looked_up = counts["hits"] + counts["misses"]
         counts["hit_rate"] = counts["hits"] / looked_up if looked_up else 0.0
-        counts["bytes_held"] = self.backend.nbytes()
-        counts["evictions"] = self.backend.evictions
+        backend = self.backend_stats.summary()
+        counts |= {name: backend[name] for name in ("bytes_held", "evictions") if name in backend}
+        counts |= {name: value for name, value in backend.items() if name.startswith("fetch_ms")}
+        if hasattr(self.backend, "tier_stats"):
+            counts["tiers"] = self.backend.tier_stats()
         return counts
 
     def __repr__(self) -> str:
         s = self.stats()
+        latency = f", fetch {s['fetch_ms_mean']:.2f} ms mean" if s["fetch_ms_mean"] is not None else ""
         return (
-            f"PrefixCache({self.backend!r}, block_size={self.block_size}: {s['lookups']} lookups, "
-            f"hit rate {s['hit_rate']:.1%} ({s['hits']} hits, {s['misses']} misses), "
+            f"PrefixCache({self.backend!r}, block_size={self.block_size}, {self.block_format.describe()}: "
+            f"{s['lookups']} lookups, hit rate {s['hit_rate']:.1%} ({s['hits']} hits, {s['misses']} misses), "
             f"{s['tokens_reused']} tokens reused, {s['blocks_saved']} blocks / {s['bytes_stored']} bytes stored, "
-            f"{s['bytes_held']} bytes held, {s['evictions']} evictions, {s['errors']} errors)"
+            f"{s['bytes_held']} bytes held, {s['evictions']} evictions, {s['errors']} errors{latency})"
         )

@@ -28,7 +28,7 @@ def model():
 
 def damage_second_block(store, model, ids, damage):
     """Rewrite the stored bytes of the prompt's second block with `damage(bytes)`."""
-    key = block_keys(PrefixCache.fingerprint(model, None), ids[0].tolist(), store.block_size)[1]
+    key = block_keys(store.fingerprint(model, None), ids[0].tolist(), store.block_size)[1]
     (data,) = store.backend.get_prefix([key])
     store.backend.put(key, damage(data))
 
@@ -74,7 +74,7 @@ def test_stale_entry_for_another_key_is_a_miss(model, kind, tmp_path, caplog, re
     store = PrefixCache(make_backend(kind, tmp_path, request), block_size=8)
     ids = random_ids(model, 1, 30)
     generate_with_prefix_cache(model, ids, store, **GREEDY)
-    keys = block_keys(PrefixCache.fingerprint(model, None), ids[0].tolist(), 8)
+    keys = block_keys(store.fingerprint(model, None), ids[0].tolist(), 8)
     (other,) = store.backend.get_prefix([keys[2]])
     store.backend.put(keys[0], other)
     with caplog.at_level(logging.WARNING, logger="hf_kvcache.prefix"):
@@ -143,10 +143,10 @@ class FlakyBackend(MemoryBackend):
             raise BackendError("connection refused")
         return super().get_prefix(keys)
 
-    def put(self, key, value):
+    def put(self, key, value, parent=None):
         if self.down:
             raise BackendError("connection refused")
-        return super().put(key, value)
+        return super().put(key, value, parent)
 
 
 def test_an_outage_warns_once_and_its_recovery_once(model, caplog):
@@ -173,7 +173,7 @@ def test_a_redis_entry_of_the_wrong_type_is_one_unusable_entry(model, redis_serv
     ids = random_ids(model, 1, 30)
     reference = model.generate(ids, **GREEDY)
     generate_with_prefix_cache(model, ids, store, **GREEDY)
-    key = block_keys(PrefixCache.fingerprint(model, None), ids[0].tolist(), 8)[1]
+    key = block_keys(store.fingerprint(model, None), ids[0].tolist(), 8)[1]
     client = redis.Redis.from_url(redis_server.url)
     client.delete(store.backend.prefix + key)
     client.rpush(store.backend.prefix + key, b"not a block")
