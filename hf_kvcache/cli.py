@@ -5,6 +5,7 @@ import sys
 
 from hf_kvcache import demo
 from hf_kvcache.eval import command as eval_command
+from hf_kvcache.prefix import command as prefix_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_parser(subparsers)
     eval_command.add_parser(subparsers)
+    prefix_command.add_parser(subparsers)
     return parser
 
 

@@ -239,6 +239,25 @@ def redis_server():
 
 
 @pytest.fixture
+def redis_cluster():
+    """A throwaway Redis Cluster, 3 masters with a replica each on free loopback ports (stopped afterwards): a
+    `LocalRedisCluster`, about 2 s to start.
+
+    Skipped locally when redis-server or redis-cli is not installed; an error in CI (scripts/setup.sh installs them).
+    """
+    from hf_kvcache.prefix.redis_server import LocalRedisCluster
+
+    try:
+        cluster = LocalRedisCluster()
+    except FileNotFoundError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide redis-server and redis-cli (scripts/setup.sh installs them): {error}")
+        pytest.skip(str(error))
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture
 def one_thread():
     """One torch thread for tests that time real passes: on a busy 2-core machine two can be 100x slower."""
     previous = torch.get_num_threads()

@@ -1,9 +1,11 @@
 """What a prefix-store backend provides: bytes under string keys, read as the longest present prefix."""
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from hf_kvcache.validation import check_optional_int
+
+HEADER_PEEK = 1 << 16  # bytes read per entry when listing a store: a block's safetensors header fits
 
 
 class BackendError(RuntimeError):
@@ -29,6 +31,20 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key` if present."""
+
+    def inventory(self) -> Iterator[tuple[str, int, bytes]]:
+        """Every stored entry as `(key, bytes, the first HEADER_PEEK bytes of its value)`: enough to read a
+        block's header (`codec.block_metadata`) without transferring the block."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its entries")
+
+    def clear(self) -> int:
+        """Delete every entry of this store; returns how many were deleted."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be cleared")
+
+    def server_info(self) -> dict[str, str | int]:
+        """What the server behind the backend reports about itself (memory, eviction policy, counters); {}
+        for backends without a server."""
+        return {}
 
     def nbytes(self) -> int | None:
         """Bytes of values held now, or None when the backend cannot tell."""

@@ -24,6 +24,7 @@ from hf_kvcache.quant.packing import check_bits
 from hf_kvcache.validation import check_int
 
 BlockKV = list[tuple[torch.Tensor, torch.Tensor]]
+_METADATA_START = '{"__metadata__":'
 
 
 class CorruptBlock(ValueError):
@@ -98,17 +99,24 @@ def encode_block(key: str, fingerprint: str, layers: BlockKV, block_format: Bloc
     return save(tensors, metadata={**meta, "sha256": _checksum(meta, tensors)})
 
 
-def _metadata(data: bytes) -> dict[str, str]:
+def block_metadata(data: bytes) -> dict[str, str]:
+    """A stored block's metadata (layout, key, fingerprint, layers, tokens, format) from its bytes, or from
+    just their start (safetensors writes the metadata first); `CorruptBlock` when they hold none."""
     if len(data) < 8:
         raise CorruptBlock(f"{len(data)} bytes is too short for a safetensors header")
     (header_length,) = struct.unpack("<Q", data[:8])
-    if 8 + header_length > len(data):
+    text = data[8 : 8 + header_length].decode("utf-8", errors="replace")
+    complete = 8 + header_length <= len(data)
+    if not complete and not text.startswith(_METADATA_START):
         raise CorruptBlock("truncated safetensors header")
     try:
-        header = json.loads(data[8 : 8 + header_length])
+        if complete:
+            header = json.loads(text)
+            meta = header.get("__metadata__") if isinstance(header, dict) else None
+        else:  # only the start of the header: the metadata object comes first
+            meta, _ = json.JSONDecoder().raw_decode(text, len(_METADATA_START))
     except ValueError as error:
         raise CorruptBlock(f"unreadable safetensors header: {error}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict):
         raise CorruptBlock("no hf_kvcache metadata")
     return meta
@@ -119,7 +127,7 @@ def decode_block(
 ) -> BlockKV:
     """The `(keys, values)` of every layer (dequantized for a quantized format), after checking the block's
     identity, format, checksum and token count."""
-    meta = _metadata(data)
+    meta = block_metadata(data)
     expected = {
         "layout": LAYOUT_VERSION,
         "key": key,

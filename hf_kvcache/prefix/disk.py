@@ -6,10 +6,10 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hf_kvcache.prefix.backend import Backend, BackendError, check_max_bytes
+from hf_kvcache.prefix.backend import HEADER_PEEK, Backend, BackendError, check_max_bytes
 
 SUFFIX = ".safetensors"
 _TEMP_PREFIX = ".tmp-"
@@ -135,6 +135,24 @@ class DiskBackend(Backend):
             with contextlib.suppress(OSError):
                 newest.unlink(missing_ok=True)
             raise BackendError(f"over max_bytes={self.max_bytes} and {len(stuck)} files cannot be deleted ({stuck[0]})")
+
+    def inventory(self) -> Iterator[tuple[str, int, bytes]]:
+        for _, size, path in self._files():
+            try:
+                with path.open("rb") as handle:
+                    yield path.name.removesuffix(SUFFIX), size, handle.read(HEADER_PEEK)
+            except FileNotFoundError:  # evicted meanwhile
+                continue
+
+    def clear(self) -> int:
+        count = 0
+        for _, _, path in self._files():
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                raise BackendError(f"cannot delete {path}: {error}") from error
+            count += 1
+        return count
 
     def nbytes(self) -> int:
         return sum(size for _, size, _ in self._files())

@@ -1,9 +1,9 @@
 """In-process backend: eviction by an LRU, LFU or size-aware policy under a byte budget, safe across threads."""
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from hf_kvcache.prefix.backend import Backend, check_max_bytes
+from hf_kvcache.prefix.backend import HEADER_PEEK, Backend, check_max_bytes
 from hf_kvcache.prefix.eviction import POLICIES, StoredBlock
 from hf_kvcache.validation import check_choice
 
@@ -116,6 +116,19 @@ class MemoryBackend(Backend):
     def delete(self, key: str) -> None:
         with self._lock:
             self._remove(key, keep_children=False)
+
+    def inventory(self) -> Iterator[tuple[str, int, bytes]]:
+        with self._lock:
+            entries = [(key, block.size, block.value[:HEADER_PEEK]) for key, block in self._blocks.items()]
+        yield from entries
+
+    def clear(self) -> int:
+        with self._lock:
+            count = len(self._blocks)
+            self._blocks.clear()
+            self._children.clear()
+            self._bytes = 0
+        return count
 
     def keys(self) -> list[str]:
         """Stored keys ranked as the policy ranks them, lowest priority (orphans) first."""

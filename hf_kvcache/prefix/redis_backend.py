@@ -1,31 +1,55 @@
-"""Redis backend: blocks shared by many processes or machines through a real Redis server (redis-py)."""
+"""Redis backend: blocks shared by many processes or machines through a real Redis server or Redis Cluster
+(redis-py)."""
 
+import inspect
 import logging
 import re
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from hf_kvcache.prefix.backend import Backend, BackendError
-from hf_kvcache.validation import check_number, check_optional_int, check_text
+from hf_kvcache.prefix.backend import HEADER_PEEK, Backend, BackendError
+from hf_kvcache.validation import check_bool, check_number, check_optional_int, check_text
+
+if TYPE_CHECKING:
+    import redis
+    from redis.cluster import RedisCluster
 
 logger = logging.getLogger(__name__)
+_LISTING_BATCH = 500  # entries per pipeline when listing a store
+
+T = TypeVar("T")
 
 
 class RedisBackend(Backend):
     """Blocks stored as Redis strings under `prefix + key`, optionally expiring after `ttl` seconds.
 
     Args:
-        url: a redis-py URL, e.g. `redis://127.0.0.1:6379/0`, `rediss://:password@host:6380/0` (TLS).
+        url: a redis-py URL, e.g. `redis://127.0.0.1:6379/0`, `rediss://:password@host:6380/0` (TLS); with
+            `cluster=True`, any one node of the cluster (`redis://` or `rediss://`, database 0).
         prefix: namespace for this store's keys.
         ttl: seconds an entry lives after its last read or write (None: until the server evicts it;
             set `maxmemory` and `maxmemory-policy allkeys-lru` on the server for an LRU budget).
         socket_timeout, socket_connect_timeout: seconds before a slow or absent server counts as down.
         retry_after: seconds to skip the server after a failure, so an outage costs one timeout,
             not one per request; the first call after that tries again (recovery is automatic).
-        **redis_kwargs: passed to `redis.Redis.from_url` (password, username, ssl_* settings, ...).
+        cluster: True for a Redis Cluster (`redis.cluster.RedisCluster`): keys spread over its masters by
+            slot, lookups pipelined per node. The client discovers the cluster at first use (a cluster that
+            is down then costs misses, not a failed start) and again after any node fails, so a failover (a
+            master lost, its replica promoted) costs misses while it lasts, never an exception or wrong bytes.
+            A failure of any node skips the whole cluster for `retry_after` seconds; a dead node fails at once,
+            a hung one after `socket_timeout` for the pipeline and again for each of its commands in it.
+        **redis_kwargs: passed to `redis.Redis.from_url`, or to `redis.cluster.RedisCluster.from_url` with
+            `cluster=True` (password, username, ssl_* settings, ...). `retry` defaults to one immediate retry
+            for a server and none for a cluster.
 
-    Failures raise `BackendError`; the store turns them into misses with a warning.
+    Raises:
+        ValueError: a parameter out of range, or a keyword redis-py does not take (for a cluster also a
+            unix-socket URL or a database other than 0).
+        ImportError: redis-py is not installed.
+
+    Failures of the server raise `BackendError`; the store turns them into misses with a warning.
     """
 
     def __init__(
@@ -36,11 +60,13 @@ class RedisBackend(Backend):
         socket_timeout: float = 1.0,
         socket_connect_timeout: float = 1.0,
         retry_after: float = 2.0,
+        cluster: bool = False,
         **redis_kwargs: Any,
     ):
         try:
             import redis
             from redis.backoff import NoBackoff
+            from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
             from redis.retry import Retry
         except ImportError as error:
             raise ImportError("RedisBackend needs redis-py: pip install 'hf_kvcache[prefix]'") from error
@@ -50,59 +76,98 @@ class RedisBackend(Backend):
         check_number("socket_timeout", socket_timeout, unit="seconds")
         check_number("socket_connect_timeout", socket_connect_timeout, unit="seconds")
         check_number("retry_after", retry_after, inclusive=True, unit="seconds")
-        # One quick retry covers a pooled connection left stale by a server restart.
-        redis_kwargs.setdefault("retry", Retry(NoBackoff(), 1))
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout, **redis_kwargs
-        )
-        try:  # builds a connection object without connecting: unknown keywords fail here, not at first use
-            self.client.connection_pool.make_connection().disconnect()
-        except TypeError as error:
-            raise ValueError(f"RedisBackend: a keyword is not a redis-py connection option: {error}") from None
+        check_bool("cluster", cluster)
+        # One server: one quick retry covers a pooled connection left stale by a restart. A cluster client
+        # retries a failed command after re-reading the cluster's layout (10 times by default, each a timeout
+        # on a hung node, and a pipeline retries each of that node's commands alone): never, here; the
+        # re-read layout serves the next call, and its pools replace a closed connection by themselves.
+        redis_kwargs.setdefault("retry", Retry(NoBackoff(), 0 if cluster else 1))
+        options = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+        options |= redis_kwargs
+        self.url = url
+        self.cluster = cluster
         self.prefix = prefix
         self.ttl = ttl
         self.retry_after = retry_after
-        self._errors = redis.RedisError
+        # A cluster client raises RedisClusterException (not a RedisError) when no node answers.
+        self._errors = (redis.RedisError, RedisClusterException)
+        # Per-command results of a cluster pipeline that mean a node is down or moving, not a bad entry.
+        self._outages = (redis.ConnectionError, redis.TimeoutError, ClusterError, AskError, TryAgainError)
         self._down_until = 0.0
-        self._server = self._describe()
+        self._client_lock = threading.Lock()
+        if cluster:
+            self._cluster_url_options = _check_cluster_options(url, options)
+            self._options = options
+            self._client = None
+        else:
+            self._client = redis.Redis.from_url(url, **options)
+            try:  # builds a connection object without connecting: unknown keywords fail here, not at first use
+                self._client.connection_pool.make_connection().disconnect()
+            except TypeError as error:
+                raise ValueError(f"RedisBackend: a keyword is not a redis-py connection option: {error}") from None
+        self._where = self._describe()
+        self._server = f"Redis Cluster via {self._where}" if cluster else f"Redis at {self._where}"
+
+    @property
+    def client(self) -> "redis.Redis | RedisCluster":
+        """The redis-py client: `redis.Redis`, or a `redis.cluster.RedisCluster` made (and connected) at first
+        use. Raises a redis-py error when a cluster cannot be reached."""
+        if self._client is None:
+            from redis.cluster import RedisCluster
+
+            with self._client_lock:  # the store's prefetch thread may ask at the same time
+                if self._client is None:
+                    self._client = RedisCluster.from_url(self.url, **self._options)
+        return self._client
 
     def _describe(self) -> str:
-        kwargs = self.client.connection_pool.connection_kwargs
+        if self.cluster:
+            return f"{self._cluster_url_options['host']}:{self._cluster_url_options.get('port', 6379)}"
+        kwargs = self._client.connection_pool.connection_kwargs
         where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         return f"{where}/{kwargs.get('db', 0)}"
 
-    def _call(self, operation):
+    def _call(self, operation: Callable[[], T]) -> T:
+        """`operation()`, or BackendError when Redis fails or failed less than `retry_after` seconds ago."""
         if time.monotonic() < self._down_until:
-            raise BackendError(f"Redis at {self._server} is unavailable; next try in {self.retry_after:g}s at most")
+            raise BackendError(f"{self._server} is unavailable; next try in {self.retry_after:g}s at most")
         try:
             result = operation()
         except self._errors as error:
             if self._down_until == 0.0:
-                logger.debug("Redis at %s failed (%s)", self._server, error)  # the store warns once per outage
+                logger.debug("%s failed (%s)", self._server, error)  # the store warns once per outage
             self._down_until = time.monotonic() + self.retry_after
-            raise BackendError(f"Redis at {self._server}: {error}") from error
+            raise BackendError(f"{self._server}: {error}") from error
         if self._down_until:
-            logger.debug("Redis at %s is reachable again", self._server)
+            logger.debug("%s is reachable again", self._server)
             self._down_until = 0.0
         return result
 
     def _scan(self):
-        """Names of this store's keys (the prefix's glob characters escaped)."""
+        """Names of this store's keys (the prefix's glob characters escaped); on a cluster, of every master."""
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"
         return self.client.scan_iter(match=pattern, count=1000)
+
+    def _pipeline(self):
+        # A cluster pipeline sends each node its commands, then reads the replies: one round trip per node.
+        return self.client.pipeline() if self.cluster else self.client.pipeline(transaction=False)
 
     def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
         if not keys:
             return []
 
         def fetch():
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self._pipeline()
             for key in keys:
                 if self.ttl is None:
                     pipe.get(self.prefix + key)
                 else:
                     pipe.getex(self.prefix + key, ex=self.ttl)
-            return pipe.execute(raise_on_error=False)  # one bad entry is not an outage
+            values = pipe.execute(raise_on_error=False)  # one bad entry is not an outage
+            outage = next((value for value in values if isinstance(value, self._outages)), None)
+            if outage is not None:  # a cluster node failed: the whole lookup is a miss, as with one server
+                raise outage
+            return values
 
         found = []
         for key, value in zip(keys, self._call(fetch)):
@@ -116,6 +181,7 @@ class RedisBackend(Backend):
         return found
 
     def put(self, key: str, value: bytes, parent: str | None = None) -> bool:
+        """Store `value`; `parent` is not used (Redis evicts by its own `maxmemory-policy`)."""
         self._call(lambda: self.client.set(self.prefix + key, value, ex=self.ttl))
         return True
 
@@ -123,10 +189,11 @@ class RedisBackend(Backend):
         self._call(lambda: self.client.delete(self.prefix + key))
 
     def nbytes(self) -> int | None:
-        """Bytes under this prefix (a SCAN of the server), or None while it is unreachable."""
+        """Bytes under this prefix (a SCAN of the server, or of every master of a cluster), or None while it is
+        unreachable."""
 
         def total():
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self._pipeline()
             for name in self._scan():
                 pipe.strlen(name)
             return sum(pipe.execute())
@@ -136,14 +203,69 @@ class RedisBackend(Backend):
         except BackendError:
             return None
 
-    def clear(self) -> None:
-        """Delete every key under this prefix."""
+    def clear(self) -> int:
+        """Delete every key under this prefix (on every master of a cluster); returns how many. Raises
+        BackendError on a failure."""
 
-        def drop():
-            for name in self._scan():
-                self.client.delete(name)
+        def drop() -> int:
+            return sum(self.client.delete(name) for name in self._scan())
 
-        self._call(drop)
+        return self._call(drop)
+
+    def inventory(self) -> Iterator[tuple[str, int, bytes]]:
+        """Every entry under this prefix: `(key, bytes, its first HEADER_PEEK bytes)`, pipelined in batches."""
+
+        def listing() -> list[tuple[str, int, bytes]]:
+            names = list(self._scan())
+            entries = []
+            for start in range(0, len(names), _LISTING_BATCH):
+                batch = names[start : start + _LISTING_BATCH]
+                pipe = self._pipeline()
+                for name in batch:
+                    pipe.strlen(name)
+                    pipe.getrange(name, 0, HEADER_PEEK - 1)
+                replies = pipe.execute(raise_on_error=False)
+                for name, size, head in zip(batch, replies[::2], replies[1::2]):
+                    if isinstance(size, int) and isinstance(head, bytes):  # else deleted meanwhile or not a string
+                        entries.append((name.decode()[len(self.prefix) :], size, head))
+            return entries
+
+        yield from self._call(listing)
+
+    def server_info(self) -> dict[str, str | int]:
+        """The server's memory, budget, eviction policy and keyspace counters (summed over a cluster's masters;
+        the counters are the whole server's, not only this prefix's)."""
+
+        def info() -> list[dict]:
+            if self.cluster:
+                return list(self.client.info(target_nodes=self.client.PRIMARIES).values())
+            return [self.client.info()]
+
+        nodes = self._call(info)
+        summary: dict[str, str | int] = {"nodes": len(nodes)}
+        for name in ("used_memory", "maxmemory", "evicted_keys", "keyspace_hits", "keyspace_misses"):
+            summary[name] = sum(int(node.get(name, 0)) for node in nodes)
+        summary["maxmemory_policy"] = ", ".join(sorted({str(node.get("maxmemory_policy")) for node in nodes}))
+        return summary
 
     def __repr__(self) -> str:
-        return f"RedisBackend(server={self._server!r}, prefix={self.prefix!r}, ttl={self.ttl})"
+        where = f"cluster={self._where!r}" if self.cluster else f"server={self._where!r}"
+        return f"RedisBackend({where}, prefix={self.prefix!r}, ttl={self.ttl})"
+
+
+def _check_cluster_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The URL's options, after refusing what `RedisCluster` would drop silently (a keyword that is not one of its
+    own or a node connection's) or only refuse at connection time (a unix socket, a database other than 0)."""
+    from redis.cluster import KWARGS_DISABLED_KEYS, REDIS_ALLOWED_KEYS, RedisCluster
+    from redis.connection import parse_url
+
+    not_options = {"self", "kwargs", "url", "host", "port", "startup_nodes"}  # the URL names the node
+    own = set(inspect.signature(RedisCluster.__init__).parameters) - not_options
+    accepted = own | (set(REDIS_ALLOWED_KEYS) - set(KWARGS_DISABLED_KEYS) - {"db"})
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"RedisBackend(cluster=True): not a redis-py cluster option: {', '.join(unknown)}")
+    url_options = parse_url(url)
+    if "path" in url_options or url_options.get("db", 0) != 0:
+        raise ValueError(f"url={url!r}: a cluster is reached over TCP (redis:// or rediss://) and has database 0 only")
+    return url_options

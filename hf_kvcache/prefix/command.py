@@ -1,0 +1,142 @@
+"""`hf-kvcache prefix`: what a prefix store holds (blocks, bytes, formats, configurations), and clearing it."""
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from hf_kvcache.prefix.backend import Backend
+from hf_kvcache.prefix.codec import CorruptBlock, block_metadata
+from hf_kvcache.report import format_table
+
+DESCRIPTION = """\
+Inspect or clear a prefix store: the blocks of prompt KV that PrefixCache keeps for reuse. Prints how
+many blocks and bytes it holds, per configuration (model + cache + block format fingerprint), format
+and block size, and blocks it cannot read; for Redis also the server's memory, eviction policy and
+hit/miss counters. Hit rates and fetch latencies of a running program (per tier for a TieredBackend)
+come from PrefixCache.stats() in that program.
+
+examples:
+  hf-kvcache prefix stats --disk ~/.cache/prompt-kv
+  hf-kvcache prefix stats --redis redis://127.0.0.1:6379/0 --json store.json
+  hf-kvcache prefix stats --redis redis://10.0.0.5:7000/0 --cluster
+  hf-kvcache prefix clear --disk ~/.cache/prompt-kv --yes
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prefix",
+        help="show what a prefix store (disk folder or Redis) holds, or clear it",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "action", choices=["stats", "clear"], help="stats: print the store's contents; clear: delete them"
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--disk", metavar="FOLDER", help="a DiskBackend folder; e.g. --disk ~/.cache/prompt-kv")
+    where.add_argument("--redis", metavar="URL", help="a Redis server (or any cluster node with --cluster)")
+    parser.add_argument("--cluster", action="store_true", help="--redis names a node of a Redis Cluster")
+    parser.add_argument(
+        "--namespace",
+        default="hf_kvcache:prefix:",
+        help="the RedisBackend prefix of the store's keys (default: hf_kvcache:prefix:)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON to FILE")
+    parser.add_argument("--yes", action="store_true", help="confirm `clear` (it deletes every block of the store)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(run=run)
+
+
+def open_backend(args: argparse.Namespace) -> Backend:
+    if args.disk is not None:
+        from hf_kvcache.prefix.disk import DiskBackend
+
+        folder = Path(args.disk).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--disk {args.disk}: no such folder")
+        return DiskBackend(folder, max_bytes=None)
+    from hf_kvcache.prefix.redis_backend import RedisBackend
+
+    return RedisBackend(args.redis, prefix=args.namespace, cluster=args.cluster)
+
+
+def summarize(backend: Backend, progress: bool = True) -> dict:
+    """Blocks and bytes per (configuration fingerprint, format, tokens per block, layout), from block headers."""
+    blocks: Counter = Counter()
+    sizes: Counter = Counter()
+    for _, size, head in tqdm(backend.inventory(), desc="reading block headers", unit=" blocks", disable=not progress):
+        try:
+            meta = block_metadata(head)
+            group = (
+                meta.get("fingerprint", "?")[:16],
+                meta.get("format", "?"),
+                meta.get("tokens", "?"),
+                meta.get("layout", "?"),
+            )
+        except CorruptBlock:
+            group = ("(unreadable)", "", "", "")
+        blocks[group] += 1
+        sizes[group] += size
+    groups = []
+    for group in sorted(blocks, key=lambda group: -sizes[group]):
+        fingerprint, block_format, tokens, layout = group
+        groups.append(
+            {
+                "configuration": fingerprint,
+                "format": block_format,
+                "tokens_per_block": tokens,
+                "layout": layout,
+                "blocks": blocks[group],
+                "bytes": sizes[group],
+            }
+        )
+    return {
+        "store": repr(backend),
+        "blocks": sum(blocks.values()),
+        "bytes": sum(sizes.values()),
+        "groups": groups,
+        "server": backend.server_info(),
+    }
+
+
+def table(summary: dict) -> str:
+    rows = [
+        {
+            "blocks": group["blocks"],
+            "bytes": group["bytes"],
+            "bytes/block": group["bytes"] // group["blocks"],
+            "format": group["format"],
+            "tokens/block": group["tokens_per_block"],
+            "configuration": group["configuration"],
+            "layout": group["layout"],
+        }
+        for group in summary["groups"]
+    ]
+    lines = [f"store: {summary['store']}", format_table(rows) if rows else "(empty)"]
+    lines.append(f"total: {summary['blocks']} blocks, {summary['bytes']:,} bytes")
+    lines += [f"server {name}: {value}" for name, value in summary["server"].items()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.cluster and args.redis is None:
+        raise ValueError("--cluster needs --redis URL (a node of the cluster)")
+    backend = open_backend(args)
+    summary = summarize(backend, progress=not args.no_progress)
+    if args.action == "clear":
+        if not args.yes:
+            raise ValueError(
+                f"clear deletes all {summary['blocks']} blocks ({summary['bytes']:,} bytes) of {summary['store']}; "
+                "add --yes to confirm"
+            )
+        deleted = backend.clear()
+        print(f"deleted {deleted} blocks ({summary['bytes']:,} bytes) from {summary['store']}")
+        return
+    print(table(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
