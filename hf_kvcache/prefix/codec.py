@@ -73,9 +73,33 @@ class BlockFormat:
         return {name: tensor.contiguous() for name, tensor in store.state().items()}
 
     def unpack(self, state: dict[str, torch.Tensor], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's `(1, kv_heads, tokens, channels)` keys and values back from `pack`'s tensors."""
+        """Keys and values `(batch, kv_heads, tokens, channels)` back from `pack`'s tensors (batch 1 per layer)."""
         value_template = state[self.storage(1, 1).store_type.template_names[1]]
         return self.storage(tokens, value_template.shape[-1]).store_from_state(state).read()
+
+    def unpack_layers(self, states: list[dict[str, torch.Tensor]], tokens: int) -> BlockKV:
+        """Every layer's `(kv_heads, tokens, channels)` keys and values. Quantized layers of the same shapes are
+        stacked along the batch dimension and dequantized in one pass: per-layer passes of a few small tensors
+        each cost more in dispatch than in arithmetic."""
+        if self.bits is None:
+            return [tuple(t[0] for t in self.unpack(state, tokens)) for state in states]
+        batch_first = self.storage(1, 1).store_type.tensor_names
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, state in enumerate(states):
+            shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(state.items()))
+            shared = tuple(tuple(t.tolist()) for name, t in sorted(state.items()) if name not in batch_first)
+            groups[shapes + shared].append(index)
+        layers: list = [None] * len(states)
+        for indices in groups.values():
+            first = states[indices[0]]
+            stacked = {
+                name: torch.cat([states[i][name] for i in indices]) if name in batch_first else tensor
+                for name, tensor in first.items()
+            }
+            keys, values = self.unpack(stacked, tokens)
+            for row, index in enumerate(indices):
+                layers[index] = (keys[row], values[row])
+        return layers
 
 
 def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
@@ -152,13 +176,11 @@ def decode_block(
         states[index][field] = tensor
     if layers == 0 or sorted(states) != sorted(map(str, range(layers))):
         raise CorruptBlock(f"expected tensors for {layers} layers, found layers {sorted(states)}")
-    blocks = []
-    for index in range(layers):
-        try:
-            keys, values = block_format.unpack(states[str(index)], block_size)
-        except Exception as error:  # signed by our encoder but unreadable: a layout this version cannot read
-            raise CorruptBlock(f"layer {index} cannot be read back: {error}") from None
+    try:
+        blocks = block_format.unpack_layers([states[str(index)] for index in range(layers)], block_size)
+    except Exception as error:  # signed by our encoder but unreadable: a layout this version cannot read
+        raise CorruptBlock(f"layers cannot be read back: {error}") from None
+    for index, (keys, values) in enumerate(blocks):
         if keys.shape[-2] != block_size or values.shape[-2] != block_size:
             raise CorruptBlock(f"layer {index} holds {keys.shape[-2]} tokens, not {block_size}")
-        blocks.append((keys[0], values[0]))
     return blocks

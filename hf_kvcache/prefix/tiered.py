@@ -112,6 +112,10 @@ class TieredBackend(Backend):
         if len(failures) == len(self.levels):
             raise BackendError(f"every level failed: {'; '.join(map(str, failures))}")
 
+    def clear(self) -> int:
+        """Clear every level; returns the entries deleted, summed over the levels."""
+        return sum(level.clear() for level in self.levels)
+
     def nbytes(self) -> int | None:
         held = [level.nbytes() for level in self.levels]
         return None if all(size is None for size in held) else sum(size or 0 for size in held)

@@ -115,3 +115,15 @@ def test_compressed_blocks_fill_a_quantized_cache():
     assert cold.shape == warm.shape and store.stats()["hits"] == 5 and store.stats()["errors"] == 0
     other_cache = generate_with_prefix_cache(model, ids, store, cache=QuantizedCache(model.config, bits=2), **GREEDY)
     assert other_cache.shape == cold.shape and store.stats()["hits"] == 5  # another configuration: a miss
+
+
+def test_layers_of_different_shapes_decode_like_one_layer_at_a_time():
+    """Same-shape layers are dequantized as one batch: each must come back as it does alone."""
+    layers = [
+        kv(heads=heads, channels=channels, seed=seed) for seed, (heads, channels) in enumerate([(3, 64), (2, 96)] * 3)
+    ]
+    block_format = BlockFormat(4)
+    together = decode_block(encode_block(KEY, "f", layers, block_format), KEY, "f", 128, block_format)
+    for layer, restored in zip(layers, together):
+        (alone,) = decode_block(encode_block(KEY, "f", [layer], block_format), KEY, "f", 128, block_format)
+        assert all(torch.equal(a, b) for a, b in zip(restored, alone)) and restored[0].shape == layer[0].shape
