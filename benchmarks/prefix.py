@@ -43,6 +43,7 @@ from hf_kvcache.prefix import (
     TieredBackend,
     generate_with_prefix_cache,
 )
+from hf_kvcache.prefix.codec import encode_block
 from hf_kvcache.prefix.redis_server import LocalRedisCluster, LocalRedisServer
 from hf_kvcache.report import format_table
 
@@ -178,6 +179,8 @@ def ttft(args, model, tokenizer, make) -> dict:
     print()
     print(format_table(rows))
     return {
+        "continuation_quality": continuation_quality(model, tokenizer, args.prefix_tokens, args.block_size),
+        "prefetch_over_simulated_links": prefetch_gain(model, tokenizer, args.prefix_tokens, args.block_size),
         "prefix_tokens": args.prefix_tokens,
         "questions": len(prompts),
         "prompt_tokens": [int(p.shape[1]) for p in prompts],
@@ -186,6 +189,69 @@ def ttft(args, model, tokenizer, make) -> dict:
         "cold_ttft_median": cold,
         "rows": rows,
     }
+
+
+@torch.no_grad()
+def continuation_quality(model, tokenizer, prefix_tokens: int, block_size: int, continuation_tokens: int = 256) -> list:
+    """Perplexity of the text's next `continuation_tokens` tokens after a prefix restored in each block format
+    (full precision: the exact prefix), and the largest logit difference to the exact prefix's."""
+    ids = tokenizer(bundled_text("wikitext2")[:200_000], return_tensors="pt").input_ids
+    prefix, continuation = ids[:, :prefix_tokens], ids[:, prefix_tokens : prefix_tokens + continuation_tokens]
+    rows, exact_logits = [], None
+    for format_name, bits in FORMATS.items():
+        store = PrefixCache(MemoryBackend(max_bytes=None), block_size, bits=bits)
+        cache = model(prefix, past_key_values=DynamicCache(config=model.config)).past_key_values
+        store.save(model, prefix, [(layer.keys, layer.values) for layer in cache.layers])
+        restored = DynamicCache(config=model.config)
+        assert store.restore(model, prefix, restored) == prefix_tokens
+        logits = model(continuation, past_key_values=restored).logits.float()
+        exact_logits = logits if bits is None else exact_logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], continuation[0, 1:])
+        first_block = [(layer.keys[0, :, :block_size], layer.values[0, :, :block_size]) for layer in cache.layers]
+        fp16_block = [(keys.half(), values.half()) for keys, values in first_block]
+        rows.append(
+            {
+                "format": format_name,
+                "bytes/block": store.stats()["bytes_stored"] // store.stats()["blocks_saved"],
+                "bytes/block from fp16 KV": len(encode_block("0" * 64, "f", fp16_block, store.block_format)),
+                f"perplexity of the next {continuation_tokens} tokens": float(loss.exp()),
+                "max |logit - exact|": float((logits - exact_logits).abs().max()),
+            }
+        )
+    print(format_table(rows))
+    return rows
+
+
+class SimulatedLink(MemoryBackend):
+    """A memory backend behind a simulated network link: each request waits `latency` seconds plus its bytes
+    at `bytes_per_second` (a sleep, which frees the CPU as a real transfer does). Only for measuring what
+    prefetching buys when transfers wait on the network: a local redis-server shares this machine's CPU."""
+
+    def __init__(self, latency: float, bytes_per_second: float):
+        super().__init__(max_bytes=None)
+        self.latency, self.bytes_per_second = latency, bytes_per_second
+
+    def get_prefix(self, keys):
+        values = super().get_prefix(keys)
+        time.sleep(self.latency + sum(map(len, values)) / self.bytes_per_second)
+        return values
+
+
+def prefetch_gain(model, tokenizer, prefix_tokens: int, block_size: int) -> list:
+    """Restore time over simulated links, one request for the whole prefix vs requests of 1-4 blocks."""
+    prompt = make_prompts(tokenizer, prefix_tokens, 1)[0]
+    rows = []
+    for name, latency, rate in (("1 ms, 10 Gbit/s", 1e-3, 1.25e9), ("1 ms, 1 Gbit/s", 1e-3, 1.25e8)):
+        for format_name in ("fp32", "4-bit"):
+            link = SimulatedLink(latency, rate)
+            store = PrefixCache(link, block_size, bits=FORMATS[format_name])
+            generate_with_prefix_cache(model, prompt, store, max_new_tokens=1, do_sample=False)
+            row = {"link": name, "format": format_name}
+            for blocks in (0, 1, 2, 4):
+                row[f"restore ms, prefetch_blocks={blocks}"] = restore_ms(model, with_prefetch(store, blocks), prompt)
+            rows.append(row)
+    print(format_table(rows))
+    return rows
 
 
 def with_prefetch(store: PrefixCache, blocks: int) -> PrefixCache:
@@ -248,17 +314,25 @@ def workload(args, model, tokenizer, make) -> dict:
         f"{args.documents} passages x {blocks_per_document} blocks of {full_block:,} bytes (fp32); budget {budget:,} bytes"
     )
     configurations = [("memory", policy, fmt) for fmt in ("fp32", "4-bit") for policy in ("lru", "lfu", "size")]
-    configurations += [("disk", "lru", "fp32"), ("memory>disk", "lfu", "fp32")]
+    configurations += [("disk", "lru", "fp32"), ("redis", "allkeys-lru", "fp32"), ("redis", "allkeys-lfu", "fp32")]
+    configurations += [("memory>disk", "lfu", "fp32"), ("memory>redis", "lfu", "fp32")]
     rows = []
     for name, policy, format_name in configurations:
-        backend = make(name, max_bytes=budget, policy=policy)
+        backend = make(name, max_bytes=budget, policy=policy.removeprefix("allkeys-"))
+        if name == "redis":  # the server's own eviction: its whole memory (with key overhead) over the budget
+            backend.client.config_resetstat()
+            baseline = int(backend.client.info("memory")["used_memory"])
+            backend.client.config_set("maxmemory-policy", policy)
+            backend.client.config_set("maxmemory", baseline + budget)
         store = PrefixCache(backend, args.block_size, bits=FORMATS[format_name])
         result = replay(model, store, documents, requests, question)
         tiers = result.pop("tiers")
         row = {"backend": name, "policy": policy, "format": format_name, **result}
-        if tiers:
-            row["memory-level hit rate"] = tiers[0]["hit_rate"]
-            row["disk-level bytes"] = tiers[1]["bytes_held"]
+        if name == "redis":
+            row["evictions"] = int(backend.client.info("stats")["evicted_keys"])
+            backend.client.config_set("maxmemory", 0)
+            backend.client.config_resetstat()
+        row["first-level hit rate"] = tiers[0]["hit_rate"] if tiers else None
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)
         backend.clear()
