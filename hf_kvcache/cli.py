@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the words after `hf-kvcache`, for a command that starts itself again
     try:
         args.run(args)
     except (ValueError, RuntimeError, OSError) as error:

@@ -80,17 +80,21 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     attn_implementation: str | None = None,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` in eval mode.
 
     `name_or_path`: hub id or local folder; None uses the packaged SmolLM2-135M-Instruct.
     `dtype`: torch dtype or its name ("float32", "bfloat16", "float16"); default float32.
-    `device`: where to put the model; default CPU.
+    `device`: where to put the model; default CPU. `device_map` (e.g. "auto", through accelerate) spreads
+    the layers over the available devices instead; then `device` must be None.
 
     Raises:
         ValueError: a device this torch cannot use (a malformed name, CUDA on a CPU-only build).
         OSError: a hub id while the hub is unreachable and the model is not in the local cache.
     """
+    if device_map is not None and device is not None:
+        raise ValueError(f"device={device!r} and device_map={device_map!r}: pass one of them")
     device = check_device(device)
     source = default_model_path() if name_or_path is None else name_or_path
     if isinstance(dtype, str):
@@ -98,6 +102,8 @@ def load_model(
     kwargs = {"dtype": dtype or torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     # A hub id while the hub is unreachable: use the local Hugging Face cache, or fail at once
     # (instead of a minute of retries).
     offline = not Path(source).exists() and not hub_reachable()
@@ -111,7 +117,7 @@ def load_model(
             f"{source} is not a local folder, the Hugging Face hub is unreachable, and the model is not in "
             "the local Hugging Face cache; pass a local folder (or leave the model out for the packaged one)"
         ) from error
-    return model.to(device).eval(), tokenizer
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 def check_device(device: torch.device | str | None) -> torch.device:

@@ -1,13 +1,18 @@
 """`hf-kvcache eval`: the evaluation tool on the command line (table, results.json/csv, PNG plots)."""
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import transformers
 
+from hf_kvcache.eval.results import PartialResults
 from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
 from hf_kvcache.registry import describe_caches
+from hf_kvcache.validation import check_int
 
 DESCRIPTION = """\
 Measure what each KV-cache strategy costs: perplexity (overall and per position bucket), bytes the
@@ -20,6 +25,15 @@ examples:
   hf-kvcache eval --dataset wikitext2 --max-tokens 4096 --cache dynamic --cache quantized:bits=2
   hf-kvcache eval --dataset pg19 --mode token --max-tokens 1024 --cache dynamic --cache quantized:bits=4,group_size=64
   hf-kvcache eval --model ./my-model --dataset notes.jsonl --cache dynamic --cache hf-quantized:backend=hqq,bits=4
+  hf-kvcache eval --resume            # after an interruption: measure only the caches still missing
+  hf-kvcache eval --num-processes 2 --cache dynamic --cache quantized:bits=4 --cache quantized:bits=2
+  accelerate launch --multi_gpu --num_processes 4 -m hf_kvcache.cli eval --cache dynamic --cache sink:window=1020
+  hf-kvcache eval --model big-model --device-map auto      # one model larger than a GPU, over all of them
+
+With several processes (accelerate or torchrun), the caches are shared out among them (each cache measured
+whole by one process, on its own device) and the main process writes one result set; results.json records
+who measured what. (`accelerate launch --cpu --num_processes N` starts N processes only through MPI; without
+it, use --num-processes N or --multi_gpu, which on a machine without GPUs runs N CPU processes.)
 """
 
 
@@ -87,6 +101,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=16,
         help="greedy decode steps after the text, timed for decode tokens/s (default: 16)",
     )
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="spread a model larger than one device over all of them, e.g. --device-map auto (instead of --device)",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="share the caches out among N processes started through accelerate (one per GPU when there are GPUs, "
+        "else on the CPU); the same as `accelerate launch --multi_gpu --num_processes N -m hf_kvcache.cli eval ...`",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the caches an interrupted run with the same settings already measured (each is saved in "
+        "--output/partial/ as soon as it is measured)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (also transformers' own)")
     parser.set_defaults(run=run)
 
@@ -106,7 +138,31 @@ def writable_folder(folder: str) -> Path:
     return output
 
 
+def relaunch(args: argparse.Namespace, argv: list[str]) -> None:
+    """Run this same command in `args.num_processes` processes through accelerate's launcher."""
+    from hf_kvcache.prefix.redis_server import free_port
+
+    forwarded = [value for value in argv if not value.startswith("--num-processes")]
+    if "--num-processes" in argv:  # the value was a separate word
+        index = argv.index("--num-processes")
+        forwarded = argv[:index] + argv[index + 2 :]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+    command += ["--num_processes", str(args.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(free_port()), "-m", "hf_kvcache.cli", *forwarded]
+    done = subprocess.run(command, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{args.num_processes} evaluation processes: exit status {done.returncode}")
+
+
 def run(args: argparse.Namespace) -> None:
+    import torch
+    from accelerate import PartialState
+
+    check_int("--num-processes", args.num_processes, minimum=1)
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        relaunch(args, args.argv)
+        return
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     output = writable_folder(args.output)
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()
@@ -115,6 +171,14 @@ def run(args: argparse.Namespace) -> None:
         model = str(Path(model).expanduser())
         if not Path(model).is_dir():
             raise FileNotFoundError(f"model folder not found: {args.model}")
+    settings = {
+        name: getattr(args, name)
+        for name in ("model", "dataset", "max_tokens", "mode", "chunk_size", "seed", "decode_tokens", "dtype")
+    }
+    partial = PartialResults(output / "partial", settings)
+    done = partial.load() if args.resume else {}
+    if done:
+        print(f"resuming: {len(done)} cache(s) already measured ({', '.join(done)})")
     results = evaluate(
         caches=args.cache or DEFAULT_CACHES,
         model=model,
@@ -126,8 +190,13 @@ def run(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         seed=args.seed,
         decode_tokens=args.decode_tokens,
-        progress=not args.no_progress,
+        progress=not args.no_progress and state.is_local_main_process,
+        device_map=args.device_map,
+        done=done,
+        on_result=partial.save,
     )
+    if not state.is_main_process:
+        return
     from hf_kvcache.eval.plots import write_plots
 
     results.write_json(output / "results.json")

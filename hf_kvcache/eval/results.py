@@ -1,7 +1,10 @@
 """Result records of an evaluation run, and their table, JSON and CSV forms."""
 
 import csv
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +55,9 @@ class CacheResult:
 
 @dataclass
 class EvalResults:
-    """A whole run: its settings, where the data came from, library versions, and one result per cache."""
+    """A whole run: its settings, where the data came from, library versions, one result per cache, and how
+    the work was split (`distribution`: `num_processes`, per process its device and caches, `reused` results
+    of an interrupted run)."""
 
     model: str
     dataset: str
@@ -66,6 +71,7 @@ class EvalResults:
     dtype: str
     versions: dict[str, str]
     results: list[CacheResult]
+    distribution: dict = field(default_factory=dict)  # processes, their devices and caches; reused results
 
     def fill_ratios(self) -> None:
         """Set each result's ratios to the first cache of the run."""
@@ -114,3 +120,38 @@ class EvalResults:
                 row = {column: getattr(r, column) for column in CSV_COLUMNS if hasattr(r, column)}
                 row.update({f"{figure}_ratio": r.ratios[figure] for figure in RATIO_FIGURES})
                 writer.writerow(row)
+
+
+class PartialResults:
+    """Each cache's result saved as soon as it is measured, under `folder/<settings digest>/`, so an
+    interrupted run loses at most the cache in progress and `--resume` reuses only results of the same
+    settings (model, data, length, mode, seed, ...). Files are written atomically (a rename)."""
+
+    def __init__(self, folder: Path, settings: dict):
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.folder = Path(folder) / digest
+        self.settings = settings
+
+    def _path(self, label: str) -> Path:
+        return self.folder / f"{hashlib.sha256(label.encode()).hexdigest()[:16]}.json"
+
+    def save(self, result: CacheResult) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"settings": self.settings, "result": asdict(result)}, default=str)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(record)
+        os.replace(temporary, self._path(result.cache))
+
+    def load(self) -> dict[str, CacheResult]:
+        """Results saved by earlier runs with these settings, by cache label (unreadable files are skipped)."""
+        found = {}
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                result = CacheResult(**record["result"])
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+            if record.get("settings") == json.loads(json.dumps(self.settings, default=str)):
+                found[result.cache] = result
+        return found

@@ -2,10 +2,12 @@
 
 import importlib.metadata
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -61,8 +63,15 @@ def evaluate(
     input_ids: torch.Tensor | None = None,
     use_hub: bool | None = None,
     progress: bool = True,
+    device_map: str | None = None,
+    done: Mapping[str, CacheResult] | None = None,
+    on_result: Callable[[CacheResult], None] | None = None,
 ) -> EvalResults:
     """Measure perplexity, cache bytes, peak memory and speed of each cache spec on the same tokens.
+
+    Under `accelerate launch --num_processes N` the caches are shared out among the N processes (each on
+    its own device, each cache measured whole by one process, so every figure equals a one-process run's)
+    and every process returns the whole run; `EvalResults.distribution` records who measured what.
 
     Args:
         caches: cache specs (`"quantized:bits=2"`) or `CacheSpec`s; ratios are to the first one.
@@ -72,10 +81,19 @@ def evaluate(
             `input_ids` (shape (1, n)) are given.
         max_tokens: tokens of the text to evaluate (the first `max_tokens`).
         mode: `chunk` (steps of `chunk_size` tokens) or `token` (one token per step).
-        device, dtype: where and how to load a model given by name (default CPU, float32).
+        device, dtype: where and how to load a model given by name (default CPU, or each process's device
+            under accelerate; float32).
+        device_map: e.g. "auto": spread a model given by name over the available devices (larger than one
+            device); caches keep each layer's tensors on that layer's device.
         bucket_size: predicted tokens per perplexity bucket (default: max_tokens / 8, at most 256).
         decode_tokens: greedy decode steps after the text, timed for decode tokens/s.
         use_hub: None tries the hub when reachable, False uses the bundled copies.
+        done: results already measured (by label), e.g. from an interrupted run: not measured again.
+        on_result: called with each result as soon as it is measured (to save it).
+
+    Raises:
+        ValueError: a bad mode, chunk size, decode steps or cache spec (before any model work).
+        RuntimeError: a model that cannot be loaded.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; accepted values: {', '.join(MODES)}")
@@ -84,6 +102,10 @@ def evaluate(
     if not isinstance(decode_tokens, int) or decode_tokens < 1:
         raise ValueError(f"decode_tokens={decode_tokens!r} must be an integer >= 1")
     specs = parse_specs(caches)
+    done = dict(done or {})
+    # One process unless started by `accelerate launch` / torchrun; without a GPU the processes share out the
+    # work on the CPU (gloo), which accelerate only does when told so.
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
     if input_ids is None:
         text = load_text(dataset, use_hub)
@@ -91,8 +113,10 @@ def evaluate(
         model_name = model.config.name_or_path or type(model).__name__
     else:
         model_name = f"{DEFAULT_MODEL_NAME} (packaged)" if model is None else str(model)
+        if device is None and device_map is None and state.num_processes > 1:
+            device = str(state.device)
         try:
-            model, tokenizer = load_model(model, dtype=dtype, device=device)
+            model, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
         except OSError as error:
             raise RuntimeError(f"cannot load model {model_name!r}: {str(error).strip().splitlines()[0]}") from error
     for spec in specs:  # fail on a bad spec before spending time on the others
@@ -109,43 +133,20 @@ def evaluate(
     step = chunk_size if mode == "chunk" else 1
     bucket_size = bucket_size or max(1, min(256, (length - 1) // 8))
 
-    results = []
-    for spec in specs:
-        torch.manual_seed(seed)
-        evaluation_pass(
-            model,
-            input_ids[:, : min(length, 2 * step if mode == "chunk" else 8)],
-            build_cache(spec, model.config),
-            step,
-        )
-        cache = build_cache(spec, model.config)
-        with (
-            PeakMemory(model.device) as peak,
-            tqdm(total=length, desc=spec.label, unit="tok", disable=not progress, leave=False) as bar,
-        ):
-            record = evaluation_pass(model, input_ids, cache, step, progress=bar.update)
-            decode = decode_speed(model, cache, record.last_logits, decode_tokens)
-        prefill = record.forward_tokens / record.forward_seconds if mode == "chunk" else None
-        results.append(
-            CacheResult(
-                cache=spec.label,
-                spec={"name": spec.name, "params": dict(spec.params)},
-                tokens=len(record.nll),
-                perplexity=record.perplexity,
-                mean_nll=record.nll.mean().item(),
-                bucket_size=bucket_size,
-                bucket_perplexity=bucket_perplexity(record.nll, bucket_size),
-                nll=record.nll.tolist(),
-                memory_positions=record.positions,
-                memory_bytes=record.bytes_held,
-                cache_bytes=record.bytes_held[-1],
-                peak_memory_bytes=peak.peak,
-                peak_memory_kind=peak.kind,
-                prefill_tokens_per_s=prefill,
-                decode_tokens_per_s=decode,
-            )
-        )
-        del cache
+    todo = [spec for spec in specs if spec.label not in done]
+    measured = []
+    with state.split_between_processes(todo) as mine:
+        for spec in mine:
+            result = _measure(model, spec, input_ids, step, mode, seed, bucket_size, decode_tokens, progress)
+            measured.append((state.process_index, str(model.device), result))
+            if on_result is not None:
+                on_result(result)
+    if state.num_processes > 1:
+        measured = gather_object(measured)
+    by_label = {result.cache: result for _, _, result in measured} | done
+    processes: dict[int, dict] = {}
+    for index, where, result in measured:
+        processes.setdefault(index, {"process": index, "device": where, "caches": []})["caches"].append(result.cache)
     run = EvalResults(
         model=model_name,
         dataset=dataset,
@@ -158,7 +159,54 @@ def evaluate(
         device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),
         versions=library_versions(),
-        results=results,
+        results=[by_label[spec.label] for spec in specs],
+        distribution={
+            "num_processes": state.num_processes,
+            "processes": [processes[index] for index in sorted(processes)],
+            "reused": [spec.label for spec in specs if spec.label in done],
+        },
     )
     run.fill_ratios()
     return run
+
+
+def _measure(
+    model: PreTrainedModel,
+    spec: CacheSpec,
+    input_ids: torch.Tensor,
+    step: int,
+    mode: str,
+    seed: int,
+    bucket_size: int,
+    decode_tokens: int,
+    progress: bool,
+) -> CacheResult:
+    """One cache spec over the whole text: a short warm-up pass, then the measured pass and decoding."""
+    length = input_ids.shape[1]
+    torch.manual_seed(seed)
+    warmup = input_ids[:, : min(length, 2 * step if mode == "chunk" else 8)]
+    evaluation_pass(model, warmup, build_cache(spec, model.config), step)
+    cache = build_cache(spec, model.config)
+    with (
+        PeakMemory(model.device) as peak,
+        tqdm(total=length, desc=spec.label, unit="tok", disable=not progress, leave=False) as bar,
+    ):
+        record = evaluation_pass(model, input_ids, cache, step, progress=bar.update)
+        decode = decode_speed(model, cache, record.last_logits, decode_tokens)
+    return CacheResult(
+        cache=spec.label,
+        spec={"name": spec.name, "params": dict(spec.params)},
+        tokens=len(record.nll),
+        perplexity=record.perplexity,
+        mean_nll=record.nll.mean().item(),
+        bucket_size=bucket_size,
+        bucket_perplexity=bucket_perplexity(record.nll, bucket_size),
+        nll=record.nll.tolist(),
+        memory_positions=record.positions,
+        memory_bytes=record.bytes_held,
+        cache_bytes=record.bytes_held[-1],
+        peak_memory_bytes=peak.peak,
+        peak_memory_kind=peak.kind,
+        prefill_tokens_per_s=record.forward_tokens / record.forward_seconds if mode == "chunk" else None,
+        decode_tokens_per_s=decode,
+    )
