@@ -231,8 +231,8 @@ class SimulatedLink(MemoryBackend):
         super().__init__(max_bytes=None)
         self.latency, self.bytes_per_second = latency, bytes_per_second
 
-    def get_prefix(self, keys):
-        values = super().get_prefix(keys)
+    def get_prefix(self, keys, parent=None):
+        values = super().get_prefix(keys, parent)
         time.sleep(self.latency + sum(map(len, values)) / self.bytes_per_second)
         return values
 

@@ -16,8 +16,11 @@ class Backend(ABC):
     """A key -> bytes store. Keys are lowercase hex digests made by `hf_kvcache.prefix.keys`."""
 
     @abstractmethod
-    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
-        """Values of `keys[0]`, `keys[1]`, ... up to (not including) the first missing key."""
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
+        """Values of `keys[0]`, `keys[1]`, ... up to (not including) the first missing key.
+
+        `parent`: the key of the block before `keys[0]` in the chain (None when `keys[0]` starts it), for a
+        prefix fetched in several requests."""
 
     @abstractmethod
     def put(self, key: str, value: bytes, parent: str | None = None) -> bool:

@@ -15,6 +15,7 @@ SUFFIX = ".safetensors"
 _TEMP_PREFIX = ".tmp-"
 _ABANDONED_TEMP_SECONDS = 600
 _KEY = re.compile(r"^[0-9a-f]{16,128}$")
+_FOLDER = re.compile(r"^[0-9a-f]{2}$")
 _CHAIN_STEP_NS = 1000  # a block's stamp is this much older than its parent's
 
 
@@ -50,7 +51,7 @@ class DiskBackend(Backend):
             raise ValueError(f"key={key!r} must be a lowercase hex digest")
         return self.path / key[:2] / f"{key}{SUFFIX}"
 
-    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
         found = []
         for key in keys:
             path = self.file(key)
@@ -60,9 +61,12 @@ class DiskBackend(Backend):
                 break
             except OSError as error:
                 raise BackendError(f"cannot read {path}: {error}") from error
-        now = time.time_ns()
+        newest = time.time_ns()
+        if parent is not None:  # continue the chain's stamps below its earlier blocks'
+            with contextlib.suppress(OSError):
+                newest = self.file(parent).stat().st_mtime_ns - _CHAIN_STEP_NS
         for depth, key in enumerate(keys[: len(found)]):
-            _stamp(self.file(key), now - depth * _CHAIN_STEP_NS)
+            _stamp(self.file(key), newest - depth * _CHAIN_STEP_NS)
         return found
 
     def put(self, key: str, value: bytes, parent: str | None = None) -> bool:
@@ -98,15 +102,22 @@ class DiskBackend(Backend):
             raise BackendError(f"cannot delete {path}: {error}") from error
 
     def _files(self) -> list[tuple[float, int, Path]]:
-        """(access stamp, size, path) of every block file; drops temporary files left by dead writers."""
+        """(access stamp, size, path) of every block file; drops temporary files left by dead writers. Only
+        `<key[:2]>/<key>.safetensors` names are the store's: other files in the folder are never counted,
+        evicted or cleared."""
         entries = []
         now = time.time()
-        for path in self.path.glob(f"*/*{SUFFIX}"):
+        for path in self.path.glob(f"??/*{SUFFIX}"):
+            key = path.name.removesuffix(SUFFIX)
+            block = _KEY.match(key) is not None and path.parent.name == key[:2]
+            temporary = path.name.startswith(_TEMP_PREFIX) and _FOLDER.match(path.parent.name) is not None
+            if not (block or temporary):
+                continue
             try:
                 info = path.stat()
             except FileNotFoundError:
                 continue
-            if not path.name.startswith(_TEMP_PREFIX):
+            if block:
                 entries.append((info.st_mtime, info.st_size, path))
             elif now - info.st_mtime > _ABANDONED_TEMP_SECONDS:
                 path.unlink(missing_ok=True)

@@ -46,7 +46,22 @@ class _PrefillRecorder:
         return layers if complete and all(k.shape[-2] == self.tokens for k, _ in layers) else []
 
 
-def _prompt(inputs: Any, generate_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _setting(model: PreTrainedModel, generate_kwargs: dict, name: str, default: Any) -> Any:
+    """A generation setting as `generate` resolves it: the keyword, else the given or the model's config."""
+    if name in generate_kwargs:
+        return generate_kwargs[name]
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    return getattr(config, name, default)
+
+
+def _prompt(model: PreTrainedModel, inputs: Any, generate_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if inputs is None:
+        if "input_ids" not in generate_kwargs:
+            raise ValueError("no prompt: pass inputs (token ids or a tokenizer output) or input_ids=")
+        inputs = {
+            "input_ids": generate_kwargs.pop("input_ids"),
+            "attention_mask": generate_kwargs.pop("attention_mask", None),
+        }
     if isinstance(inputs, Mapping):
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
     else:
@@ -58,13 +73,13 @@ def _prompt(inputs: Any, generate_kwargs: dict) -> tuple[torch.Tensor, torch.Ten
         raise ValueError("inputs must hold at least one token")
     if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
         raise ValueError("attention_mask has padding (zeros): the prefix store takes one unpadded prompt")
-    for name in ("num_beams", "num_return_sequences"):
-        if generate_kwargs.get(name, 1) != 1:
-            raise ValueError(f"{name}={generate_kwargs[name]!r} is not supported with a prefix store; accepted: 1")
-    if generate_kwargs.get("use_cache") is False:
+    for name in ("num_beams", "num_return_sequences"):  # also when set in a generation config
+        if (value := _setting(model, generate_kwargs, name, 1)) not in (None, 1):
+            raise ValueError(f"{name}={value!r} is not supported with a prefix store; accepted: 1")
+    if _setting(model, generate_kwargs, "use_cache", True) is False:
         raise ValueError("use_cache=False leaves nothing to restore or save; accepted: use_cache=True")
     for name in ("output_hidden_states", "output_attentions"):
-        if generate_kwargs.get(name):
+        if _setting(model, generate_kwargs, name, False):
             raise ValueError(
                 f"{name}=True is not supported with a prefix store: restored prompt tokens are not run through "
                 "the model, so a hit would return them for the uncomputed tail only; call model.generate for them"
@@ -73,7 +88,9 @@ def _prompt(inputs: Any, generate_kwargs: dict) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def generate_with_prefix_cache(model: PreTrainedModel, inputs: Any, store: PrefixCache, **generate_kwargs: Any):
+def generate_with_prefix_cache(
+    model: PreTrainedModel, inputs: Any = None, store: PrefixCache | None = None, **generate_kwargs: Any
+):
     """`model.generate(inputs, **generate_kwargs)`, reusing the prompt's longest stored prefix.
 
     Restores whole stored blocks of the prompt (always leaving at least one prompt token to compute,
@@ -83,10 +100,13 @@ def generate_with_prefix_cache(model: PreTrainedModel, inputs: Any, store: Prefi
     `hf_kvcache.QuantizedCache`: restored KV enters it through `update`, like a prefill in two chunks.
 
     `inputs`: one prompt, a `(1, length)` or `(length,)` tensor of ids, or a tokenizer output
-    (`input_ids`, optional `attention_mask`). Batches, padding and beam search are refused.
+    (`input_ids`, optional `attention_mask`; also accepted as keywords). Batches, padding, beam search and
+    per-token outputs are refused, whether asked for by keyword or in a generation config.
     Returns what `model.generate` returns.
     """
-    input_ids, attention_mask = _prompt(inputs, generate_kwargs)
+    if not isinstance(store, PrefixCache):
+        raise ValueError(f"store={store!r} must be a PrefixCache (e.g. PrefixCache(MemoryBackend()))")
+    input_ids, attention_mask = _prompt(model, inputs, generate_kwargs)
     cache = pop_cache(generate_kwargs)
     if cache is None:
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))

@@ -43,7 +43,7 @@ class MemoryBackend(Backend):
         block.last_use = self._operations
         block.priority = self.policy.priority(block)
 
-    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
         found = []
         with self._lock:
             for key in keys:

@@ -66,7 +66,7 @@ class RedisBackend(Backend):
         try:
             import redis
             from redis.backoff import NoBackoff
-            from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
+            from redis.exceptions import AskError, ClusterError, MovedError, RedisClusterException, TryAgainError
             from redis.retry import Retry
         except ImportError as error:
             raise ImportError("RedisBackend needs redis-py: pip install 'hf_kvcache[prefix]'") from error
@@ -94,6 +94,8 @@ class RedisBackend(Backend):
         # Per-command results of a cluster pipeline that mean a node is down or moving, not a bad entry.
         self._outages = (redis.ConnectionError, redis.TimeoutError, ClusterError, AskError, TryAgainError)
         self._down_until = 0.0
+        self._warned_full = False
+        self._moved = MovedError  # a plain client sent to a cluster node: its replies redirect to other nodes
         self._client_lock = threading.Lock()
         if cluster:
             self._cluster_url_options = _check_cluster_options(url, options)
@@ -137,7 +139,8 @@ class RedisBackend(Backend):
             if self._down_until == 0.0:
                 logger.debug("%s failed (%s)", self._server, error)  # the store warns once per outage
             self._down_until = time.monotonic() + self.retry_after
-            raise BackendError(f"{self._server}: {error}") from error
+            hint = " (MOVED: this is a Redis Cluster node; pass cluster=True)" if isinstance(error, self._moved) else ""
+            raise BackendError(f"{self._server}: {error}{hint}") from error
         if self._down_until:
             logger.debug("%s is reachable again", self._server)
             self._down_until = 0.0
@@ -152,7 +155,7 @@ class RedisBackend(Backend):
         # A cluster pipeline sends each node its commands, then reads the replies: one round trip per node.
         return self.client.pipeline() if self.cluster else self.client.pipeline(transaction=False)
 
-    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
         if not keys:
             return []
 
@@ -181,9 +184,26 @@ class RedisBackend(Backend):
         return found
 
     def put(self, key: str, value: bytes, parent: str | None = None) -> bool:
-        """Store `value`; `parent` is not used (Redis evicts by its own `maxmemory-policy`)."""
-        self._call(lambda: self.client.set(self.prefix + key, value, ex=self.ttl))
-        return True
+        """Store `value`; `parent` is not used (Redis evicts by its own `maxmemory-policy`). False when the server
+        is full and may not evict (`maxmemory` with `noeviction`): that write fails, reads go on."""
+        from redis.exceptions import OutOfMemoryError
+
+        def store() -> bool:
+            try:
+                self.client.set(self.prefix + key, value, ex=self.ttl)
+            except OutOfMemoryError as error:
+                if not self._warned_full:
+                    logger.warning(
+                        "%s is full and may not evict, so new blocks are not stored (%s); set maxmemory-policy "
+                        "allkeys-lru or allkeys-lfu, or raise maxmemory",
+                        self._server,
+                        error,
+                    )
+                    self._warned_full = True
+                return False
+            return True
+
+        return self._call(store)
 
     def delete(self, key: str) -> None:
         self._call(lambda: self.client.delete(self.prefix + key))

@@ -29,11 +29,11 @@ class LevelStats:
         self._outage = False
         self._lock = threading.Lock()
 
-    def timed_fetch(self, keys: Sequence[str]) -> list[bytes]:
-        """`backend.get_prefix(keys)`, counted and timed; a `BackendError` is counted and raised."""
+    def timed_fetch(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
+        """`backend.get_prefix(keys, parent)`, counted and timed; a `BackendError` is counted and raised."""
         start = time.perf_counter()
         try:
-            values = self.backend.get_prefix(keys)
+            values = self.backend.get_prefix(keys, parent)
         except BackendError:
             self.count(errors=1)
             raise

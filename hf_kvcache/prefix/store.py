@@ -91,10 +91,10 @@ class PrefixCache:
             for name, amount in amounts.items():
                 self._counts[name] += amount
 
-    def _get(self, keys: list[str]) -> list[bytes] | BackendError:
+    def _get(self, keys: list[str], parent: str | None = None) -> list[bytes] | BackendError:
         """The backend's values for the longest present prefix of `keys`, or the error it raised."""
         try:
-            values = self.backend_stats.timed_fetch(keys)
+            values = self.backend_stats.timed_fetch(keys, parent)
         except BackendError as error:
             return error
         return values
@@ -113,7 +113,7 @@ class PrefixCache:
             values = pending.result()
             complete = not isinstance(values, BackendError) and len(values) == len(chunk)
             if complete and index + 1 < len(chunks):
-                pending = self._prefetcher.submit(self._get, chunks[index + 1])
+                pending = self._prefetcher.submit(self._get, chunks[index + 1], chunk[-1])
             yield chunk, values
             if not complete:
                 return

@@ -29,9 +29,13 @@ class TieredBackend(Backend):
     """
 
     def __init__(self, *levels: Backend, promote: bool = True):
-        if len(levels) < 2 or not all(isinstance(level, Backend) for level in levels):
+        if (
+            len(levels) < 2
+            or not all(isinstance(level, Backend) for level in levels)
+            or len(set(map(id, levels))) < len(levels)
+        ):
             raise ValueError(
-                f"levels={levels!r} must be two or more prefix backends, fastest first "
+                f"levels={levels!r} must be two or more different prefix backends, fastest first "
                 "(e.g. TieredBackend(MemoryBackend(...), RedisBackend(...)))"
             )
         check_bool("promote", promote)
@@ -47,7 +51,7 @@ class TieredBackend(Backend):
         if self.level_stats[index].came_back():
             logger.warning("prefix store level %d (%r) is reachable again", index, self.levels[index])
 
-    def get_prefix(self, keys: Sequence[str]) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
         found: list[bytes] = []
         failures: list[BackendError] = []
         for index, stats in enumerate(self.level_stats):
@@ -55,24 +59,26 @@ class TieredBackend(Backend):
             if not wanted:
                 break
             try:
-                values = stats.timed_fetch(wanted)
+                values = stats.timed_fetch(wanted, keys[len(found) - 1] if found else parent)
             except BackendError as error:
                 self._failed(index, error)
                 failures.append(error)
                 continue
             self._succeeded(index)
             if self.promote and values:
-                self._promote(index, keys, len(found), values)
+                self._promote(index, [parent, *keys], len(found) + 1, values)
             found += values
         if len(failures) == len(self.levels):
             raise BackendError(f"every level failed: {'; '.join(map(str, failures))}")
         return found
 
-    def _promote(self, found_in: int, keys: Sequence[str], start: int, values: list[bytes]) -> None:
+    def _promote(self, found_in: int, chain: Sequence[str | None], start: int, values: list[bytes]) -> None:
+        """Copy `values` (of `chain[start:]`; `chain[start - 1]` is the first one's parent) into the levels
+        before `found_in`."""
         for index in range(found_in):
             for position, value in enumerate(values, start):
                 try:
-                    if not self._put_level(index, keys[position], value, keys[position - 1] if position else None):
+                    if not self._put_level(index, chain[position], value, chain[position - 1]):
                         break
                 except BackendError:
                     break

@@ -131,3 +131,26 @@ def test_disk_evicts_a_chain_from_its_end(tmp_path):
     backend.put(KEYS[40], b"n" * 100)  # over budget: the end of the chain goes, not its first block
     assert [backend.file(k).exists() for k in KEYS[:3]] == [True, True, False]
     assert len(backend.get_prefix(KEYS[:3])) == 2
+
+
+def test_disk_stamps_continue_a_chain_fetched_in_several_requests(tmp_path):
+    """A prompt read in requests of 2 blocks: every block is stamped before the one it extends."""
+    backend = DiskBackend(tmp_path)
+    put_chain(backend, KEYS[:6])
+    for start in range(0, 6, 2):
+        backend.get_prefix(KEYS[start : start + 2], KEYS[start - 1] if start else None)
+    stamps = [backend.file(key).stat().st_mtime_ns for key in KEYS[:6]]
+    assert stamps == sorted(stamps, reverse=True) and len(set(stamps)) == 6
+
+
+def test_disk_never_touches_files_that_are_not_its_blocks(tmp_path):
+    """A store opened on a folder that holds other safetensors files: they are not counted, evicted or cleared."""
+    foreign = [tmp_path / "my-finetune" / "model.safetensors", tmp_path / "ab" / "adapter_model.safetensors"]
+    for path in foreign:
+        path.parent.mkdir()
+        path.write_bytes(b"w" * 3000)
+    backend = DiskBackend(tmp_path, max_bytes=2500)
+    backend.put(KEYS[0], b"x" * 1000)
+    backend.put(KEYS[1], b"y" * 1000)
+    assert backend.nbytes() == 2000 and [key for key, _, _ in backend.inventory()] != []
+    assert backend.clear() == 2 and all(path.exists() for path in foreign)

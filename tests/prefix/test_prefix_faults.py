@@ -138,10 +138,10 @@ class FlakyBackend(MemoryBackend):
 
     down = False
 
-    def get_prefix(self, keys):
+    def get_prefix(self, keys, parent=None):
         if self.down:
             raise BackendError("connection refused")
-        return super().get_prefix(keys)
+        return super().get_prefix(keys, parent)
 
     def put(self, key, value, parent=None):
         if self.down:
@@ -255,3 +255,25 @@ def test_redis_flushed_mid_run_is_a_miss_then_refilled(model, redis_server):
         assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
     stats = store.stats()
     assert (stats["hits"], stats["errors"]) == (3, 0)  # the flushed lookup missed, the next one hit
+
+
+def test_a_full_redis_refuses_writes_not_reads(caplog):
+    """maxmemory under `noeviction`: writes that do not fit fail one by one (one warning), reads go on."""
+    from hf_kvcache.prefix.redis_server import LocalRedisServer
+
+    with LocalRedisServer(extra_args=["--maxmemory", "4mb"]) as server:
+        backend = RedisBackend(server.url)
+        keys = [f"{i:02x}" * 32 for i in range(12)]
+        with caplog.at_level(logging.WARNING, logger="hf_kvcache.prefix"):
+            stored = [backend.put(key, bytes([i]) * 400_000) for i, key in enumerate(keys)]
+        assert stored[0] and not stored[-1] and stored == sorted(stored, reverse=True)
+        kept = stored.count(True)
+        assert backend.get_prefix(keys) == [bytes([i]) * 400_000 for i in range(kept)]  # not an outage
+        assert len(warnings_of(caplog)) == 1 and "full and may not evict" in warnings_of(caplog)[0]
+
+
+def test_a_plain_client_on_a_cluster_node_says_so(redis_cluster):
+    backend = RedisBackend(redis_cluster.url)
+    with pytest.raises(BackendError, match="pass cluster=True"):
+        for i in range(16):  # some key lands on another node's slots
+            backend.put(f"{i:02x}" * 32, b"x")

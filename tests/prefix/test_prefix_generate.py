@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 from helpers import random_ids
+from transformers import GenerationConfig
 
 from hf_kvcache import (
     HeavyHitterCache,
@@ -116,12 +117,46 @@ def test_another_model_never_gets_this_models_kv():
         (lambda m, s: generate_with_prefix_cache(m, random_ids(m, 1, 9), s, num_beams=2), "num_beams"),
         (lambda m, s: generate_with_prefix_cache(m, random_ids(m, 1, 9), s, use_cache=False), "use_cache"),
         (lambda m, s: generate_with_prefix_cache(m, torch.zeros(1, 0, dtype=torch.long), s), "at least one"),
+        (
+            lambda m, s: generate_with_prefix_cache(
+                m, random_ids(m, 1, 9), s, generation_config=GenerationConfig(num_beams=2)
+            ),
+            "num_beams=2",
+        ),
+        (
+            lambda m, s: generate_with_prefix_cache(
+                m, random_ids(m, 1, 9), s, generation_config=GenerationConfig(output_attentions=True)
+            ),
+            "output_attentions",
+        ),
+        (
+            lambda m, s: (
+                setattr(m.generation_config, "num_beams", 3) or generate_with_prefix_cache(m, random_ids(m, 1, 9), s)
+            ),
+            "num_beams=3",
+        ),
+        (lambda m, s: generate_with_prefix_cache(m, None, s), "no prompt"),
+        (lambda m, s: generate_with_prefix_cache(m, random_ids(m, 1, 9), None), "must be a PrefixCache"),
     ],
 )
 def test_unsupported_requests_are_refused(call, match):
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match=match):
         call(model, PrefixCache(MemoryBackend(), block_size=8))
+
+
+def test_the_prompt_as_keywords():
+    """`generate_with_prefix_cache(model, store=store, **tokenizer_output)`, as `model.generate` is called."""
+    model = make_tiny_model("llama")
+    store = PrefixCache(MemoryBackend(), block_size=8)
+    ids = random_ids(model, 1, 20)
+    reference = model.generate(ids, **GREEDY)
+    for _ in range(2):
+        output = generate_with_prefix_cache(
+            model, store=store, input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY
+        )
+        assert torch.equal(output, reference)
+    assert store.stats()["hits"] == 2
 
 
 def test_non_empty_cache_is_refused():

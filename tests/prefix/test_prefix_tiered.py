@@ -32,11 +32,11 @@ class Switchable(MemoryBackend):
     down = False
     delay = 0.0
 
-    def get_prefix(self, keys):
+    def get_prefix(self, keys, parent=None):
         if self.down:
             raise BackendError("level down")
         time.sleep(self.delay)
-        return super().get_prefix(keys)
+        return super().get_prefix(keys, parent)
 
     def put(self, key, value, parent=None):
         if self.down:
@@ -102,10 +102,13 @@ def test_a_failing_level_is_skipped_with_one_warning(caplog):
 
 
 def test_levels_are_checked():
-    with pytest.raises(ValueError, match="two or more prefix backends"):
+    with pytest.raises(ValueError, match="two or more different prefix backends"):
         TieredBackend(MemoryBackend())
-    with pytest.raises(ValueError, match="two or more prefix backends"):
+    with pytest.raises(ValueError, match="two or more different prefix backends"):
         TieredBackend(MemoryBackend(), "redis://localhost")
+    same = MemoryBackend()
+    with pytest.raises(ValueError, match="two or more different prefix backends"):
+        TieredBackend(same, same)
     with pytest.raises(ValueError, match="promote='yes' must be True or False"):
         TieredBackend(MemoryBackend(), MemoryBackend(), promote="yes")
 
@@ -161,11 +164,28 @@ def test_prefetch_overlaps_transfer_with_decoding(model):
     seen_threads = set()
     original = slow.get_prefix
 
-    def spy(keys):
+    def spy(keys, parent=None):
         seen_threads.add(threading.current_thread().name)
-        return original(keys)
+        return original(keys, parent)
 
     slow.get_prefix = spy
     store = PrefixCache(slow, block_size=8, prefetch_blocks=4)
     assert store.restore(model, ids, DynamicCache(config=model.config)) == 160
     assert store.stats()["hits"] == 20 and any(name.startswith("hf_kvcache-prefetch") for name in seen_threads)
+
+
+def test_a_long_prefix_promoted_in_several_requests_keeps_its_chain(model, tmp_path):
+    """Requests of 2 blocks: each promoted block names the block before it as parent, across requests, so
+    a budget on the fast level still leaves a servable prefix."""
+    ids = random_ids(model, 1, 65)
+    fast, slow = MemoryBackend(), DiskBackend(tmp_path)
+    store = PrefixCache(TieredBackend(fast, slow), block_size=8, prefetch_blocks=2)
+    generate_with_prefix_cache(model, ids, store, **GREEDY)  # 8 blocks in both levels
+    fast.clear()
+    assert store.restore(model, ids, DynamicCache(config=model.config)) == 64
+    keys = block_keys(store.fingerprint(model, None), ids[0].tolist(), 8)
+    assert [fast._blocks[key].parent for key in keys] == [None, *keys[:-1]]
+    fast.max_bytes = fast.nbytes() // 2  # a smaller budget: the next write evicts chain ends only
+    fast.put("ff" * 32, b"x")
+    held = [key in fast._blocks for key in keys]
+    assert held == sorted(held, reverse=True) and 0 < sum(held) < 8
