@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="hf_kvcache:prefix:",
         help="the RedisBackend prefix of the store's keys (default: hf_kvcache:prefix:)",
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON to FILE (- for stdout)")
     parser.add_argument("--yes", action="store_true", help="confirm `clear` (it deletes every block of the store)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(run=run)
@@ -57,7 +57,7 @@ def open_backend(args: argparse.Namespace) -> Backend:
 
         folder = Path(args.disk).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"--disk {args.disk}: no such folder")
+            raise FileNotFoundError(f"--disk {args.disk}: {'a file, not a' if folder.exists() else 'no such'} folder")
         return DiskBackend(folder, max_bytes=None)
     from hf_kvcache.prefix.redis_backend import RedisBackend
 
@@ -68,17 +68,17 @@ def summarize(backend: Backend, progress: bool = True) -> dict:
     """Blocks and bytes per (configuration fingerprint, format, tokens per block, layout), from block headers."""
     blocks: Counter = Counter()
     sizes: Counter = Counter()
-    for _, size, head in tqdm(backend.inventory(), desc="reading block headers", unit=" blocks", disable=not progress):
+    listing = backend.inventory()
+    # disable=None: no bar when stderr is not a terminal (scripts, CI, errors after an empty listing)
+    for _, size, head in tqdm(
+        listing, desc="reading block headers", unit=" blocks", disable=None if progress else True
+    ):
         try:
             meta = block_metadata(head)
-            group = (
-                meta.get("fingerprint", "?")[:16],
-                meta.get("format", "?"),
-                meta.get("tokens", "?"),
-                meta.get("layout", "?"),
-            )
+            tokens = int(meta["tokens"]) if str(meta.get("tokens", "")).isdigit() else None
+            group = (meta.get("fingerprint", "?")[:16], meta.get("format", "?"), tokens, meta.get("layout", "?"))
         except CorruptBlock:
-            group = ("(unreadable)", "", "", "")
+            group = ("(unreadable)", "", None, "")
         blocks[group] += 1
         sizes[group] += size
     groups = []
@@ -110,7 +110,7 @@ def table(summary: dict) -> str:
             "bytes": group["bytes"],
             "bytes/block": group["bytes"] // group["blocks"],
             "format": group["format"],
-            "tokens/block": group["tokens_per_block"],
+            "tokens/block": "" if group["tokens_per_block"] is None else group["tokens_per_block"],
             "configuration": group["configuration"],
             "layout": group["layout"],
         }
@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> None:
     backend = open_backend(args)
     summary = summarize(backend, progress=not args.no_progress)
     if args.action == "clear":
+        if not summary["blocks"]:
+            print(f"nothing to delete: {summary['store']} holds no blocks")
+            return
         if not args.yes:
             raise ValueError(
                 f"clear deletes all {summary['blocks']} blocks ({summary['bytes']:,} bytes) of {summary['store']}; "
@@ -135,6 +138,9 @@ def run(args: argparse.Namespace) -> None:
             )
         deleted = backend.clear()
         print(f"deleted {deleted} blocks ({summary['bytes']:,} bytes) from {summary['store']}")
+        return
+    if args.json == "-":
+        print(json.dumps(summary, indent=2))
         return
     print(table(summary))
     if args.json:

@@ -1,5 +1,6 @@
 """In-process backend: eviction by an LRU, LFU or size-aware policy under a byte budget, safe across threads."""
 
+import heapq
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -131,10 +132,24 @@ class MemoryBackend(Backend):
         return count
 
     def keys(self) -> list[str]:
-        """Stored keys ranked as the policy ranks them, lowest priority (orphans) first."""
+        """Stored keys in the order they would be evicted: orphans first, then repeatedly the lowest-priority
+        chain end (a block becomes a chain end once every block extending it has gone)."""
         with self._lock:
-            ranked = sorted(self._blocks.items(), key=lambda item: (not item[1].orphan, item[1].priority))
-            return [key for key, _ in ranked]
+            extensions = {key: len(self._children.get(key, ())) for key in self._blocks}
+            rank = {key: (not block.orphan, block.priority, key) for key, block in self._blocks.items()}
+            ready = [rank[key] for key, block in self._blocks.items() if block.orphan or not extensions[key]]
+            heapq.heapify(ready)
+            order, queued = [], {entry[2] for entry in ready}
+            while ready:
+                key = heapq.heappop(ready)[2]
+                order.append(key)
+                parent = self._blocks[key].parent
+                if parent in extensions:
+                    extensions[parent] -= 1
+                    if not extensions[parent] and parent not in queued:
+                        queued.add(parent)
+                        heapq.heappush(ready, rank[parent])
+            return order
 
     def nbytes(self) -> int:
         with self._lock:

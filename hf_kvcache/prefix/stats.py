@@ -64,9 +64,10 @@ class LevelStats:
             recovered, self._outage = self._outage, False
         return recovered
 
-    def summary(self) -> dict[str, int | float | str | None]:
-        """Counters, the hit rate, the backend's bytes held and evictions, and fetch latency in milliseconds
-        (mean, p50, p95, p99; None before the first fetch)."""
+    def summary(self, include_backend: bool = True) -> dict[str, int | float | str | None]:
+        """Counters, the hit rate, fetch latency in milliseconds (mean, p50, p95, p99; None before the first
+        fetch), and with `include_backend` the backend's bytes held and evictions (a Redis backend scans its
+        namespace for them)."""
         with self._lock:
             samples = torch.tensor(list(self._latencies), dtype=torch.float64)
             summary: dict[str, int | float | str | None] = {
@@ -84,6 +85,7 @@ class LevelStats:
             }
         for name, quantile in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
             summary[f"fetch_ms_{name}"] = 1e3 * float(samples.quantile(quantile)) if len(samples) else None
-        summary["bytes_held"] = self.backend.nbytes()
-        summary["evictions"] = self.backend.evictions
+        if include_backend:
+            summary["bytes_held"] = self.backend.nbytes()
+            summary["evictions"] = self.backend.evictions
         return summary

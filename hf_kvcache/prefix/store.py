@@ -251,11 +251,16 @@ class PrefixCache:
         return counts
 
     def __repr__(self) -> str:
-        s = self.stats()
-        latency = f", fetch {s['fetch_ms_mean']:.2f} ms mean" if s["fetch_ms_mean"] is not None else ""
+        """The counters and latency; not the bytes held (that may scan a whole Redis namespace: see `stats()`)."""
+        with self._lock:
+            s = dict(self._counts)
+        looked_up = s["hits"] + s["misses"]
+        rate = s["hits"] / looked_up if looked_up else 0.0
+        mean = self.backend_stats.summary(include_backend=False)["fetch_ms_mean"]
+        latency = f", fetch {mean:.2f} ms mean" if mean is not None else ""
         return (
             f"PrefixCache({self.backend!r}, block_size={self.block_size}, {self.block_format.describe()}: "
-            f"{s['lookups']} lookups, hit rate {s['hit_rate']:.1%} ({s['hits']} hits, {s['misses']} misses), "
+            f"{s['lookups']} lookups, hit rate {rate:.1%} ({s['hits']} hits, {s['misses']} misses), "
             f"{s['tokens_reused']} tokens reused, {s['blocks_saved']} blocks / {s['bytes_stored']} bytes stored, "
-            f"{s['bytes_held']} bytes held, {s['evictions']} evictions, {s['errors']} errors{latency})"
+            f"{s['errors']} errors{latency})"
         )

@@ -47,10 +47,10 @@ def test_stats_reads_every_block_header_and_clear_needs_yes(store, tmp_path, cap
     summary = json.loads((tmp_path / "s.json").read_text())
     groups = {group["format"]: group for group in summary["groups"]}
     assert set(groups) == {"full precision", "4-bit KIVI, group_size=64"}
-    assert (groups["full precision"]["blocks"], groups["full precision"]["tokens_per_block"]) == (6, "8")
+    assert (groups["full precision"]["blocks"], groups["full precision"]["tokens_per_block"]) == (6, 8)
     assert (groups["4-bit KIVI, group_size=64"]["blocks"], groups["4-bit KIVI, group_size=64"]["tokens_per_block"]) == (
         3,
-        "16",
+        16,
     )
     assert (
         groups["full precision"]["bytes"] == stored["full"]
@@ -63,6 +63,8 @@ def test_stats_reads_every_block_header_and_clear_needs_yes(store, tmp_path, cap
     assert "add --yes to confirm" in capsys.readouterr().err and backend.nbytes() == sum(stored.values())
     assert main(["prefix", "clear", *options, "--yes", "--no-progress"]) == 0
     assert "deleted 9 blocks" in capsys.readouterr().out and backend.nbytes() == 0
+    assert main(["prefix", "clear", *options, "--no-progress"]) == 0  # nothing left: no confirmation needed
+    assert "nothing to delete" in capsys.readouterr().out
 
 
 def test_an_unreadable_entry_is_listed_not_fatal(tmp_path, capsys):
@@ -72,8 +74,17 @@ def test_an_unreadable_entry_is_listed_not_fatal(tmp_path, capsys):
     assert "(unreadable)" in capsys.readouterr().out
 
 
+def test_json_to_stdout(tmp_path, capsys):
+    DiskBackend(tmp_path).put("ab" * 32, b"not a block")
+    assert main(["prefix", "stats", "--disk", str(tmp_path), "--json", "-", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["blocks"] == 1 and not (tmp_path / "-").exists()
+
+
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert main(["prefix", "stats", "--disk", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["prefix", "stats", "--disk", str(tmp_path / "file")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
     assert main(["prefix", "stats", "--disk", str(tmp_path), "--cluster"]) == 2
     assert "--cluster needs --redis" in capsys.readouterr().err

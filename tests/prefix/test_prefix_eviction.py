@@ -154,3 +154,14 @@ def test_disk_never_touches_files_that_are_not_its_blocks(tmp_path):
     backend.put(KEYS[1], b"y" * 1000)
     assert backend.nbytes() == 2000 and [key for key, _, _ in backend.inventory()] != []
     assert backend.clear() == 2 and all(path.exists() for path in foreign)
+
+
+def test_keys_are_listed_in_eviction_order():
+    backend = MemoryBackend(max_bytes=300)
+    backend.put(KEYS[0], b"x" * 100)
+    backend.put(KEYS[1], b"x" * 100, KEYS[0])
+    backend.put(KEYS[2], b"x" * 100)
+    order = backend.keys()
+    assert order == [KEYS[1], KEYS[0], KEYS[2]]  # KEYS[0] cannot go while KEYS[1] extends it
+    backend.put(KEYS[3], b"x" * 100)
+    assert KEYS[1] not in set(backend.keys()) and backend.evictions == 1
