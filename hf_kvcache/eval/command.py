@@ -17,8 +17,10 @@ from hf_kvcache.validation import check_int
 DESCRIPTION = """\
 Measure what each KV-cache strategy costs: perplexity (overall and per position bucket), bytes the
 cache holds as the text grows, peak process memory, and prefill/decode tokens/s, all as ratios to the
-first cache. Writes a table to stdout and results.json, results.csv, log_perplexity.png and
-cache_memory.png to --output.
+first cache. Writes a table to stdout and, to --output: results.json, results.csv, log_perplexity.png,
+cache_memory.png, pareto.png (quality against bytes held, the Pareto front marked) and report.md (the
+settings, the table and the figures, to paste into an issue or a paper). Each cache's result is also
+saved as soon as it is measured (--resume).
 
 examples:
   hf-kvcache eval
@@ -197,10 +199,13 @@ def run(args: argparse.Namespace) -> None:
     )
     if not state.is_main_process:
         return
+    from hf_kvcache.eval.markdown import write_report
     from hf_kvcache.eval.plots import write_plots
 
     results.write_json(output / "results.json")
     results.write_csv(output / "results.csv")
     plots = write_plots(results, output)
+    report = write_report(results, output, plots, command=["hf-kvcache", *args.argv])
     print(results.table())
-    print(f"\nwrote {output / 'results.json'}, {output / 'results.csv'}, {', '.join(str(p) for p in plots)}")
+    written = [output / "results.json", output / "results.csv", *plots, report]
+    print(f"\nwrote {', '.join(str(path) for path in written)}")

@@ -80,11 +80,13 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert float(rows[1]["perplexity"]) == pytest.approx(run["results"][1]["perplexity"])
     assert float(rows[0]["perplexity_ratio"]) == 1.0
 
-    for name in ("log_perplexity.png", "cache_memory.png"):
+    for name in ("log_perplexity.png", "cache_memory.png", "pareto.png"):
         path = output / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         image = plt.imread(path)
         assert image.ndim == 3 and image.shape[0] > 100
+    report = (output / "report.md").read_text()
+    assert "| quantized:bits=4,group_size=16 |" in report and "![" in report and "hf-kvcache eval --model" in report
 
 
 @pytest.mark.parametrize(
