@@ -86,7 +86,7 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
         image = plt.imread(path)
         assert image.ndim == 3 and image.shape[0] > 100
     report = (output / "report.md").read_text()
-    assert "| quantized:bits=4,group_size=16 |" in report and "![" in report and "hf-kvcache eval --model" in report
+    assert "| `quantized:bits=4,group_size=16` |" in report and "![" in report and "hf-kvcache eval --model" in report
 
 
 @pytest.mark.parametrize(
