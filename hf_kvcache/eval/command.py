@@ -12,6 +12,7 @@ import transformers
 from hf_kvcache.eval.results import PartialResults
 from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
 from hf_kvcache.registry import describe_caches
+from hf_kvcache.report import format_table
 from hf_kvcache.validation import check_int
 
 DESCRIPTION = """\
@@ -27,6 +28,7 @@ examples:
   hf-kvcache eval --dataset wikitext2 --max-tokens 4096 --cache dynamic --cache quantized:bits=2
   hf-kvcache eval --dataset pg19 --mode token --max-tokens 1024 --cache dynamic --cache quantized:bits=4,group_size=64
   hf-kvcache eval --model ./my-model --dataset notes.jsonl --cache dynamic --cache hf-quantized:backend=hqq,bits=4
+  hf-kvcache eval --task long-context  # 16K tokens of a book token by token, past the 8K trained context
   hf-kvcache eval --resume            # after an interruption: measure only the caches still missing
   hf-kvcache eval --num-processes 2 --cache dynamic --cache quantized:bits=4 --cache quantized:bits=2
   accelerate launch --multi_gpu --num_processes 4 -m hf_kvcache.cli eval --cache dynamic --cache sink:window=1020
@@ -54,24 +56,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="hub id or local folder of a causal LM (default: the packaged SmolLM2-135M-Instruct); e.g. --model ./smollm2",
     )
     parser.add_argument(
+        "--task",
+        choices=list(TASK_DEFAULTS),
+        default="perplexity",
+        help="perplexity (default): the text through each cache. long-context: a book token by token far past "
+        "the trained context (defaults: --dataset pg19 --mode token --max-tokens 16384 --segment-tokens 2048 and "
+        "dense, sink and window caches), with per-segment perplexity and bytes held",
+    )
+    parser.add_argument(
         "--dataset",
-        default="wikitext2",
+        default=None,
         help="wikitext2, pg19, or a local .txt, .jsonl (a 'text' field per line) or .parquet ('text' column) file. "
         "wikitext2/pg19 come from the hub when it is reachable, else from copies bundled with the package "
-        "(pg19 then means Crime and Punishment, Project Gutenberg #2554). Default: wikitext2; e.g. --dataset book.txt",
+        "(pg19 then means Crime and Punishment, Project Gutenberg #2554). Default: wikitext2 (long-context: pg19); "
+        "e.g. --dataset book.txt",
     )
     parser.add_argument(
         "--max-tokens",
         type=int,
-        default=2048,
-        help="evaluate the first N tokens of the text (default: 2048); e.g. --max-tokens 4096",
+        default=None,
+        help="evaluate the first N tokens of the text (default: 2048; long-context: 16384); e.g. --max-tokens 4096",
+    )
+    parser.add_argument(
+        "--segment-tokens",
+        type=int,
+        default=None,
+        help="predicted tokens per perplexity segment (default: max-tokens / 8, at most 256; long-context: 2048)",
     )
     parser.add_argument(
         "--mode",
         choices=MODES,
-        default="chunk",
+        default=None,
         help="chunk: feed chunks of --chunk-size tokens (a chunk sees its own keys in full precision); "
-        "token: one token at a time, each seeing only the cache (slow; no prefill speed). Default: chunk",
+        "token: one token at a time, each seeing only the cache (slow; no prefill speed). Default: chunk "
+        "(long-context: token)",
     )
     parser.add_argument(
         "--chunk-size", type=int, default=64, help="tokens per chunk in chunk mode (default: 64); e.g. --chunk-size 128"
@@ -82,6 +100,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="a cache spec, repeatable; ratios are to the first one (default: "
         + " ".join(f"--cache {spec}" for spec in DEFAULT_CACHES)
+        + "; long-context: "
+        + " ".join(f"--cache {spec}" for spec in TASK_DEFAULTS["long-context"]["cache"])
         + "); e.g. --cache dynamic --cache quantized:bits=2,group_size=32",
     )
     parser.add_argument("--device", default=None, help="torch device for the model (default: cpu); e.g. --device cuda")
@@ -125,6 +145,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+TASK_DEFAULTS: dict[str, dict] = {
+    "perplexity": {"dataset": "wikitext2", "mode": "chunk", "max_tokens": 2048, "cache": list(DEFAULT_CACHES)},
+    "long-context": {
+        "dataset": "pg19",
+        "mode": "token",
+        "max_tokens": 16384,
+        "segment_tokens": 2048,
+        "cache": ["dynamic", "sink:sink_tokens=4,window=1020", "window:window=1024"],
+    },
+}
+
+
+def apply_task_defaults(args: argparse.Namespace) -> None:
+    """Fill the options the user left out with the task's defaults."""
+    for name, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def writable_folder(folder: str) -> Path:
     """`folder`, created if needed and checked by writing into it, before any work (results are never lost
     to an output path found unusable after an hour of evaluation)."""
@@ -165,6 +204,8 @@ def run(args: argparse.Namespace) -> None:
         relaunch(args, args.argv)
         return
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    apply_task_defaults(args)
+    check_int("--segment-tokens", args.segment_tokens if args.segment_tokens is not None else 1, minimum=1)
     output = writable_folder(args.output)
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()
@@ -175,14 +216,24 @@ def run(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"model folder not found: {args.model}")
     settings = {
         name: getattr(args, name)
-        for name in ("model", "dataset", "max_tokens", "mode", "chunk_size", "seed", "decode_tokens", "dtype")
+        for name in (
+            "model",
+            "dataset",
+            "max_tokens",
+            "mode",
+            "chunk_size",
+            "seed",
+            "decode_tokens",
+            "dtype",
+            "segment_tokens",
+        )
     }
     partial = PartialResults(output / "partial", settings)
     done = partial.load() if args.resume else {}
     if done:
         print(f"resuming: {len(done)} cache(s) already measured ({', '.join(done)})")
     results = evaluate(
-        caches=args.cache or DEFAULT_CACHES,
+        caches=args.cache,
         model=model,
         dataset=args.dataset,
         max_tokens=args.max_tokens,
@@ -192,6 +243,7 @@ def run(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         seed=args.seed,
         decode_tokens=args.decode_tokens,
+        bucket_size=args.segment_tokens,
         progress=not args.no_progress and state.is_local_main_process,
         device_map=args.device_map,
         done=done,
@@ -205,7 +257,10 @@ def run(args: argparse.Namespace) -> None:
     results.write_json(output / "results.json")
     results.write_csv(output / "results.csv")
     plots = write_plots(results, output)
-    report = write_report(results, output, plots, command=["hf-kvcache", *args.argv])
+    long_context = args.task == "long-context"
+    report = write_report(results, output, plots, command=["hf-kvcache", *args.argv], segments=long_context)
     print(results.table())
+    if long_context:
+        print("\nper segment (perplexity, and MiB held at its end):\n" + format_table(results.segment_rows()))
     written = [output / "results.json", output / "results.csv", *plots, report]
     print(f"\nwrote {', '.join(str(path) for path in written)}")

@@ -139,13 +139,18 @@ def run_settings(results: EvalResults) -> dict[str, str]:
 
 
 def write_report(
-    results: EvalResults, folder: Path, figures: Sequence[Path], command: str | Sequence[str] | None = None
+    results: EvalResults,
+    folder: Path,
+    figures: Sequence[Path],
+    command: str | Sequence[str] | None = None,
+    segments: bool = False,
 ) -> Path:
     """Write `folder/report.md` for a perplexity run: its settings, the table of
     `EvalResults.table_rows()`, the Pareto-optimal caches (perplexity against the bytes each cache holds at
     the end), and `figures` (e.g. `write_plots`' paths) embedded by relative links. `command` is the
-    command line (a string or an argv list) that produced the run. Returns the path; raises OSError when it
-    cannot be written."""
+    command line (a string or an argv list) that produced the run; `segments` adds the per-segment
+    perplexity and bytes held (`EvalResults.segment_rows`). Returns the path; raises OSError when it cannot
+    be written."""
     kinds = sorted({r.peak_memory_kind for r in results.results})
     note = (
         f"Columns ending in `x` are ratios to the first cache, `{results.results[0].cache}`. `cache MiB`: bytes "
@@ -157,7 +162,14 @@ def write_report(
         f"KV-cache evaluation: {Path(results.model).name} on {results.dataset}",
         run_settings(results),
         results.table_rows(),
-        notes=[note],
+        notes=[
+            note,
+            *(
+                [f"Per segment (perplexity, and MiB held at its end):\n\n{markdown_table(results.segment_rows())}"]
+                if segments
+                else []
+            ),
+        ],
         points=pareto_points(results),
         figures=figures,
         command=command,

@@ -100,6 +100,25 @@ class EvalResults:
             )
         return rows
 
+    def segment_rows(self) -> list[dict]:
+        """Per segment of `bucket_size` predicted tokens: each cache's perplexity there and the MiB it held
+        when the segment ended (flat for a streaming cache, growing for a dense one)."""
+        rows = []
+        first = self.results[0]
+        for index in range(len(first.bucket_perplexity)):
+            start = index * first.bucket_size + 1
+            end = min(start + first.bucket_size - 1, first.tokens)
+            row: dict = {"tokens": f"{start:,}-{end:,}"}
+            for result in self.results:
+                held = next(
+                    (b for p, b in zip(result.memory_positions, result.memory_bytes) if p >= end + 1),
+                    result.memory_bytes[-1],
+                )
+                row[f"{result.cache} ppl"] = result.bucket_perplexity[index]
+                row[f"{result.cache} MiB"] = held / 2**20
+            rows.append(row)
+        return rows
+
     def table(self) -> str:
         chunk = f", chunks of {self.chunk_size}" if self.mode == "chunk" else ", one token at a time"
         header = f"{self.model} on {self.dataset} ({self.data_source}), {self.max_tokens:,} tokens{chunk}"

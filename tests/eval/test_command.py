@@ -134,3 +134,33 @@ def test_cli_hub_model_without_the_hub(capsys, monkeypatch):
     assert (
         line.startswith("hf-kvcache eval: error: cannot load model 'someone/unknown-model'") and "unreachable" in line
     )
+
+
+def test_long_context_task_reports_segments(tiny_model_dir, tmp_path, capsys):
+    """`--task long-context`: token by token, per-segment perplexity and bytes held (flat for the sink cache)."""
+    text = tmp_path / "book.txt"
+    text.write_text("It was a warm evening in early July when he left his room. " * 20, encoding="utf-8")
+    output = tmp_path / "long"
+    argv = ["eval", "--task", "long-context", "--model", str(tiny_model_dir), "--dataset", str(text)]
+    argv += [
+        "--max-tokens",
+        "97",
+        "--segment-tokens",
+        "32",
+        "--cache",
+        "dynamic",
+        "--cache",
+        "sink:sink_tokens=2,window=16",
+    ]
+    assert main([*argv, "--decode-tokens", "2", "--no-progress", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    run = json.loads((output / "results.json").read_text())
+    assert run["mode"] == "token" and [len(r["bucket_perplexity"]) for r in run["results"]] == [3, 3]
+    assert "per segment" in printed and "| `65-96` |" in (output / "report.md").read_text()
+    dense, sink = run["results"]
+    held = {
+        r["cache"]: [b for p, b in zip(r["memory_positions"], r["memory_bytes"]) if p in (33, 65, 97)]
+        for r in (dense, sink)
+    }
+    assert held["dynamic"][0] < held["dynamic"][1] < held["dynamic"][2]
+    assert held["sink:sink_tokens=2,window=16"][0] == held["sink:sink_tokens=2,window=16"][2]
