@@ -9,7 +9,7 @@ from pathlib import Path
 
 import transformers
 
-from hf_kvcache.eval.results import PartialResults
+from hf_kvcache.eval.results import CacheResult, PartialResults
 from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
 from hf_kvcache.registry import describe_caches
 from hf_kvcache.report import format_table
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> None:
         )
     }
     partial = PartialResults(output / "partial", settings)
-    done = partial.load() if args.resume else {}
+    done = partial.load(CacheResult) if args.resume else {}
     if done:
         print(f"resuming: {len(done)} cache(s) already measured ({', '.join(done)})")
     results = evaluate(
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> None:
         progress=not args.no_progress and state.is_local_main_process,
         device_map=args.device_map,
         done=done,
-        on_result=partial.save,
+        on_result=lambda result: partial.save(result.cache, result),
     )
     if not state.is_main_process:
         return

@@ -7,8 +7,11 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from hf_kvcache.report import format_table
+
+T = TypeVar("T")
 
 RATIO_FIGURES = ("perplexity", "cache_bytes", "peak_memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
 CSV_COLUMNS = (
@@ -142,9 +145,9 @@ class EvalResults:
 
 
 class PartialResults:
-    """Each cache's result saved as soon as it is measured, under `folder/<settings digest>/`, so an
-    interrupted run loses at most the cache in progress and `--resume` reuses only results of the same
-    settings (model, data, length, mode, seed, ...). Files are written atomically (a rename)."""
+    """Each result saved as soon as it is measured, under `folder/<settings digest>/`, so an interrupted run
+    loses at most the result in progress and `--resume` reuses only results of the same settings (model,
+    data, length, mode, seed, ...). Files are written atomically (a rename)."""
 
     def __init__(self, folder: Path, settings: dict):
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -154,23 +157,25 @@ class PartialResults:
     def _path(self, label: str) -> Path:
         return self.folder / f"{hashlib.sha256(label.encode()).hexdigest()[:16]}.json"
 
-    def save(self, result: CacheResult) -> None:
+    def save(self, label: str, result: object) -> None:
+        """Save `result` (a dataclass) under `label`."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({"settings": self.settings, "result": asdict(result)}, default=str)
+        record = json.dumps({"settings": self.settings, "label": label, "result": asdict(result)}, default=str)
         handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(record)
-        os.replace(temporary, self._path(result.cache))
+        os.replace(temporary, self._path(label))
 
-    def load(self) -> dict[str, CacheResult]:
-        """Results saved by earlier runs with these settings, by cache label (unreadable files are skipped)."""
+    def load(self, kind: type[T]) -> dict[str, T]:
+        """Results of type `kind` saved by earlier runs with these settings, by label (unreadable files and
+        those of other settings are skipped)."""
         found = {}
+        settings = json.loads(json.dumps(self.settings, default=str))
         for path in sorted(self.folder.glob("*.json")):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
-                result = CacheResult(**record["result"])
-            except (OSError, ValueError, TypeError, KeyError):
+                if record.get("settings") == settings:
+                    found[record["label"]] = kind(**record["result"])
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
                 continue
-            if record.get("settings") == json.loads(json.dumps(self.settings, default=str)):
-                found[result.cache] = result
         return found

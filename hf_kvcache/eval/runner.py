@@ -47,6 +47,40 @@ def parse_specs(caches: Sequence[str | CacheSpec]) -> list[CacheSpec]:
     return specs
 
 
+def process_state(device: str | None) -> PartialState:
+    """This process's place in the run: one process unless started by `accelerate launch` / torchrun. Without
+    a GPU (or with `device="cpu"`) the processes share out the work on the CPU (gloo), which accelerate only
+    does when told so."""
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+def prepare_model(
+    model: PreTrainedModel | str | Path | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    specs: Sequence[CacheSpec],
+    state: PartialState,
+    device: str | None,
+    dtype: str | None,
+    device_map: str | None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, str]:
+    """`(model, tokenizer, name)`: a model given by name loaded (on this process's device when several
+    processes share the run), with score capture on when a spec needs it (checked for every spec first)."""
+    if isinstance(model, PreTrainedModel):
+        model_name = model.config.name_or_path or type(model).__name__
+    else:
+        model_name = f"{DEFAULT_MODEL_NAME} (packaged)" if model is None else str(model)
+        if device is None and device_map is None and state.num_processes > 1:
+            device = str(state.device)
+        try:
+            model, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
+        except OSError as error:
+            raise RuntimeError(f"cannot load model {model_name!r}: {str(error).strip().splitlines()[0]}") from error
+    for spec in specs:  # fail on a bad spec before spending time on the others
+        if getattr(build_cache(spec, model.config), "needs_score_capture", False):
+            enable_score_capture(model)  # outputs unchanged; score-based caches get their scores
+    return model, tokenizer, model_name
+
+
 def evaluate(
     caches: Sequence[str | CacheSpec] = DEFAULT_CACHES,
     model: PreTrainedModel | str | Path | None = None,
@@ -105,23 +139,10 @@ def evaluate(
     done = dict(done or {})
     # One process unless started by `accelerate launch` / torchrun; without a GPU the processes share out the
     # work on the CPU (gloo), which accelerate only does when told so.
-    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-
+    state = process_state(device)
     if input_ids is None:
         text = load_text(dataset, use_hub)
-    if isinstance(model, PreTrainedModel):
-        model_name = model.config.name_or_path or type(model).__name__
-    else:
-        model_name = f"{DEFAULT_MODEL_NAME} (packaged)" if model is None else str(model)
-        if device is None and device_map is None and state.num_processes > 1:
-            device = str(state.device)
-        try:
-            model, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map)
-        except OSError as error:
-            raise RuntimeError(f"cannot load model {model_name!r}: {str(error).strip().splitlines()[0]}") from error
-    for spec in specs:  # fail on a bad spec before spending time on the others
-        if getattr(build_cache(spec, model.config), "needs_score_capture", False):
-            enable_score_capture(model)  # outputs unchanged; score-based caches get their scores
+    model, tokenizer, model_name = prepare_model(model, tokenizer, specs, state, device, dtype, device_map)
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer (or pass input_ids)")

@@ -10,7 +10,7 @@ from conftest import save_tiny_model_folder
 
 from hf_kvcache.cli import main
 from hf_kvcache.eval import runner
-from hf_kvcache.eval.results import PartialResults
+from hf_kvcache.eval.results import CacheResult, PartialResults
 from hf_kvcache.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,8 +101,11 @@ def test_partial_results_ignore_damaged_and_foreign_files(tmp_path):
     partial = PartialResults(tmp_path, {"model": "a"})
     partial.folder.mkdir(parents=True)
     (partial.folder / "broken.json").write_text("{not json")
-    (partial.folder / "foreign.json").write_text(json.dumps({"settings": {"model": "b"}, "result": {}}))
-    assert partial.load() == {}
+    (partial.folder / "foreign.json").write_text(json.dumps({"settings": {"model": "b"}, "label": "x", "result": {}}))
+    (partial.folder / "incomplete.json").write_text(
+        json.dumps({"settings": {"model": "a"}, "label": "y", "result": {}})
+    )
+    assert partial.load(CacheResult) == {}
 
 
 def test_device_map_loads_a_model_over_the_available_devices(workdir):
