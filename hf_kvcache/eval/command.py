@@ -11,6 +11,7 @@ import transformers
 
 from hf_kvcache.eval.results import CacheResult, PartialResults
 from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
+from hf_kvcache.eval.tasks import TASKS
 from hf_kvcache.registry import describe_caches
 from hf_kvcache.report import format_table
 from hf_kvcache.validation import check_int
@@ -57,11 +58,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--task",
-        choices=list(TASK_DEFAULTS),
+        choices=[*TASK_DEFAULTS, *TASKS, "retrieval"],
         default="perplexity",
         help="perplexity (default): the text through each cache. long-context: a book token by token far past "
         "the trained context (defaults: --dataset pg19 --mode token --max-tokens 16384 --segment-tokens 2048 and "
-        "dense, sink and window caches), with per-segment perplexity and bytes held",
+        "dense, sink and window caches), with per-segment perplexity and bytes held. "
+        + ", ".join(TASKS)
+        + ": accuracy on prompts of --context-tokens built offline from a bundled book (RULER-style); "
+        "retrieval: all of them",
+    )
+    parser.add_argument("--context-tokens", type=int, default=2048, help="task prompt length in tokens (default: 2048)")
+    parser.add_argument("--samples", type=int, default=10, help="samples per task (default: 10)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="answer budget per task sample (default: the task's own)"
     )
     parser.add_argument(
         "--dataset",
@@ -157,9 +166,13 @@ TASK_DEFAULTS: dict[str, dict] = {
 }
 
 
+RETRIEVAL_CACHES = ["dynamic", "window:window=256", "snapkv:budget=256", "quantized:bits=2"]
+
+
 def apply_task_defaults(args: argparse.Namespace) -> None:
     """Fill the options the user left out with the task's defaults."""
-    for name, value in TASK_DEFAULTS[args.task].items():
+    defaults = TASK_DEFAULTS.get(args.task, {"cache": RETRIEVAL_CACHES})
+    for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
 
@@ -214,6 +227,9 @@ def run(args: argparse.Namespace) -> None:
         model = str(Path(model).expanduser())
         if not Path(model).is_dir():
             raise FileNotFoundError(f"model folder not found: {args.model}")
+    if args.task not in TASK_DEFAULTS:
+        run_tasks(args, model, output, state)
+        return
     settings = {
         name: getattr(args, name)
         for name in (
@@ -263,4 +279,63 @@ def run(args: argparse.Namespace) -> None:
     if long_context:
         print("\nper segment (perplexity, and MiB held at its end):\n" + format_table(results.segment_rows()))
     written = [output / "results.json", output / "results.csv", *plots, report]
+    print(f"\nwrote {', '.join(str(path) for path in written)}")
+
+
+def run_tasks(args: argparse.Namespace, model: str | None, output: Path, state) -> None:
+    """`--task passkey` (or another retrieval task, or all of them): accuracy per cache, bytes held, speed."""
+    from hf_kvcache.eval.markdown import write_markdown_report
+    from hf_kvcache.eval.plots import pareto_points, write_pareto
+    from hf_kvcache.eval.task_eval import TaskResult
+    from hf_kvcache.eval.task_runner import evaluate_tasks
+
+    tasks = list(TASKS) if args.task == "retrieval" else [args.task]
+    settings = {
+        name: getattr(args, name) for name in ("model", "context_tokens", "samples", "seed", "max_new_tokens", "dtype")
+    }
+    partial = PartialResults(output / "partial", {**settings, "tasks": tasks})
+    done = partial.load(TaskResult) if args.resume else {}
+    run = evaluate_tasks(
+        args.cache,
+        tasks,
+        model=model,
+        context_tokens=args.context_tokens,
+        samples=args.samples,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        progress=not args.no_progress and state.is_local_main_process,
+        done=done,
+        on_result=partial.save,
+    )
+    if not state.is_main_process:
+        return
+    run.write_json(output / "results.json")
+    run.write_csv(output / "results.csv")
+    figures = []
+    for task in tasks:
+        points = pareto_points([r for r in run.results if r.task == task], "accuracy", "mean_cache_bytes", name="spec")
+        title = f"{Path(run.model).name}, {task}, {run.samples} samples of {run.context_tokens:,} tokens"
+        figures.append(write_pareto(points, output / f"pareto_{task}.png", "accuracy", False, title))
+    report = write_markdown_report(
+        output,
+        f"KV-cache task accuracy: {Path(run.model).name}",
+        {
+            **settings,
+            "tasks": ", ".join(tasks),
+            "device": run.device,
+            "versions": ", ".join(f"{k} {v}" for k, v in run.versions.items()),
+        },
+        run.table_rows(),
+        notes=[
+            "`accuracy`: mean score over the samples (fraction of the expected answers found in the greedy answer); "
+            "`cache MiB`: bytes the cache held after answering, mean over samples."
+        ],
+        figures=figures,
+        command=["hf-kvcache", *args.argv],
+    )
+    print(run.table())
+    written = [output / "results.json", output / "results.csv", *figures, report]
     print(f"\nwrote {', '.join(str(path) for path in written)}")
