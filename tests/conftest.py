@@ -220,41 +220,32 @@ def make_model(arch, attn):
     return lambda: make_tiny_model(arch, attn)
 
 
-@pytest.fixture
-def redis_server():
-    """A throwaway `redis-server` on a free loopback port (stopped afterwards): a `LocalRedisServer`.
-
-    Skipped locally when redis-server is not installed; an error in CI (scripts/setup.sh installs it).
-    """
-    from hf_kvcache.prefix.redis_server import LocalRedisServer
+def local_redis(factory_name: str, programs: str):
+    """A started `hf_kvcache.prefix.redis_server.<factory_name>`, stopped afterwards. Skipped locally when the
+    Redis programs are missing; an error in CI (scripts/setup.sh installs them)."""
+    from hf_kvcache.prefix import redis_server
 
     try:
-        server = LocalRedisServer()
+        server = getattr(redis_server, factory_name)()
     except FileNotFoundError as error:
         if os.environ.get("CI"):
-            pytest.fail(f"CI must provide redis-server (scripts/setup.sh installs it): {error}")
+            pytest.fail(f"CI must provide {programs} (scripts/setup.sh installs them): {error}")
         pytest.skip(str(error))
     with server:
         yield server
 
 
 @pytest.fixture
+def redis_server():
+    """A throwaway `redis-server` on a free loopback port: a `LocalRedisServer`."""
+    yield from local_redis("LocalRedisServer", "redis-server")
+
+
+@pytest.fixture
 def redis_cluster():
-    """A throwaway Redis Cluster, 3 masters with a replica each on free loopback ports (stopped afterwards): a
-    `LocalRedisCluster`, about 2 s to start.
-
-    Skipped locally when redis-server or redis-cli is not installed; an error in CI (scripts/setup.sh installs them).
-    """
-    from hf_kvcache.prefix.redis_server import LocalRedisCluster
-
-    try:
-        cluster = LocalRedisCluster()
-    except FileNotFoundError as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must provide redis-server and redis-cli (scripts/setup.sh installs them): {error}")
-        pytest.skip(str(error))
-    with cluster:
-        yield cluster
+    """A throwaway Redis Cluster, 3 masters with a replica each on free loopback ports, about 2 s to start: a
+    `LocalRedisCluster`."""
+    yield from local_redis("LocalRedisCluster", "redis-server and redis-cli")
 
 
 @pytest.fixture
