@@ -107,7 +107,7 @@ def evaluate_tasks(
     model, tokenizer, model_name = prepare_model(model, tokenizer, specs, state, device, dtype, device_map)
     if tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer for the tasks' prompts")
-    results, measured_by = [], {}
+    results, mine_by_label = [], {}
     for task in tasks:
         task_samples = generate_samples(task, tokenizer, context_tokens, samples, seed)
         for spec in specs:
@@ -122,19 +122,15 @@ def evaluate_tasks(
                 records = (
                     evaluate_task(model, tokenizer, spec, mine, max_new_tokens, bar.update).samples if mine else []
                 )
-            measured_by.setdefault(state.process_index, {"process": state.process_index, "device": str(model.device)})
-            measured_by[state.process_index].setdefault("samples", {})[label] = [record["index"] for record in records]
+            mine_by_label[label] = [record["index"] for record in records]
             if state.num_processes > 1:
                 records = gather_object(records)
             result = TaskResult.from_samples(spec.name, spec.label, task, sorted(records, key=lambda r: r["index"]))
             results.append(result)
             if on_result is not None and state.is_main_process:
                 on_result(label, result)
-    processes = (
-        gather_object([measured_by.get(state.process_index, {})])
-        if state.num_processes > 1
-        else [measured_by.get(0, {})]
-    )
+    this_process = {"process": state.process_index, "device": str(model.device), "samples": mine_by_label}
+    processes = gather_object([this_process]) if state.num_processes > 1 else [this_process]
     return TaskRun(
         model=model_name,
         tasks=list(tasks),
