@@ -61,13 +61,19 @@ class DiskBackend(Backend):
                 break
             except OSError as error:
                 raise BackendError(f"cannot read {path}: {error}") from error
-        newest = time.time_ns()
-        if parent is not None:  # continue the chain's stamps below its earlier blocks'
-            with contextlib.suppress(OSError):
-                newest = self.file(parent).stat().st_mtime_ns - _CHAIN_STEP_NS
+        newest = self._below(parent) or time.time_ns()  # continue the chain's stamps below its earlier blocks'
         for depth, key in enumerate(keys[: len(found)]):
             _stamp(self.file(key), newest - depth * _CHAIN_STEP_NS)
         return found
+
+    def _below(self, parent: str | None) -> int | None:
+        """A stamp one step older than `parent`'s, or None without a parent file to go by."""
+        if parent is None:
+            return None
+        try:
+            return self.file(parent).stat().st_mtime_ns - _CHAIN_STEP_NS
+        except OSError:
+            return None
 
     def put(self, key: str, value: bytes, parent: str | None = None) -> bool:
         if self.max_bytes is not None and len(value) > self.max_bytes:
@@ -80,9 +86,8 @@ class DiskBackend(Backend):
                 with os.fdopen(handle, "wb") as out:
                     out.write(value)
                 os.replace(temp, path)
-                if parent is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        _stamp(path, self.file(parent).stat().st_mtime_ns - _CHAIN_STEP_NS)
+                if (stamp := self._below(parent)) is not None:
+                    _stamp(path, stamp)
             except BaseException:
                 Path(temp).unlink(missing_ok=True)
                 raise

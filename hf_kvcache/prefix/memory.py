@@ -79,7 +79,7 @@ class MemoryBackend(Backend):
         """Evict the lowest-priority chain end (orphans first) other than `protect` (the block just written),
         and return its key; `protect` itself when it is the only chain end (its own chain fills the budget)."""
         candidates = [
-            (not block.orphan, block.priority, key)
+            self._rank(key)
             for key, block in self._blocks.items()
             if key != protect and (block.orphan or not self._children.get(key))
         ]
@@ -91,6 +91,11 @@ class MemoryBackend(Backend):
             self.policy.evicted(block)
             self._evictions += 1
         return victim
+
+    def _rank(self, key: str) -> tuple:
+        """Eviction order among candidates: orphans first, then the policy's priority (the key breaks ties)."""
+        block = self._blocks[key]
+        return (not block.orphan, block.priority, key)
 
     def _remove(self, key: str, keep_children: bool) -> StoredBlock | None:
         """Forget `key`; its children become orphans unless it is about to be replaced (`keep_children`)."""
@@ -136,7 +141,7 @@ class MemoryBackend(Backend):
         chain end (a block becomes a chain end once every block extending it has gone)."""
         with self._lock:
             extensions = {key: len(self._children.get(key, ())) for key in self._blocks}
-            rank = {key: (not block.orphan, block.priority, key) for key, block in self._blocks.items()}
+            rank = {key: self._rank(key) for key in self._blocks}
             ready = [rank[key] for key, block in self._blocks.items() if block.orphan or not extensions[key]]
             heapq.heapify(ready)
             order, queued = [], {entry[2] for entry in ready}

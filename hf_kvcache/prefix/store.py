@@ -15,6 +15,7 @@ from hf_kvcache.prefix.backend import Backend, BackendError
 from hf_kvcache.prefix.codec import BlockFormat, BlockKV, CorruptBlock, decode_block, encode_block
 from hf_kvcache.prefix.keys import block_keys, cache_signature, model_fingerprint
 from hf_kvcache.prefix.stats import LevelStats
+from hf_kvcache.prefix.tiered import TieredBackend, known_total
 from hf_kvcache.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -235,32 +236,38 @@ class PrefixCache:
             self._count(blocks_saved=1, bytes_stored=len(data))
         return saved
 
-    def stats(self) -> dict:
-        """Counters since creation, the hit rate (hits / blocks looked up), the backend's bytes and evictions,
-        fetch latency in milliseconds (`fetch_ms_mean`, `_p50`, `_p95`, `_p99`, per backend request), and for a
-        `TieredBackend` a `tiers` list with the same figures per level, fastest first."""
+    def _counters(self) -> dict:
+        """The counters and the hit rate (hits / blocks looked up)."""
         with self._lock:
             counts: dict = dict(self._counts)
         looked_up = counts["hits"] + counts["misses"]
         counts["hit_rate"] = counts["hits"] / looked_up if looked_up else 0.0
-        backend = self.backend_stats.summary()
-        counts |= {name: backend[name] for name in ("bytes_held", "evictions") if name in backend}
+        return counts
+
+    def stats(self) -> dict:
+        """Counters since creation, the hit rate (hits / blocks looked up), the backend's bytes and evictions,
+        fetch latency in milliseconds (`fetch_ms_mean`, `_p50`, `_p95`, `_p99`, per backend request), and for a
+        `TieredBackend` a `tiers` list with the same figures per level, fastest first (the totals are summed
+        from it, so each level is asked for its bytes once)."""
+        counts = self._counters()
+        tiers = self.backend.tier_stats() if isinstance(self.backend, TieredBackend) else None
+        backend = self.backend_stats.summary(include_backend=tiers is None)
         counts |= {name: value for name, value in backend.items() if name.startswith("fetch_ms")}
-        if hasattr(self.backend, "tier_stats"):
-            counts["tiers"] = self.backend.tier_stats()
+        if tiers is None:
+            counts |= {name: backend[name] for name in ("bytes_held", "evictions")}
+        else:
+            counts |= {name: known_total(tier[name] for tier in tiers) for name in ("bytes_held", "evictions")}
+            counts["tiers"] = tiers
         return counts
 
     def __repr__(self) -> str:
         """The counters and latency; not the bytes held (that may scan a whole Redis namespace: see `stats()`)."""
-        with self._lock:
-            s = dict(self._counts)
-        looked_up = s["hits"] + s["misses"]
-        rate = s["hits"] / looked_up if looked_up else 0.0
+        s = self._counters()
         mean = self.backend_stats.summary(include_backend=False)["fetch_ms_mean"]
         latency = f", fetch {mean:.2f} ms mean" if mean is not None else ""
         return (
             f"PrefixCache({self.backend!r}, block_size={self.block_size}, {self.block_format.describe()}: "
-            f"{s['lookups']} lookups, hit rate {rate:.1%} ({s['hits']} hits, {s['misses']} misses), "
+            f"{s['lookups']} lookups, hit rate {s['hit_rate']:.1%} ({s['hits']} hits, {s['misses']} misses), "
             f"{s['tokens_reused']} tokens reused, {s['blocks_saved']} blocks / {s['bytes_stored']} bytes stored, "
             f"{s['errors']} errors{latency})"
         )

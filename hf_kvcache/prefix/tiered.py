@@ -1,13 +1,19 @@
 """A backend that stacks levels, fastest first: read-through with promotion, write-through."""
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from hf_kvcache.prefix.backend import Backend, BackendError
 from hf_kvcache.prefix.stats import LevelStats
 from hf_kvcache.validation import check_bool
 
 logger = logging.getLogger(__name__)
+
+
+def known_total(values: Iterable[int | None]) -> int | None:
+    """The sum of the known values (None: a level that cannot tell), or None when no value is known."""
+    known = [value for value in values if value is not None]
+    return sum(known) if known else None
 
 
 class TieredBackend(Backend):
@@ -43,6 +49,11 @@ class TieredBackend(Backend):
         self.promote = promote
         self.level_stats = [LevelStats(level) for level in levels]
 
+    def _unless_all_failed(self, failures: list[BackendError]) -> None:
+        """Raise `BackendError` when every level failed an operation (one failing level is only skipped)."""
+        if len(failures) == len(self.levels):
+            raise BackendError(f"every level failed: {'; '.join(map(str, failures))}")
+
     def _failed(self, index: int, error: BackendError) -> None:
         if self.level_stats[index].went_down():
             logger.warning("prefix store level %d (%r) unavailable, skipping it: %s", index, self.levels[index], error)
@@ -68,8 +79,7 @@ class TieredBackend(Backend):
             if self.promote and values:
                 self._promote(index, [parent, *keys], len(found) + 1, values)
             found += values
-        if len(failures) == len(self.levels):
-            raise BackendError(f"every level failed: {'; '.join(map(str, failures))}")
+        self._unless_all_failed(failures)
         return found
 
     def _promote(self, found_in: int, chain: Sequence[str | None], start: int, values: list[bytes]) -> None:
@@ -104,8 +114,7 @@ class TieredBackend(Backend):
                 stored = self._put_level(index, key, value, parent) or stored
             except BackendError as error:
                 failures.append(error)
-        if len(failures) == len(self.levels):
-            raise BackendError(f"every level failed: {'; '.join(map(str, failures))}")
+        self._unless_all_failed(failures)
         return stored
 
     def delete(self, key: str) -> None:
@@ -115,21 +124,18 @@ class TieredBackend(Backend):
                 level.delete(key)
             except BackendError as error:
                 failures.append(error)
-        if len(failures) == len(self.levels):
-            raise BackendError(f"every level failed: {'; '.join(map(str, failures))}")
+        self._unless_all_failed(failures)
 
     def clear(self) -> int:
         """Clear every level; returns the entries deleted, summed over the levels."""
         return sum(level.clear() for level in self.levels)
 
     def nbytes(self) -> int | None:
-        held = [level.nbytes() for level in self.levels]
-        return None if all(size is None for size in held) else sum(size or 0 for size in held)
+        return known_total(level.nbytes() for level in self.levels)
 
     @property
     def evictions(self) -> int | None:
-        counts = [level.evictions for level in self.levels]
-        return None if all(count is None for count in counts) else sum(count or 0 for count in counts)
+        return known_total(level.evictions for level in self.levels)
 
     def tier_stats(self) -> list[dict[str, int | float | str | None]]:
         """Per level, fastest first: fetches, hits, misses, hit rate, bytes read and written, promotions into it,
