@@ -65,9 +65,10 @@ class MemoryBackend(Backend):
                 return False  # it could never be served: the block it extends is not here
             old = self._remove(key, keep_children=True)
             block = StoredBlock(value, parent, hits=old.hits if old else 0)
+            block.orphan = parent is not None and self._blocks[parent].orphan  # extends an unservable chain
             self._blocks[key] = block
             self._children.setdefault(parent, set()).add(key)
-            self._mark_descendants(key, orphan=False)  # blocks that extend it are servable again
+            self._mark_descendants(key, orphan=block.orphan)  # blocks that extend it: servable again unless it is not
             self._bytes += len(value)
             self._touch(block)
             while self.max_bytes is not None and self._bytes > self.max_bytes:

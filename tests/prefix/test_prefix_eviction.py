@@ -165,3 +165,16 @@ def test_keys_are_listed_in_eviction_order():
     assert order == [KEYS[1], KEYS[0], KEYS[2]]  # KEYS[0] cannot go while KEYS[1] extends it
     backend.put(KEYS[3], b"x" * 100)
     assert KEYS[1] not in set(backend.keys()) and backend.evictions == 1
+
+
+def test_a_block_extending_an_orphan_is_an_orphan():
+    """A chain that lost an earlier block stays unservable when it grows: its new blocks go first too."""
+    backend = MemoryBackend(max_bytes=400)
+    put_chain(backend, KEYS[:2])
+    backend.put(KEYS[9], b"y" * 100)
+    backend.delete(KEYS[0])
+    backend.put(KEYS[2], b"z" * 100, KEYS[1])
+    assert backend._blocks[KEYS[2]].orphan and set(backend.keys()[:2]) == {KEYS[1], KEYS[2]}
+    backend.put(KEYS[10], b"n" * 100)
+    backend.put(KEYS[11], b"n" * 100)  # over budget: an orphan goes, not KEYS[9]
+    assert KEYS[9] in set(backend.keys()) and backend.evictions == 1
