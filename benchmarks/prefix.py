@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.eval.data import bundled_text
 from hf_kvcache.models import load_model
 from hf_kvcache.prefix import (
@@ -200,11 +201,11 @@ def continuation_quality(model, tokenizer, prefix_tokens: int, block_size: int, 
     rows, exact_logits = [], None
     for format_name, bits in FORMATS.items():
         store = PrefixCache(MemoryBackend(max_bytes=None), block_size, bits=bits)
-        cache = model(prefix, past_key_values=DynamicCache(config=model.config)).past_key_values
+        cache = model(prefix, **{CACHE_KWARG: DynamicCache(config=model.config)}).past_key_values
         store.save(model, prefix, [(layer.keys, layer.values) for layer in cache.layers])
         restored = DynamicCache(config=model.config)
         assert store.restore(model, prefix, restored) == prefix_tokens
-        logits = model(continuation, past_key_values=restored).logits.float()
+        logits = model(continuation, **{CACHE_KWARG: restored}).logits.float()
         exact_logits = logits if bits is None else exact_logits
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], continuation[0, 1:])
         first_block = [(layer.keys[0, :, :block_size], layer.values[0, :, :block_size]) for layer in cache.layers]
@@ -276,7 +277,7 @@ def passages(model, tokenizer, count: int, tokens: int) -> list[tuple[torch.Tens
     result = []
     for index in range(count):
         passage = ids[:, index * tokens : (index + 1) * tokens]
-        cache = model(passage, past_key_values=DynamicCache(config=model.config)).past_key_values
+        cache = model(passage, **{CACHE_KWARG: DynamicCache(config=model.config)}).past_key_values
         result.append((passage, [(layer.keys, layer.values) for layer in cache.layers]))
     return result
 

@@ -9,6 +9,7 @@ from conftest import make_tiny_model
 from helpers import random_ids
 from transformers import DynamicCache
 
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.prefix import BackendError, DiskBackend, MemoryBackend, PrefixCache, RedisBackend
 from hf_kvcache.prefix.redis_server import LocalRedisServer
 
@@ -42,7 +43,7 @@ def test_prefix_cache_round_trip_restores_exact_kv(backend):
     model = make_tiny_model("llama")
     ids = random_ids(model, 1, 29)
     with torch.no_grad():
-        reference = model(ids, past_key_values=DynamicCache(config=model.config)).past_key_values
+        reference = model(ids, **{CACHE_KWARG: DynamicCache(config=model.config)}).past_key_values
     store = PrefixCache(backend, block_size=8)
     layers = [(layer.keys, layer.values) for layer in reference.layers]
     assert store.save(model, ids, layers) == 3

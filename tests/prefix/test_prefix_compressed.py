@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from hf_kvcache import QuantizedCache
 from hf_kvcache.caches.base import largest_group
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.prefix import MemoryBackend, PrefixCache, generate_with_prefix_cache
 from hf_kvcache.prefix.codec import BlockFormat, CorruptBlock, decode_block, encode_block
 from hf_kvcache.quant import rotation_matrix
@@ -102,7 +103,7 @@ def test_restored_logits_approach_the_exact_ones_with_more_bits():
         generate_with_prefix_cache(model, ids, store, **GREEDY)
         cache = DynamicCache(config=model.config)
         assert store.restore(model, ids, cache) == 64
-        errors[bits] = (model(ids[:, 64:], past_key_values=cache).logits - exact).abs().max().item()
+        errors[bits] = (model(ids[:, 64:], **{CACHE_KWARG: cache}).logits - exact).abs().max().item()
     assert errors[None] < 1e-5 < errors[8] < errors[4] < errors[2], errors
 
 

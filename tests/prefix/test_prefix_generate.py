@@ -14,6 +14,7 @@ from hf_kvcache import (
     TOVACache,
     enable_score_capture,
 )
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.prefix import MemoryBackend, PrefixCache, generate_with_prefix_cache
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
@@ -89,8 +90,8 @@ def test_quantized_cache_is_filled_like_a_two_chunk_prefill():
     assert store.stats()["tokens_reused"] == 32
     reference_cache = quantized()
     with torch.no_grad():
-        model(ids[:, :32], past_key_values=reference_cache)
-    reference = model.generate(ids, past_key_values=reference_cache, **GREEDY)
+        model(ids[:, :32], **{CACHE_KWARG: reference_cache})
+    reference = model.generate(ids, **{CACHE_KWARG: reference_cache}, **GREEDY)
     assert torch.equal(warm, reference)
 
 
@@ -163,7 +164,7 @@ def test_non_empty_cache_is_refused():
     model = make_tiny_model("llama")
     cache = QuantizedCache(model.config, group_size=8)
     with torch.no_grad():
-        model(random_ids(model, 1, 3), past_key_values=cache)
+        model(random_ids(model, 1, 3), **{CACHE_KWARG: cache})
     with pytest.raises(ValueError, match="empty"):
         generate_with_prefix_cache(model, random_ids(model, 1, 9), PrefixCache(MemoryBackend()), past_key_values=cache)
 
