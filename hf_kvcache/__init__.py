@@ -1,10 +1,9 @@
 """hf_kvcache: KV-cache strategies for Hugging Face transformers, as drop-in `Cache` objects."""
 
-from hf_kvcache.caches.heavy_hitter import HeavyHitterCache
+from hf_kvcache.caches.base import Storage
+from hf_kvcache.caches.evicting import EvictionCache, HeavyHitterCache, SnapKVCache, TOVACache
 from hf_kvcache.caches.quantized import QuantizedCache
 from hf_kvcache.caches.sink import SinkCache
-from hf_kvcache.caches.snapkv import SnapKVCache
-from hf_kvcache.caches.tova import TOVACache
 from hf_kvcache.caches.window import SlidingWindowCache
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.prefix import (
@@ -21,6 +20,7 @@ from hf_kvcache.scoring import disable_score_capture, enable_score_capture
 __all__ = [
     "CACHE_KWARG",
     "DiskBackend",
+    "EvictionCache",
     "HeavyHitterCache",
     "MemoryBackend",
     "PrefixCache",
@@ -29,6 +29,7 @@ __all__ = [
     "SinkCache",
     "SlidingWindowCache",
     "SnapKVCache",
+    "Storage",
     "TOVACache",
     "TieredBackend",
     "build_cache",

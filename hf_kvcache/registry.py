@@ -9,6 +9,7 @@ the first, which receives the model config), so `hf-kvcache eval --cache quantiz
 `--help` listing pick up new strategies without touching the command line.
 """
 
+import dataclasses
 import importlib.util
 import inspect
 import types
@@ -107,11 +108,20 @@ def _parameters(factory: CacheFactory) -> dict[str, Parameter]:
     return found
 
 
-def register_cache(name: str, factory: CacheFactory, help: str) -> None:
-    """Register `factory(config, **params) -> Cache` under `name` (re-registering replaces it)."""
+def fields_as_parameters(owner: type, names: list[str] | None = None) -> dict[str, Parameter]:
+    """Parameters from a dataclass's fields (all, or `names`): their annotated types and defaults."""
+    hints = typing.get_type_hints(owner)
+    chosen = [f for f in dataclasses.fields(owner) if names is None or f.name in names]
+    return {f.name: Parameter(f.name, _parameter_types(hints[f.name]), f.default) for f in chosen}
+
+
+def register_cache(name: str, factory: CacheFactory, help: str, parameters: dict[str, Parameter] | None = None) -> None:
+    """Register `factory(config, **params) -> Cache` under `name` (re-registering replaces it).
+
+    `parameters` default to those of the factory's signature (every parameter after the config)."""
     if not name or any(c in name for c in ":,= "):
         raise ValueError(f"cache name {name!r} must be non-empty and contain none of ':', ',', '=', ' '")
-    _REGISTRY[name] = Registration(name, factory, help, _parameters(factory))
+    _REGISTRY[name] = Registration(name, factory, help, _parameters(factory) if parameters is None else parameters)
 
 
 def registered_caches() -> dict[str, Registration]:

@@ -1,20 +1,22 @@
-"""Attention-score capture for score-based eviction, without forking any model.
+"""The attention function of eviction policies (score capture), without forking any model.
 
-A cache's `update` never sees attention weights, so score-based caches (H2O, TOVA, SnapKV) get them
-from an attention function registered in transformers' `AttentionInterface`, together with the
-matching `AttentionMaskInterface` entry (without it transformers would silently pass no mask).
+A cache's `update` never sees attention, so policy caches (`caches/evicting.py`) get it from an
+attention function registered in transformers' `AttentionInterface`, together with the matching
+`AttentionMaskInterface` entry (without it transformers would silently pass no mask).
 
 `enable_score_capture(model)` switches a model from `sdpa` (or `eager`) to the capturing variant.
-The variant runs the original attention unchanged; when the layer that was just updated is a
-score-based layer (it announces itself in `update`, see `caches/scored.py`), it then computes only
-the scores that layer asks for (the last `n` queries' softmax attention, in chunks of queries, summed
-over those queries and averaged over the query heads sharing a KV head) and hands them to the layer,
-which evicts. With any other cache, or none, outputs are exactly those of the original function.
+When the layer that was just updated is a policy layer (it announces itself in `update`), the variant
+asks it for its own mask (the true padding of its kept tokens: `with_stored_padding`), runs the
+model's original attention, then hands the layer an `AttentionCall`, from which the layer computes
+only what its policy needs (the last `n` queries' softmax attention, in chunks of queries, summed over
+those queries and averaged over the query heads sharing a KV head; or the queries themselves) and
+evicts. With any other cache, or none, outputs are exactly those of the original function.
 """
 
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -69,13 +71,15 @@ def attention_scores(
     last_queries: int,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    real_queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of the last `last_queries` queries, summed over them, averaged per KV head.
 
     query [batch, q_heads, q, dim], key [batch, kv_heads, kv, dim] -> float32 [batch, kv_heads, kv].
     The probabilities are the model's own: `scaling`, `softcap` (tanh capping of the logits, Gemma 2) and
     learned per-query-head `sinks` logits [q_heads] that take part in the softmax without a key (GPT-OSS;
-    the probabilities of real tokens then sum to less than one). Queries are scored `QUERY_CHUNK` at a
+    the probabilities of real tokens then sum to less than one). Queries marked False in `real_queries`
+    [batch, q] (padding) count zero. Queries are scored `QUERY_CHUNK` at a
     time, so the full attention matrix is never held.
     """
     batch, q_heads, q_length, dim = query.shape
@@ -97,21 +101,82 @@ def attention_scores(
             probabilities = torch.cat([logits, sink_logits], dim=-1).softmax(dim=-1)[..., :-1]
         else:
             probabilities = logits.softmax(dim=-1)
+        if real_queries is not None:  # a padding query may attend nothing at all: its row is NaN
+            probabilities = probabilities.nan_to_num(0.0) * real_queries[:, None, None, rows, None]
         total += probabilities.sum(dim=-2).mean(dim=2)
     return total
 
 
-def _refuse_padding(attention_mask: torch.Tensor | None, layer: object) -> None:
-    """The newest query attends every stored token unless some of them are padding."""
-    if attention_mask is None:
-        return
-    newest = _allowed(attention_mask, slice(-1, None), 1, attention_mask.shape[-1], attention_mask.device)
-    if not bool(newest.all()):
-        raise ValueError(
-            f"{type(layer).__name__} does not support padded batches (attention_mask with zeros): its kept "
-            "tokens are not contiguous, so the padding mask cannot be looked up for them. Run one sequence "
-            "per batch row without padding, or use a cache without score-based eviction."
+@dataclass
+class AttentionCall:
+    """One attention call of a policy layer: what the layer may read after the attention ran.
+
+    `query` [batch, q_heads, q, dim] (after RoPE), `key` [batch, kv_heads, kv, dim], and the mask the
+    attention used. `scores(n)` computes the softmax attention of the last `n` queries on demand.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float | None
+    softcap: float | None
+    sinks: torch.Tensor | None
+    real_queries: torch.Tensor | None = None
+
+    def scores(self, last_queries: int) -> torch.Tensor:
+        """float32 [batch, kv_heads, kv]: see `attention_scores`; padding queries (`real_queries` [batch, q]
+        False) contribute nothing."""
+        return attention_scores(
+            self.query,
+            self.key,
+            self.attention_mask,
+            self.scaling,
+            last_queries,
+            self.softcap,
+            self.sinks,
+            self.real_queries,
         )
+
+
+def padding_of_new_tokens(attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
+    """bool [batch, query_length]: True where a token of this forward is real (None: all are). Read from the
+    newest query's row, which attends every real earlier token (left padding: the newest token is real)."""
+    if attention_mask is None:
+        return None
+    kv_length = attention_mask.shape[-1]
+    newest = _allowed(attention_mask, slice(-1, None), 1, kv_length, attention_mask.device)
+    return newest[:, 0, 0, kv_length - query_length :]
+
+
+def with_stored_padding(
+    attention_mask: torch.Tensor | None, real: torch.Tensor, query: torch.Tensor
+) -> torch.Tensor | None:
+    """This layer's mask: columns for its stored tokens (all before every query) from `real` [batch, kv_heads,
+    stored] (False: padding, per query head when heads differ), then the given mask's columns for this
+    forward's own tokens.
+
+    transformers builds one mask for all full-attention layers, from the first layer's sizes, and looks
+    padding up at the stored tokens' labelled positions; layers that evicted different numbers of tokens
+    (per-layer budgets) or out of order need their own. Returns `attention_mask` (None included) when
+    every stored token is real and the sizes agree."""
+    stored = real.shape[-1]
+    batch, q_heads, q_length, _ = query.shape
+    if attention_mask is not None and attention_mask.shape[-1] == stored + q_length and bool(real.all()):
+        labelled_real = _allowed(attention_mask, slice(q_length - 1, q_length), q_length, stored, query.device)
+        if bool(labelled_real.all()):
+            return attention_mask
+    if attention_mask is None:
+        if bool(real.all()):
+            return None
+        attention_mask = _allowed(None, slice(0, q_length), q_length, q_length, query.device).expand(batch, 1, -1, -1)
+    shared = bool((real == real[:, :1]).all())
+    columns = real[:, :1] if shared else real.repeat_interleave(q_heads // real.shape[1], dim=1)
+    columns = columns[:, :, None, :].expand(-1, -1, q_length, -1)
+    own = attention_mask[..., attention_mask.shape[-1] - q_length :]
+    own = own.expand(batch, columns.shape[1] if own.shape[1] == 1 else own.shape[1], -1, -1)
+    if own.dtype != torch.bool:
+        columns = torch.zeros((), dtype=own.dtype).masked_fill(~columns, torch.finfo(own.dtype).min)
+    return torch.cat([columns.expand(-1, own.shape[1], -1, -1), own], dim=-1)
 
 
 def _eager_of(module: torch.nn.Module) -> Callable:
@@ -129,18 +194,22 @@ def _capturing(base: str) -> Callable:
     def attention_with_scores(module, query, key, value, attention_mask, **kwargs):
         layer = _take_pending()
         if layer is not None:
-            _refuse_padding(attention_mask, layer)
+            attention_mask = layer.attention_mask(attention_mask, query)
         original = sdpa_attention_forward if base == "sdpa" else _eager_of(module)
         output, weights = original(module, query, key, value, attention_mask, **kwargs)
         if layer is not None:
-            count = layer.queries_needed(query.shape[2])
-            scores = None
-            if count:
-                sinks = module.sinks if layer.geometry.learned_sinks else None
-                scores = attention_scores(
-                    query, key, attention_mask, kwargs.get("scaling"), count, kwargs.get("softcap"), sinks
+            sinks = module.sinks if layer.geometry.learned_sinks else None
+            layer.observe(
+                AttentionCall(
+                    query,
+                    key,
+                    attention_mask,
+                    kwargs.get("scaling"),
+                    kwargs.get("softcap"),
+                    sinks,
+                    padding_of_new_tokens(attention_mask, query.shape[2]),
                 )
-            layer.observe(scores)
+            )
         return output, weights
 
     return attention_with_scores

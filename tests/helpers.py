@@ -66,3 +66,27 @@ def sharp_model(attn: str):
 def layer_geometry(kv_heads: int = 2, head_dim: int = 16) -> LayerGeometry:
     """A plain full-attention layer without RoPE, for testing a layer class on its own."""
     return LayerGeometry(0, "full_attention", None, kv_heads, head_dim, head_dim, positions="none")
+
+
+def policy_layer(policy, kv_heads: int = 2, head_dim: int = 1):
+    """A `PolicyLayer` serving `policy` over `layer_geometry`, in full precision, for unit tests."""
+    from hf_kvcache.caches.base import FULL_PRECISION
+    from hf_kvcache.caches.evicting import PolicyLayer
+
+    return PolicyLayer(layer_geometry(kv_heads, head_dim), FULL_PRECISION, policy, policy.budget, num_layers=1)
+
+
+def store_tokens(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """`layer.update` outside a model: nothing attends, so take back the layer's announcement."""
+    from hf_kvcache import scoring
+
+    layer.update(keys, values)
+    scoring._take_pending()
+
+
+def observe(layer, scores: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> None:
+    """Hand `layer` an attention call whose scores (per cached head, summed over the scored queries) are
+    `scores`, as the capturing attention function would after the forward."""
+    from types import SimpleNamespace
+
+    layer.observe(SimpleNamespace(scores=lambda count: scores, query=queries))

@@ -5,13 +5,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import MATRIX, NO_ATTENTION_INTERFACE, make_tiny_model
-from helpers import chunked_logits, dynamic_logits, left_padded_batch, random_ids
+from helpers import chunked_logits, dynamic_logits, random_ids
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from hf_kvcache import HeavyHitterCache, SnapKVCache, TOVACache, disable_score_capture, enable_score_capture, scoring
-from hf_kvcache.caches.scored import ScoredCache, ScoredLayer
+from hf_kvcache.caches.evicting import EvictionCache, PolicyLayer
 from hf_kvcache.compat import CACHE_KWARG
+from hf_kvcache.policies import EvictionPolicy
 from hf_kvcache.scoring import CAPTURE_PREFIX, ScoreCaptureError, attention_scores
 
 
@@ -140,31 +141,13 @@ def test_score_cache_without_capture_raises(cache_class):
 
 
 @pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
-def test_padded_batch_refused(cache_class, attn):
-    model = enable_score_capture(make_tiny_model("llama", attn))
-    ids, mask = left_padded_batch(model, [12, 7])
-    with pytest.raises(ValueError, match="padded batches"):
-        model.generate(
-            ids, attention_mask=mask, max_new_tokens=3, past_key_values=small_cache(cache_class, model.config)
-        )
-    # an all-ones mask is not padding
-    ids = random_ids(model, 2, 12)
-    model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=3,
-        past_key_values=small_cache(cache_class, model.config),
-    )
-
-
-@pytest.mark.parametrize("cache_class", [HeavyHitterCache, TOVACache, SnapKVCache])
 def test_crop_refused_clearly(cache_class):
     """Assisted decoding crops the cache; evicted tokens cannot come back, so a score cache says so."""
     model = enable_score_capture(make_tiny_model("llama"))
     cache = small_cache(cache_class, model.config)
     with torch.no_grad():
         model(random_ids(model, 1, 12), past_key_values=cache)
-    with pytest.raises(ValueError, match=rf"{cache_class.__name__[:-5]}Layer cannot roll back \(crop\)"):
+    with pytest.raises(ValueError, match=r"PolicyLayer cannot roll back \(crop\)"):
         cache.crop(10)
     assert not cache.is_croppable
     # assisted decoding asks for past recording before its first forward: refused there, before any work
@@ -186,22 +169,19 @@ def test_eval_tool_builds_score_caches_from_specs_and_enables_capture():
     assert len(set(perplexities)) == 4  # each eviction policy changed the figures
 
 
-class ProbeLayer(ScoredLayer):
-    """Asks for every query's scores and keeps them as captured (before any averaging to cached heads)."""
+class ProbeLayer(PolicyLayer):
+    """Keeps every query's scores as captured (before any averaging to cached heads)."""
 
-    def queries_needed(self, query_length: int) -> int:
-        return query_length
-
-    def observe(self, scores):
-        self.captured = scores
+    def observe(self, call):
+        self.captured = call.scores(call.query.shape[2])
 
 
-class ProbeCache(ScoredCache):
+class ProbeCache(EvictionCache):
     def __init__(self, config):
-        super().__init__(config, per_head=True, bits=None, group_size=None, residual_length=0, rotate=False)
+        super().__init__(config, EvictionPolicy(budget=10**6))
 
     def full_attention_layer(self, layer, storage):
-        return ProbeLayer(layer, budget=10**6, storage=storage)
+        return ProbeLayer(layer, storage, self.policy, self.policy.budget, self.geometry.num_layers)
 
 
 SCORED_FAMILIES = [  # families with full-attention layers and score capture

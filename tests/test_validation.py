@@ -20,6 +20,7 @@ from hf_kvcache import (
     SnapKVCache,
     TOVACache,
 )
+from hf_kvcache.policies import Knorm, PyramidKV, StreamingLLM
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ CONSTRUCTORS = {
             "per_head": BOOL,
         },
     ),
+    "Knorm": (Knorm, {"budget": POSITIVE, "per_head": BOOL}),
+    "StreamingLLM": (StreamingLLM, {"budget": POSITIVE, "sink_tokens": Kind((int,), 0, 256)}),
+    "PyramidKV": (PyramidKV, {"budget": POSITIVE, "beta": POSITIVE}),
     "MemoryBackend": (MemoryBackend, {"max_bytes": OPTIONAL_POSITIVE}),
     "DiskBackend": (lambda **kw: DiskBackend(**{"path": "/nonexistent-parent/never-created", **kw}), {"path": TEXT}),
     "PrefixCache": (lambda **kw: PrefixCache(MemoryBackend(), **kw), {"block_size": POSITIVE}),

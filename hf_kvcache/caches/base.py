@@ -98,6 +98,12 @@ class Storage:
                 raise ValueError(f"bits={bits}: {layer.describe()} has {size} {name} channels: {error}") from None
         return dataclasses.replace(self, group_size=group_size)
 
+    @property
+    def keeps_any_tokens(self) -> bool:
+        """Whether single tokens can be kept or dropped per batch row and head (`KVStore.gather`): full
+        precision and per-token quantization can; KIVI's per-channel key blocks cannot."""
+        return self.bits is None or self.token_wise
+
     def store_from_state(self, state: dict[str, torch.Tensor]) -> KVStore:
         """A store holding `state` (from `KVStore.state()` of a store made by this storage)."""
         store = self.new_store(*(state[name] for name in self.store_type.template_names))

@@ -1,37 +1,39 @@
-"""HeavyHitterCache (H2O): exact with a large budget; keeps the recent window plus the heavy hitters."""
+"""H2O (and its preset HeavyHitterCache): exact with a large budget; keeps the recent window plus the heavy hitters."""
 
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import eager_reference, kept_indices, layer_geometry, random_ids
+from helpers import eager_reference, kept_indices, observe, policy_layer, random_ids, store_tokens
 
-from hf_kvcache import HeavyHitterCache, enable_score_capture, scoring
-from hf_kvcache.caches.heavy_hitter import HeavyHitterLayer
+from hf_kvcache import HeavyHitterCache, enable_score_capture
+from hf_kvcache.caches.evicting import PolicyLayer
+from hf_kvcache.policies import H2O
 
 
-def append(layer: HeavyHitterLayer, first_token: int, count: int) -> None:
+def append(layer: PolicyLayer, first_token: int, count: int) -> None:
     """Store `count` tokens whose keys identify them: 100 * head + token index (values: the negation)."""
     tokens = torch.arange(first_token, first_token + count, dtype=torch.float32)
     keys = torch.stack([tokens, tokens + 100]).view(1, 2, count, 1)
-    layer.update(keys, -keys)
-    scoring._take_pending()  # no attention runs in this unit test
+    store_tokens(layer, keys, -keys)
 
 
-def kept(layer: HeavyHitterLayer) -> list[list[int]]:
+def kept(layer: PolicyLayer) -> list[list[int]]:
     keys = layer.body.keys[0, :, :, 0]
     assert torch.equal(layer.body.values, -layer.body.keys)
     return [[int(k) - 100 * head for k in keys[head].tolist()] for head in range(2)]
 
 
 def test_keeps_recent_window_and_highest_accumulated_scores_per_head():
-    layer = HeavyHitterLayer(layer_geometry(head_dim=1), budget=5, recent=2)
+    layer = policy_layer(H2O(budget=5, recent=2))
     append(layer, 0, 6)
-    layer.observe(torch.tensor([[[0.5, 0.1, 0.9, 0.3, 0.2, 0.05], [0.2, 0.8, 0.1, 0.05, 0.7, 0.6]]]))
+    observe(layer, torch.tensor([[[0.5, 0.1, 0.9, 0.3, 0.2, 0.05], [0.2, 0.8, 0.1, 0.05, 0.7, 0.6]]]))
     # the 3 best of tokens 0-3, then the 2 most recent tokens; each KV head chooses its own
     assert kept(layer) == [[0, 2, 3, 4, 5], [0, 1, 2, 4, 5]]
-    assert torch.allclose(layer.scores, torch.tensor([[[0.5, 0.9, 0.3, 0.2, 0.05], [0.2, 0.8, 0.1, 0.7, 0.6]]]))
+    assert torch.allclose(
+        layer.state["attention"], torch.tensor([[[0.5, 0.9, 0.3, 0.2, 0.05], [0.2, 0.8, 0.1, 0.7, 0.6]]])
+    )
     append(layer, 6, 1)
-    layer.observe(torch.tensor([[[0.0, 0.0, 0.0, 0.6, 0.3, 0.1], [0.0, 0.0, 0.5, 0.0, 0.0, 0.5]]]))
+    observe(layer, torch.tensor([[[0.0, 0.0, 0.0, 0.6, 0.3, 0.1], [0.0, 0.0, 0.5, 0.0, 0.0, 0.5]]]))
     # head 0: token 4 (0.2 + 0.6) now beats token 3 (0.3); head 1: token 4 (0.7) leaves the recent window
     # and beats nothing below it: totals 0.2, 0.8, 0.6, 0.7 -> drop token 0
     assert kept(layer) == [[0, 2, 4, 5, 6], [1, 2, 4, 5, 6]]
@@ -40,16 +42,16 @@ def test_keeps_recent_window_and_highest_accumulated_scores_per_head():
 
 
 def test_mean_accumulation_divides_by_the_queries_that_saw_each_token():
-    layer = HeavyHitterLayer(layer_geometry(head_dim=1), budget=3, recent=1, accumulate="mean")
+    layer = policy_layer(H2O(budget=3, recent=1, accumulate="mean"))
     append(layer, 0, 4)  # one forward of 4 queries: token i was seen by 4 - i of them
-    layer.observe(torch.tensor([[[2.0, 1.2, 1.0, 0.5], [2.0, 1.2, 1.0, 0.5]]]))
+    observe(layer, torch.tensor([[[2.0, 1.2, 1.0, 0.5], [2.0, 1.2, 1.0, 0.5]]]))
     # means 0.5, 0.4, 0.5 (token 3 is the recent one): tokens 0 and 2 win, where sums would keep 0 and 1
     assert kept(layer) == [[0, 2, 3], [0, 2, 3]]
     append(layer, 4, 1)  # one more query: tokens 0, 2, 3 were now seen by 5, 3 and 2 queries
-    layer.observe(torch.tensor([[[0.0, 0.5, 0.4, 0.1], [0.0, 0.5, 0.4, 0.1]]]))
+    observe(layer, torch.tensor([[[0.0, 0.5, 0.4, 0.1], [0.0, 0.5, 0.4, 0.1]]]))
     # sums 2.0, 1.5, 0.9 would keep token 0; means 0.4, 0.5, 0.45 drop it
     assert kept(layer) == [[2, 3, 4], [2, 3, 4]]
-    assert layer.observers[0, 0].tolist() == [3.0, 2.0, 1.0]
+    assert (layer.seen_tokens - layer.positions[0, 0]).tolist() == [3, 2, 1]  # the queries that saw each kept token
 
 
 def peaky_model(attn: str):
@@ -91,13 +93,13 @@ def test_decoding_stays_within_budget_and_batch_ops_follow_scores():
     output = model.generate(ids, max_new_tokens=15, do_sample=False, num_beams=2, past_key_values=cache)
     assert output.shape == (2, 35)
     for layer in cache.layers:
-        assert layer.stored_tokens == 10 and layer.scores.shape == (4, 2, 10)  # 2 rows x 2 beams
+        assert layer.stored_tokens == 10 and layer.state["attention"].shape == (4, 2, 10)  # 2 rows x 2 beams
     assert cache.get_seq_length() == 34
 
 
 def test_recent_defaults_to_half_the_budget():
     cache = HeavyHitterCache(make_tiny_model("llama").config, budget=9)
-    assert cache.recent == 4 and cache.layers[0].recent == 4
+    assert cache.policy.recent == 4 and cache.layers[0].policy.recent == 4
 
 
 def test_invalid_arguments():

@@ -1,33 +1,45 @@
-"""TOVACache: exact with a large budget; keeps the tokens the latest query attends to most."""
+"""TOVA (and its preset TOVACache): exact with a large budget; keeps the tokens the latest query attends to most."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import chunked_logits, eager_reference, kept_indices, layer_geometry, random_ids, sharp_model
+from helpers import (
+    chunked_logits,
+    eager_reference,
+    kept_indices,
+    observe,
+    policy_layer,
+    random_ids,
+    sharp_model,
+    store_tokens,
+)
 
-from hf_kvcache import TOVACache, enable_score_capture, scoring
-from hf_kvcache.caches.tova import TOVALayer
+from hf_kvcache import TOVACache, enable_score_capture
+from hf_kvcache.policies import TOVA
 
 
 def test_keeps_top_scores_of_hand_built_pattern_per_head():
-    layer = TOVALayer(layer_geometry(head_dim=1), budget=3)
+    layer = policy_layer(TOVA(budget=3, per_head=True))
     tokens = torch.arange(5, dtype=torch.float32)
     keys = torch.stack([tokens, tokens + 100]).view(1, 2, 5, 1)
-    layer.update(keys, -keys)
-    scoring._take_pending()  # no attention runs in this unit test
-    assert layer.queries_needed(5) == 1  # only the latest query is scored
-    layer.observe(torch.tensor([[[0.1, 0.4, 0.05, 0.3, 0.15], [0.5, 0.0, 0.2, 0.1, 0.2]]]))
+    store_tokens(layer, keys, -keys)
+    assert layer.policy.scored_queries(5) == 1  # only the latest query is scored
+    observe(layer, torch.tensor([[[0.1, 0.4, 0.05, 0.3, 0.15], [0.5, 0.0, 0.2, 0.1, 0.2]]]))
     assert layer.body.keys[0, :, :, 0].tolist() == [[1.0, 3.0, 4.0], [100.0, 102.0, 104.0]]
     assert torch.equal(layer.body.values, -layer.body.keys)
     assert layer.get_mask_sizes(1) == (4, 2)
 
 
 def test_within_budget_no_scores_are_computed():
-    layer = TOVALayer(layer_geometry(head_dim=4), budget=8)
-    layer.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4))
-    scoring._take_pending()
-    assert layer.queries_needed(5) == 0
-    layer.observe(None)
+    layer = policy_layer(TOVA(budget=8), head_dim=4)
+    store_tokens(layer, torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4))
+
+    def no_scores(count):
+        raise AssertionError("scores were computed")
+
+    layer.observe(SimpleNamespace(scores=no_scores, query=None))
     assert layer.stored_tokens == 5
 
 
@@ -59,7 +71,7 @@ def test_decoding_and_chunks_stay_within_budget(attn):
     cache = TOVACache(model.config, budget=12)
     chunked_logits(model, ids, cache, chunk=7)
     assert cache.get_seq_length() == 30 and cache.stored_tokens == 12
-    output = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=TOVACache(model.config, 12))
+    output = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=TOVACache(model.config, budget=12))
     assert output.shape == (2, 40)
 
 

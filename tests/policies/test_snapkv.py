@@ -1,53 +1,47 @@
-"""SnapKVCache: exact with a large budget; compresses a prompt with its observation window's attention."""
+"""SnapKV (and its preset SnapKVCache): exact with a large budget; compresses a prompt with its observation window's attention."""
 
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import eager_reference, kept_indices, layer_geometry, random_ids, sharp_model
+from helpers import eager_reference, kept_indices, observe, policy_layer, random_ids, sharp_model, store_tokens
 
-from hf_kvcache import SnapKVCache, enable_score_capture, scoring
-from hf_kvcache.caches.snapkv import SnapKVLayer
+from hf_kvcache import SnapKVCache, enable_score_capture
+from hf_kvcache.policies import SnapKV
 
 
 def test_pooling_keeps_neighbours_of_the_hand_built_peak():
-    layer = SnapKVLayer(layer_geometry(head_dim=1), budget=5, observation_window=2, kernel_size=3)
+    layer = policy_layer(SnapKV(budget=5, observation_window=2, kernel_size=3))
     tokens = torch.arange(10, dtype=torch.float32)
     keys = torch.stack([tokens, tokens + 100]).view(1, 2, 10, 1)
-    layer.update(keys, -keys)
-    scoring._take_pending()  # no attention runs in this unit test
-    assert layer.queries_needed(10) == 2
+    store_tokens(layer, keys, -keys)
+    assert layer.policy.scored_queries(10) == 2
     scores = torch.zeros(1, 2, 10)
     scores[0, 0, 4] = 1.0  # head 0: one peak; pooling (width 3) brings its neighbours 3 and 5 along
     scores[0, 1, [0, 1, 2]] = torch.tensor([0.2, 0.9, 0.3])  # head 1: a peak at the start
     scores[0, :, 8:] = 5.0  # the window's own scores do not matter: it is always kept
-    layer.observe(scores)
+    observe(layer, scores)
     assert layer.body.keys[0, :, :, 0].tolist() == [[3.0, 4.0, 5.0, 8.0, 9.0], [100.0, 101.0, 102.0, 108.0, 109.0]]
     assert torch.equal(layer.body.values, -layer.body.keys)
 
 
 def test_average_pooling_prefers_a_broad_region_to_a_lone_peak():
-    layer = SnapKVLayer(
-        layer_geometry(kv_heads=1, head_dim=1), budget=5, observation_window=2, kernel_size=3, pooling="avg"
-    )
-    layer.update(torch.arange(12.0).view(1, 1, 12, 1), torch.zeros(1, 1, 12, 1))
-    scoring._take_pending()
+    layer = policy_layer(SnapKV(budget=5, observation_window=2, kernel_size=3, pooling="avg"), kv_heads=1)
+    store_tokens(layer, torch.arange(12.0).view(1, 1, 12, 1), torch.zeros(1, 1, 12, 1))
     scores = torch.zeros(1, 1, 12)
     scores[0, 0, 2] = 1.0  # a lone peak: averages 1/3 at tokens 1-3 (max pooling would keep exactly those)
     scores[0, 0, 6:9] = torch.tensor([0.5, 0.6, 0.55])  # a broad region: averages 0.55, 0.55, 0.38 at 6-8
-    layer.observe(scores)
+    observe(layer, scores)
     assert layer.body.keys[0, 0, :, 0].tolist() == [6.0, 7.0, 8.0, 10.0, 11.0]
 
 
 def test_decoding_grows_after_compression():
-    layer = SnapKVLayer(layer_geometry(head_dim=4), budget=4, observation_window=2, kernel_size=1)
-    layer.update(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
-    scoring._take_pending()
-    layer.observe(torch.rand(1, 2, 6))
+    layer = policy_layer(SnapKV(budget=4, observation_window=2, kernel_size=1), head_dim=4)
+    store_tokens(layer, torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    observe(layer, torch.rand(1, 2, 6))
     assert layer.stored_tokens == 4
-    layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
-    scoring._take_pending()
-    assert layer.queries_needed(1) == 0  # single-token steps never evict
-    layer.observe(None)
+    store_tokens(layer, torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert not layer.policy.should_evict(1, 5, 4)  # single-token steps never evict
+    observe(layer, None)
     assert layer.stored_tokens == 5 and layer.get_seq_length() == 7
 
 

@@ -1,0 +1,32 @@
+"""Eviction policies: what a cache keeps. Each is a small frozen dataclass (see `base.EvictionPolicy`).
+
+Every module of this package is imported here, and each policy registers itself as a cache spec with
+`@register_policy(name, help)`, so adding a method takes one file and its test:
+
+1. `hf_kvcache/policies/my_method.py`: a frozen dataclass subclass of `EvictionPolicy` with its own fields
+   (checked in `__post_init__`), `needs` (nothing, the attention of the last queries or of every
+   query, or the query vectors), and `score(step)` returning the importance of every stored token
+   ([batch, heads, stored], higher = keep; `step` gives keys, attention, positions, padding). Override
+   `select` for another selection (per-layer budgets: `layer_budget`), `update_state` for running state.
+   Link the paper in the docstring.
+2. `tests/policies/test_my_method.py`: kept tokens against an independent reference.
+
+It then works with every storage (`Storage(bits=..., token_wise=True)`), in `EvictionCache(config,
+MyMethod(budget=...))`, as `hf-kvcache eval --cache my-method:budget=128,bits=4`, on padded batches.
+"""
+
+import importlib
+import pkgutil
+
+from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, keep_top, register_policy
+
+__all__ = ["EvictionPolicy", "Needs", "Step", "keep_top", "register_policy"]
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name == "base":
+        continue
+    _loaded = importlib.import_module(f"{__name__}.{_module.name}")
+    for _name, _value in vars(_loaded).items():
+        if isinstance(_value, type) and issubclass(_value, EvictionPolicy) and _value.__module__ == _loaded.__name__:
+            globals()[_name] = _value
+            __all__.append(_name)

@@ -1,0 +1,161 @@
+"""What an eviction policy is: a frozen value with its own fields, what it needs, and one selection.
+
+A policy never holds tensors. The layer that serves it (`caches/evicting.py`) hands it a `Step` after
+every forward, once attention has used every key, and keeps the indices `select` returns. Running
+per-token state (H2O's accumulated attention) lives in `Step.state`, which the layer keeps aligned
+with the kept tokens (gathered with them, reordered with beams).
+"""
+
+import enum
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from hf_kvcache.geometry import LayerGeometry
+from hf_kvcache.validation import check_bool, check_int
+
+
+class Needs(enum.Enum):
+    """What a policy reads besides the stored keys and values."""
+
+    NOTHING = "nothing"  # keys, values and positions only (no score capture)
+    LAST_QUERIES = "attention of the last queries"  # the forward's last `observation_window` queries
+    EVERY_QUERY = "attention of every query"  # every query of every forward
+    QUERY_STATES = "the last queries themselves"  # their vectors (after RoPE), not their attention
+
+
+@dataclass
+class Step:
+    """What a policy sees after one forward of one layer.
+
+    `attention` is float32 [batch, heads, stored]: the softmax attention of the scored queries summed over
+    them, averaged over the query heads of each KV head (heads = the layer's KV heads, or 1 when the
+    policy is not `per_head`); None when the policy needs none. `real` is bool [batch, heads, stored]:
+    False for padding. `queries` [batch, query heads, n, head_dim] are the last `n` queries after RoPE
+    (only for `Needs.QUERY_STATES`). Stored token i was seen at position `positions[b, h, i]`.
+    """
+
+    geometry: LayerGeometry
+    num_layers: int
+    query_length: int
+    seen: int
+    real: torch.Tensor
+    positions: torch.Tensor
+    state: dict[str, torch.Tensor]
+    read_keys: Callable[[], torch.Tensor]
+    attention: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    _keys: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def stored(self) -> int:
+        return self.real.shape[-1]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Stored keys in full precision [batch, kv_heads, stored, key_dim] (read once, on first use)."""
+        if self._keys is None:
+            self._keys = self.read_keys()
+        return self._keys
+
+
+@dataclass(frozen=True)
+class EvictionPolicy:
+    """Base of every policy: keeps at most `budget` tokens per layer and KV head.
+
+    A subclass declares `needs`, adds its fields (validated in `__post_init__`), and implements `score`
+    (higher = keep; `keep_top` then keeps the best `budget`, never padding in place of a real token).
+    Policies that choose differently (per-layer budgets, budgets shared across heads) override `select`.
+    `per_head=False` ranks tokens by the score averaged over the layer's heads: every head keeps the same
+    tokens. Policies with running state override `update_state`, called after every forward.
+    """
+
+    budget: int = 256
+    per_head: bool = True
+    needs: ClassVar[Needs] = Needs.NOTHING
+    ragged: ClassVar[bool] = False  # heads keep different numbers of tokens (needs a ragged storage)
+
+    def __post_init__(self) -> None:
+        check_int("budget", self.budget, minimum=1)
+        check_bool("per_head", self.per_head)
+
+    def check_within_budget(self, **counts: int) -> None:
+        """Every count (tokens always kept: recent, sinks, observation window) must be an int in [0, budget]."""
+        for name, value in counts.items():
+            check_int(name, value, 0, self.budget, maximum_name=f"budget={self.budget}")
+
+    # --- when -------------------------------------------------------------------------------------
+    def scored_queries(self, query_length: int) -> int:
+        """How many of a forward's last queries the policy reads (attention or vectors)."""
+        return query_length if self.needs is Needs.EVERY_QUERY else 0
+
+    def should_evict(self, query_length: int, stored: int, layer_budget: int) -> bool:
+        """Whether to select after a forward of `query_length` tokens leaving `stored` tokens."""
+        return stored > layer_budget
+
+    def layer_budget(self, layer_index: int, num_layers: int) -> int:
+        """Tokens kept per KV head in layer `layer_index` (the same in every layer unless overridden)."""
+        return self.budget
+
+    # --- what -------------------------------------------------------------------------------------
+    def update_state(self, step: Step) -> None:
+        """Update running per-token state in `step.state` (called after every forward)."""
+
+    def score(self, step: Step) -> torch.Tensor:
+        """Importance [batch, heads or 1, stored] of every stored token (higher = keep)."""
+        raise NotImplementedError
+
+    def select(self, step: Step, budget: int) -> torch.Tensor:
+        """Indices [batch, heads or 1, budget] (ascending) of the stored tokens to keep."""
+        return keep_top(step, self.score(step), budget, per_head=self.per_head)
+
+
+def keep_top(
+    step: Step, scores: torch.Tensor, budget: int, per_head: bool = True, recent: int = 0, sink_tokens: int = 0
+) -> torch.Tensor:
+    """The `budget` best tokens by `scores` [batch, heads or 1, stored], always with the `recent` newest
+    tokens and each row's first `sink_tokens` real tokens; padding only when a row has too few real tokens.
+
+    Returns ascending indices [batch, heads, budget] ([batch, 1, budget] when not `per_head`). Ties go to the
+    earlier token.
+    """
+    stored = step.stored
+    scores = scores.float()
+    if not per_head:
+        scores = scores.mean(dim=1, keepdim=True)
+    real = step.real if per_head else step.real[:, :1]  # every head keeps the same tokens: one row's padding
+    scores = scores.expand(-1, real.shape[1], -1).masked_fill(~real, float("-inf"))
+    forced = torch.zeros_like(real)
+    if recent:
+        forced[..., stored - recent :] = True
+    if sink_tokens:
+        forced |= real & (real.cumsum(dim=-1) <= sink_tokens)
+    scores = scores.masked_fill(forced & real, float("inf"))
+    # A stable sort breaks ties by position (the earlier token wins), the same in a padded row as alone.
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :budget].sort(dim=-1).values
+
+
+STORAGE_SETTINGS = ("bits", "group_size", "residual_length", "rotate")  # what a cache spec may set of `Storage`
+
+
+def register_policy(name: str, help: str) -> Callable[[type], type]:
+    """Class decorator: make the policy a cache spec, `name:field=value,...` (its fields plus the storage's
+    `bits`, `group_size`, `residual_length`, `rotate`), for `hf-kvcache eval --cache` and `build_cache`."""
+    from hf_kvcache.caches.base import Storage
+    from hf_kvcache.registry import fields_as_parameters, register_cache
+
+    def register(policy_type: type) -> type:
+        parameters = {**fields_as_parameters(policy_type), **fields_as_parameters(Storage, list(STORAGE_SETTINGS))}
+        register_cache(name, functools.partial(_policy_cache, policy_type), help, parameters)
+        return policy_type
+
+    return register
+
+
+def _policy_cache(policy_type: type, config: object, **settings: object) -> object:
+    from hf_kvcache.caches.evicting import EvictionCache, policy_and_storage  # the caches import the policies
+
+    return EvictionCache(config, *policy_and_storage(policy_type, settings))
