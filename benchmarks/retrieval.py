@@ -1,241 +1,409 @@
-"""Needle retrieval and WikiText-2 perplexity for the eviction caches at a fixed token budget.
+"""Eviction policies at a fixed token budget: passkey retrieval in a novel, bytes held, WikiText-2 perplexity.
 
-Retrieval (`--task`): a needle hidden at a random depth in about 1000 tokens of filler text, then
-the question; the prompt goes through the cache in one forward (prefill), then greedy decoding.
-A sample counts as found when the answer is in the first 8 generated tokens.
-- `passkey`: a random 5-digit key (SmolLM2 reads it as five single-digit tokens);
-- `treasure`: "Maria keeps her treasure in the <word> box in <city>": both the word and the city must come back.
+Retrieval: the `passkey` task of `hf_kvcache.eval.tasks` (`--task` picks another of its tasks): a 5-digit
+pass key hidden at a seeded random depth in a passage of the bundled *Crime and Punishment*, then the
+question; `--prompt-tokens` counts context and question (the chat template adds a few dozen tokens). The
+same prompts go to every cache. The prompt is split into its context (instructions and haystack) and its
+question (question, end of the chat turn, answer prefix):
+
+- a cache with a `compress_context(model, context_ids)` method ("compress once, reuse": KVzip-style,
+  query-agnostic) gets the context through that method first, then the question is fed;
+- every other cache gets context and question in one prefill.
+
+Then `--new-tokens` tokens are decoded greedily and scored with `tasks.score` (the key among them).
+The bytes each cache holds after the prompt (`hf_kvcache.eval.memory.cache_bytes`) are averaged over samples.
 
 Perplexity: the first `--ppl-tokens` tokens of WikiText-2 (test) fed in chunks of `--chunk` tokens,
 each chunk seeing the cache plus its own keys; the budget is `--ppl-budget` of the evaluated tokens.
 
-    flock /tmp/hf_kvcache_heavy.lock python benchmarks/retrieval.py --samples 50
+Specs are templates with `{budget}` (and `{window}` = budget - 4, for the sink cache); `dynamic` (the full
+cache) always runs first. A default spec whose cache name is not registered (a policy not yet added) is
+skipped with one printed line. Results: printed tables and `--output` (JSON, with the command line).
+
+    flock /tmp/hf_kvcache_heavy.lock python benchmarks/retrieval.py              # 50 samples, ~45 min
+    flock /tmp/hf_kvcache_heavy.lock python benchmarks/retrieval.py --quick      # smoke run, < 1 min
 """
 
 import argparse
+import importlib
 import json
-import random
+import pkgutil
+import shlex
+import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+import hf_kvcache
 from hf_kvcache import CACHE_KWARG, enable_score_capture
 from hf_kvcache.eval.data import bundled_text
+from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.eval.perplexity import evaluation_pass
+from hf_kvcache.eval.tasks import TASKS, Sample, generate_samples, score
 from hf_kvcache.models import load_model
-from hf_kvcache.registry import build_cache, parse_cache_spec
+from hf_kvcache.registry import build_cache, parse_cache_spec, registered_caches
 from hf_kvcache.report import format_table
 
-WORDS = [
-    "apple",
-    "river",
-    "candle",
-    "mountain",
-    "violin",
-    "garden",
-    "pepper",
-    "rocket",
-    "silver",
-    "lantern",
-    "meadow",
-    "pencil",
-    "harbor",
-    "tiger",
-]
-CITIES = [
-    "Lisbon",
-    "Nairobi",
-    "Oslo",
-    "Lima",
-    "Hanoi",
-    "Dublin",
-    "Quito",
-    "Tunis",
-    "Riga",
-    "Perth",
-    "Accra",
-    "Bergen",
-    "Cusco",
-    "Porto",
-    "Split",
-]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A retrieval task: the text around the needle, and how to draw a needle with its answers."""
-
-    intro: str
-    filler: str
-    question: str
-    needle: Callable[[random.Random], tuple[str, tuple[str, ...]]]  # needle text, strings the answer must hold
-
-
-def passkey_needle(rng: random.Random) -> tuple[str, tuple[str, ...]]:
-    key = str(rng.randint(10000, 99999))
-    return f"The pass key is {key}. Remember it. {key} is the pass key. ", (key,)
-
-
-def treasure_needle(rng: random.Random) -> tuple[str, tuple[str, ...]]:
-    word, city = rng.choice(WORDS), rng.choice(CITIES)
-    return f"Maria keeps her treasure in the {word} box in {city}. ", (word, city)
-
-
-TASKS = {
-    "passkey": Task(
-        intro="There is an important piece of information hidden inside a lot of irrelevant text. "
-        "Find it and memorize it. I will quiz you about it.\n",
-        filler="The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",
-        question="\nWhat is the pass key? The pass key is",
-        needle=passkey_needle,
-    ),
-    "treasure": Task(
-        intro="Read the notes below. One of them tells where Maria keeps her treasure. Remember it.\n",
-        filler="The train left the station on time. People read newspapers and looked out of the window. ",
-        question="\nWhere does Maria keep her treasure? Maria keeps her treasure in",
-        needle=treasure_needle,
-    ),
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (fp32, CPU)"
+FULL = "dynamic"
+MIB = 2**20
+# Default spec templates after `dynamic`; the score-based rows spell out `per_head` so that they mean the
+# same whatever the defaults are. The last six are the policies of issue 16 (skipped until registered).
+DEFAULT_TEMPLATES = (
+    "window:window={budget}",
+    "sink:sink_tokens=4,window={window}",
+    "h2o:budget={budget},per_head=true",
+    "h2o:budget={budget},per_head=true,accumulate=mean",
+    "tova:budget={budget},per_head=false",
+    "tova:budget={budget},per_head=true",
+    "snapkv:budget={budget},per_head=true",
+    "snapkv:budget={budget},per_head=false",
+    "snapkv:budget={budget},per_head=true,kernel_size=15",
+    "knorm:budget={budget}",
+    "streaming-llm:sink_tokens=4,budget={budget}",
+    "expected-attention:budget={budget}",
+    "pyramidkv:budget={budget}",
+    "adakv:budget={budget}",
+    "kvzip:budget={budget}",
+)
+# Settings: (default, --quick default). An explicit flag wins over both.
+DEFAULTS = {
+    "samples": (50, 2),
+    "budgets": ([128, 256], [128]),
+    "prompt_tokens": (800, 800),
+    "ppl_tokens": (4096, 256),
+    "output": (Path("benchmarks/results/retrieval.json"), Path(tempfile.gettempdir()) / "retrieval-quick.json"),
 }
+POLICY_PACKAGES = ("hf_kvcache.caches", "hf_kvcache.policies")
 
 
-def cache_specs(budget: int, templates: list[str] | None = None) -> list[str]:
-    """Eval cache specs, each keeping `budget` tokens per layer (the first: the full cache).
+# --- specs ------------------------------------------------------------------------------------------------
+def load_policies(packages: Sequence[str] = POLICY_PACKAGES) -> None:
+    """Import every module of the cache packages, so that each strategy registers itself. A package or
+    module that is missing or fails to import (a policy still being written) is reported in one line."""
+    for package in packages:
+        try:
+            module = importlib.import_module(package)
+        except ModuleNotFoundError:
+            continue
+        for info in pkgutil.iter_modules(module.__path__, package + "."):
+            try:
+                importlib.import_module(info.name)
+            except Exception as error:  # one broken module must not keep the others out
+                print(f"skipping module {info.name}: {type(error).__name__}: {error}", flush=True)
 
-    `templates` (from `--specs`) replace the default set: specs with `{budget}` in place of the budget.
-    The score-based rows spell out `per_head` so that they mean the same whatever the defaults are.
+
+def spec_name(template: str) -> str:
+    return template.partition(":")[0].strip()
+
+
+def one_per_cache(templates: Sequence[str]) -> list[str]:
+    """The first template of each cache name (the `--quick` set: every policy once)."""
+    firsts: dict[str, str] = {}
+    for template in templates:
+        firsts.setdefault(spec_name(template), template)
+    return list(firsts.values())
+
+
+def available_templates(templates: Sequence[str], explicit: bool) -> list[str]:
+    """`dynamic` first, then `templates` whose cache is registered; each other name is reported in one line.
+
+    The kept templates are checked against the registry now (with a stand-in budget), so that a wrong
+    parameter fails before any model runs. With `explicit` (the user's `--specs`) an unknown name is an error.
     """
-    templates = templates or [
-        "sink:sink_tokens=4,window={window}",
-        "window:window={budget}",
-        "h2o:budget={budget},per_head=true",
-        "h2o:budget={budget},per_head=true,accumulate=mean",
-        "tova:budget={budget},per_head=false",
-        "tova:budget={budget},per_head=true",
-        "snapkv:budget={budget},per_head=true",
-        "snapkv:budget={budget},per_head=false",
-        "snapkv:budget={budget},per_head=true,kernel_size=15",
-    ]
-    return ["dynamic"] + [template.format(budget=budget, window=budget - 4) for template in templates]
+    registered = registered_caches()
+    kept, skipped = [FULL], []
+    for template in templates:
+        name = spec_name(template)
+        if name not in registered:
+            if explicit:
+                raise SystemExit(f"--specs {template!r}: no cache {name!r} registered; known: {', '.join(registered)}")
+            if name not in skipped:
+                skipped.append(name)
+                print(f"skipping {name}: not registered", flush=True)
+            continue
+        parse_cache_spec(format_spec(template, 128))
+        if template not in kept:
+            kept.append(template)
+    return kept
 
 
-def retrieval_sample(rng: random.Random, tokenizer, target_tokens: int, task: Task) -> tuple[torch.Tensor, tuple]:
-    """Token ids of one prompt with its needle at a random depth, and the strings the answer must hold."""
-    needle, answers = task.needle(rng)
-    per_filler = len(tokenizer(task.filler).input_ids)
-    fixed = len(tokenizer(task.intro + needle + task.question).input_ids)
-    repeats = max(1, (target_tokens - fixed) // per_filler)
-    depth = rng.randint(0, repeats)
-    text = task.intro + task.filler * depth + needle + task.filler * (repeats - depth) + task.question
-    return tokenizer(text, return_tensors="pt").input_ids, answers
+def format_spec(template: str, budget: int) -> str:
+    return template.format(budget=budget, window=budget - 4)
+
+
+def row_label(template: str) -> str:
+    """A template as a row label: the budget written as B."""
+    return template.replace("{budget}", "B").replace("{window}", "B-4")
+
+
+# --- retrieval --------------------------------------------------------------------------------------------
+def prompt_parts(tokenizer, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (1, n) of the sample's context and (1, m) of its question, which follow each other.
+
+    Together they are `hf_kvcache.eval.task_eval.prompt_ids`: with a chat template, the prompt as a user turn
+    and the answer prefix after the generation prompt; without one, `sample.text` as raw text. The prompt is
+    tokenized whole and cut before the first token that reaches into the question (BPE merges across the
+    cut, e.g. of the blank line before the question, would differ if the parts were tokenized apart). The
+    question part holds the question, the end of the turn and the answer prefix.
+    """
+    if not sample.question:
+        raise ValueError(f"sample {sample.index} of task {sample.task!r} has no question to split off")
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": sample.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        text, special = text + sample.answer_prefix, False
+    else:
+        text, special = sample.text, True
+    cut = text.rfind(sample.question)
+    if cut < 0:
+        raise ValueError(f"the question of sample {sample.index} is not in its prompt text")
+    if tokenizer.is_fast:
+        encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        ids, ends = encoded["input_ids"], [end for _, end in encoded["offset_mapping"]]
+        split = next((index for index, end in enumerate(ends) if end > cut), len(ids))
+        context, question = ids[:split], ids[split:]
+    else:  # no offsets: the parts tokenized apart
+        context = tokenizer(text[:cut], add_special_tokens=special)["input_ids"]
+        question = tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
+    return torch.tensor([context], dtype=torch.long), torch.tensor([question], dtype=torch.long)
+
+
+def _forward(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
+    """Logits of the last position after feeding `ids` at positions start.. through `cache`."""
+    positions = torch.arange(start, start + ids.shape[1], device=model.device)[None]
+    output = model(ids.to(model.device), **{CACHE_KWARG: cache}, position_ids=positions, use_cache=True)
+    return output.logits[:, -1]
 
 
 @torch.no_grad()
-def retrieval_accuracy(
-    model, tokenizer, spec: str, samples: int, target_tokens: int, seed: int, task: Task = TASKS["passkey"]
-) -> float:
-    rng = random.Random(seed)  # the same prompts for every cache
-    found = 0
-    for _ in tqdm(range(samples), desc=spec, leave=False):
-        ids, answers = retrieval_sample(rng, tokenizer, target_tokens, task)
-        cache = build_cache(parse_cache_spec(spec), model.config)
-        output = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            **{CACHE_KWARG: cache},
-            max_new_tokens=8,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
+def answer_sample(
+    model, tokenizer, spec: str, context_ids: torch.Tensor, question_ids: torch.Tensor, new_tokens: int
+) -> dict:
+    """One sample through a fresh cache of `spec`: the prompt (compressed once or prefilled), then greedy decoding.
+
+    Returns `generated` (text), `cache_bytes` (held after the prompt), `compressed_once` and `seconds`.
+    """
+    cache = build_cache(spec, model.config)
+    if getattr(cache, "needs_score_capture", False):
+        enable_score_capture(model)
+    started = time.perf_counter()
+    compress = getattr(cache, "compress_context", None)
+    if callable(compress):
+        compress(model, context_ids.to(model.device))
+        logits = _forward(model, question_ids, cache, context_ids.shape[1])
+    else:
+        logits = _forward(model, torch.cat([context_ids, question_ids], dim=1), cache, 0)
+    held = cache_bytes(cache)
+    position = context_ids.shape[1] + question_ids.shape[1]
+    tokens: list[int] = []
+    while True:
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(int(token))
+        if len(tokens) == new_tokens or int(token) == tokenizer.eos_token_id:
+            break
+        logits = _forward(model, token, cache, position)
+        position += 1
+    return {
+        "generated": tokenizer.decode(tokens, skip_special_tokens=True),
+        "cache_bytes": held,
+        "compressed_once": callable(compress),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def retrieval_rows(
+    model,
+    tokenizer,
+    templates: Sequence[str],
+    budgets: Sequence[int],
+    samples: Sequence[Sample],
+    new_tokens: int,
+) -> list[dict]:
+    """One row per (spec, budget): found/samples, accuracy, mean bytes held after the prompt, seconds.
+    `dynamic` runs once (it does not depend on the budget); every spec sees the same `samples`."""
+    parts = [prompt_parts(tokenizer, sample) for sample in samples]
+    rows = []
+    for template in templates:
+        for budget in [None] if template == FULL else budgets:
+            spec = template if budget is None else format_spec(template, budget)
+            started = time.perf_counter()
+            records = [answer_sample(model, tokenizer, spec, *part, new_tokens) for part in parts]
+            scores = [score(sample, record["generated"]) for sample, record in zip(samples, records)]
+            rows.append(
+                {
+                    "cache": spec,
+                    "template": template,
+                    "budget": budget,
+                    "found": f"{sum(scores):g}/{len(samples)}",
+                    "accuracy": sum(scores) / len(samples),
+                    "mean_cache_bytes": sum(record["cache_bytes"] for record in records) / len(records),
+                    "compressed_once": records[0]["compressed_once"],
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "scores": scores,
+                    "answers": [record["generated"][:40] for record in records],
+                }
+            )
+            shown = {key: rows[-1][key] for key in ("cache", "found", "mean_cache_bytes", "seconds")}
+            print(shown, flush=True)
+    return rows
+
+
+# --- perplexity -------------------------------------------------------------------------------------------
+def perplexity_rows(
+    model, tokenizer, templates: Sequence[str], text: str, ppl_tokens: int, fraction: float, chunk: int
+) -> tuple[list[dict], int, int]:
+    """Perplexity of each spec on the first `ppl_tokens` tokens of `text`, at `fraction` of them kept.
+    Returns the rows, the tokens evaluated and the budget."""
+    ids = tokenizer(text[: ppl_tokens * 8], return_tensors="pt").input_ids[:, :ppl_tokens]
+    budget = int(fraction * ids.shape[1])
+    rows = []
+    for template in templates:
+        spec = format_spec(template, budget)
+        cache = build_cache(spec, model.config)
+        if getattr(cache, "needs_score_capture", False):
+            enable_score_capture(model)
+        started = time.perf_counter()
+        with torch.no_grad():
+            record = evaluation_pass(model, ids, cache, chunk)
+        rows.append(
+            {
+                "cache": spec,
+                "template": template,
+                "perplexity": record.perplexity,
+                "final_cache_bytes": record.bytes_held[-1],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
         )
-        answer = tokenizer.decode(output[0, ids.shape[1] :])
-        found += all(part in answer for part in answers)
-    return found / samples
+        print({key: rows[-1][key] for key in ("cache", "perplexity", "seconds")}, flush=True)
+    return rows, ids.shape[1], budget
 
 
-def main() -> None:
+# --- report -----------------------------------------------------------------------------------------------
+def summary_table(
+    templates: Sequence[str], budgets: Sequence[int], retrieval: list[dict], perplexity: list[dict], ppl_budget: int
+) -> list[dict]:
+    """One row per spec template: accuracy and MiB held per budget, then perplexity at the perplexity budget."""
+    table = []
+    for template in templates:
+        row: dict[str, object] = {"cache": row_label(template)}
+        found = [r for r in retrieval if r["template"] == template]
+        for budget in budgets if retrieval else []:
+            match = next((r for r in found if r["budget"] in (budget, None)), None)
+            row[f"acc@{budget}"] = f"{match['accuracy']:.0%}" if match else "-"
+        for budget in budgets if retrieval else []:
+            match = next((r for r in found if r["budget"] in (budget, None)), None)
+            row[f"MiB@{budget}"] = f"{match['mean_cache_bytes'] / MIB:.2f}" if match else "-"
+        if perplexity:
+            match = next((r for r in perplexity if r["template"] == template), None)
+            row[f"ppl@{ppl_budget}"] = f"{match['perplexity']:.2f}" if match else "-"
+        table.append(row)
+    return table
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(TASKS), default="passkey", help="what is hidden (default: passkey)")
-    parser.add_argument("--samples", type=int, default=50, help="retrieval prompts per cache and budget")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
-    parser.add_argument("--prompt-tokens", type=int, default=1000)
-    parser.add_argument("--ppl-tokens", type=int, default=4096)
-    parser.add_argument("--ppl-budget", type=float, default=0.2, help="fraction of --ppl-tokens kept")
+    parser.add_argument("--task", choices=sorted(TASKS), default="passkey", help="the hidden fact (default: passkey)")
+    parser.add_argument("--samples", type=int, default=None, help="retrieval prompts per cache and budget (50)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="token budgets (128 256)")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="context + question tokens (800)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="greedily decoded tokens per answer (8; other tasks: their own)"
+    )
+    parser.add_argument("--ppl-tokens", type=int, default=None, help="WikiText-2 tokens evaluated (4096)")
+    parser.add_argument("--ppl-budget", type=float, default=0.2, help="fraction of --ppl-tokens kept (0.2)")
     parser.add_argument("--chunk", type=int, default=16, help="tokens per forward in the perplexity run")
     parser.add_argument("--text", type=Path, default=None, help="a plain-text file (default: bundled WikiText-2 test)")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/retrieval.json"))
+    parser.add_argument("--model", default=None, help="hub id or local folder (default: the packaged SmolLM2-135M)")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file (benchmarks/results/retrieval.json)")
     parser.add_argument(
         "--specs",
         nargs="+",
         default=None,
         help="cache specs instead of the default set, {budget} standing for the budget (and {window} for "
-        "budget - 4), e.g. 'snapkv:budget={budget},kernel_size=15'",
+        "budget - 4), e.g. 'snapkv:budget={budget},kernel_size=15'; dynamic is always added",
     )
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--skip-retrieval", action="store_true")
-    parser.add_argument("--skip-full", action="store_true", help="leave out the full-cache retrieval row")
+    parser.add_argument("--skip-full", action="store_true", help="leave out the full cache (dynamic)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: one spec per cache name, 2 samples, budget 128, 256 perplexity tokens, output in the "
+        "temp folder (explicit flags still win)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name, (default, quick) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+    if args.new_tokens is None:
+        args.new_tokens = 8 if args.task == "passkey" else TASKS[args.task].max_new_tokens
+    return args
 
-    model, tokenizer = load_model()
-    enable_score_capture(model)
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/retrieval.py", *(sys.argv[1:] if argv is None else argv)])
+    load_policies()
+    defaults = one_per_cache(DEFAULT_TEMPLATES) if args.quick else DEFAULT_TEMPLATES
+    templates = available_templates(args.specs or defaults, explicit=args.specs is not None)
+    if args.skip_full:
+        templates.remove(FULL)
+
     torch.manual_seed(args.seed)
-
-    result = {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "settings": vars(args) | {"output": str(args.output)}}
+    model, tokenizer = load_model(args.model)
+    result: dict = {
+        "model": args.model or DEFAULT_MODEL,
+        "command": command,
+        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "specs": templates,
+        "registered": sorted(registered_caches()),
+        "version": hf_kvcache.__version__,
+    }
+    retrieval, perplexity, ppl_budget = [], [], 0
     if not args.skip_retrieval:
-        result[args.task] = retrieval_table(model, tokenizer, args)
+        samples = generate_samples(args.task, tokenizer, args.prompt_tokens, args.samples, args.seed)
+        retrieval = retrieval_rows(model, tokenizer, templates, args.budgets, samples, args.new_tokens)
+        result[args.task] = retrieval
+        result["samples"] = [
+            {
+                "index": sample.index,
+                "answers": list(sample.answers),
+                "depths": [round(needle.depth, 4) for needle in sample.needles],
+                "context_ids": context.shape[1],
+                "question_ids": question.shape[1],
+            }
+            for sample, (context, question) in zip(samples, map(partial(prompt_parts, tokenizer), samples))
+        ]
     if not args.skip_ppl:
-        result["perplexity"] = perplexity_table(model, tokenizer, args)
+        text = args.text.read_text(encoding="utf-8") if args.text else bundled_text("wikitext2")
+        perplexity, ppl_tokens, ppl_budget = perplexity_rows(
+            model, tokenizer, templates, text, args.ppl_tokens, args.ppl_budget, args.chunk
+        )
+        result["perplexity"] = perplexity
+        result["perplexity_tokens"], result["perplexity_budget"] = ppl_tokens, ppl_budget
+    result["summary"] = summary_table(templates, args.budgets, retrieval, perplexity, ppl_budget)
+
+    if retrieval:
+        print(
+            f"\n{args.task} retrieval: {args.samples} samples, ~{args.prompt_tokens}-token prompts from Crime and "
+            f"Punishment (seed {args.seed}); accuracy and MiB held after the prompt, per budget B"
+        )
+    if perplexity:
+        print(
+            f"WikiText-2 perplexity: {result['perplexity_tokens']} tokens, chunks of {args.chunk}, budget {ppl_budget}"
+        )
+    print(format_table(result["summary"]))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {args.output}")
-
-
-def retrieval_table(model, tokenizer, args: argparse.Namespace) -> list[dict]:
-    rows, full_done = [], args.skip_full
-    for budget in args.budgets:
-        for spec in cache_specs(budget, args.specs):
-            if spec == "dynamic":
-                if full_done:
-                    continue  # the full cache does not depend on the budget
-                full_done = True
-            started = time.perf_counter()
-            accuracy = retrieval_accuracy(
-                model, tokenizer, spec, args.samples, args.prompt_tokens, args.seed, TASKS[args.task]
-            )
-            rows.append(
-                {
-                    "cache": spec,
-                    "budget": "-" if spec == "dynamic" else budget,
-                    "found": f"{round(accuracy * args.samples)}/{args.samples}",
-                    "accuracy": f"{accuracy:.0%}",
-                    "seconds": f"{time.perf_counter() - started:.0f}",
-                }
-            )
-            print(rows[-1], flush=True)
-    print(f"\n{args.task} retrieval, {args.samples} samples, ~{args.prompt_tokens}-token prompts (seed {args.seed})")
-    print(format_table(rows))
-    return rows
-
-
-def perplexity_table(model, tokenizer, args: argparse.Namespace) -> list[dict]:
-    text = args.text.read_text(encoding="utf-8") if args.text else bundled_text("wikitext2")
-    ids = tokenizer(text[: args.ppl_tokens * 8], return_tensors="pt").input_ids[:, : args.ppl_tokens]
-    budget = int(args.ppl_budget * ids.shape[1])
-    rows = []
-    for spec in cache_specs(budget, args.specs):
-        started = time.perf_counter()
-        with torch.no_grad():
-            record = evaluation_pass(model, ids, build_cache(parse_cache_spec(spec), model.config), args.chunk)
-        rows.append(
-            {"cache": spec, "perplexity": f"{record.perplexity:.2f}", "seconds": f"{time.perf_counter() - started:.0f}"}
-        )
-        print(rows[-1], flush=True)
-    print(f"\nWikiText-2 perplexity, {ids.shape[1]} tokens, chunks of {args.chunk}, budget {budget} tokens")
-    print(format_table(rows))
-    return rows
+    return result
 
 
 if __name__ == "__main__":

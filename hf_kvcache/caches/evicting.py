@@ -61,6 +61,7 @@ class PolicyLayer(KVLayer):
         self.real: torch.Tensor | None = None  # bool [batch, kv_heads, stored]
         self.positions: torch.Tensor | None = None  # int32 [batch, kv_heads, stored]
         self.state: dict[str, torch.Tensor] = {}  # the policy's per-token state, [batch, heads or 1, stored]
+        self.running: dict[str, torch.Tensor] = {}  # the policy's other state, batch first
 
     def get_max_length(self) -> int:
         return self.budget
@@ -112,6 +113,7 @@ class PolicyLayer(KVLayer):
             self.real,
             self.positions,
             self.state,
+            self.running,
             lambda: self.body.read()[0],
             attention,
             queries,
@@ -144,15 +146,17 @@ class PolicyLayer(KVLayer):
         if self.real is not None:
             self.real, self.positions = fn(self.real), fn(self.positions)
         self.state.update({name: fn(value) for name, value in self.state.items()})
+        self.running.update({name: fn(value) for name, value in self.running.items()})
 
     def reset(self) -> None:
         super().reset()
         self.query_length = 0
         self.real = self.positions = None
-        self.state = {}
+        self.state, self.running = {}, {}
 
     def memory_bytes(self) -> int:
-        bookkeeping = sum(t.nbytes for t in (self.real, self.positions, *self.state.values()) if t is not None)
+        held = (self.real, self.positions, *self.state.values(), *self.running.values())
+        bookkeeping = sum(t.nbytes for t in held if t is not None)
         return super().memory_bytes() + bookkeeping
 
 

@@ -85,6 +85,8 @@ class Needle:
 class Sample:
     """One prompt: `text` = `prompt` + " " + `answer_prefix`; `answers` are the strings the answer must hold.
 
+    `prompt` = `context` + `question`: the instructions and haystack (ending with the blank line before the
+    question), then the question itself, so that a cache can take the context before the question is known.
     `context_tokens`: tokens of `text` with the generating tokenizer (no special tokens). `passage`: the
     [start, end) characters of `book_text()` the sample used (end passes the book's length when the passage
     wraps around to its start). `needles` is empty for
@@ -100,10 +102,16 @@ class Sample:
     needles: tuple[Needle, ...]
     context_tokens: int
     passage: tuple[int, int]
+    question: str = ""
 
     @property
     def text(self) -> str:
         return f"{self.prompt} {self.answer_prefix}"
+
+    @property
+    def context(self) -> str:
+        """The prompt before its question (all of it when `question` is empty)."""
+        return self.prompt[: len(self.prompt) - len(self.question)]
 
 
 @dataclass(frozen=True)
@@ -249,7 +257,16 @@ def _needle_sample(
     used = len("".join(units[:n]))
     prompt = text[: -len(drawn.answer_prefix) - 1]
     return Sample(
-        task, index, seed, prompt, drawn.answer_prefix, drawn.answers, tuple(needles), total, (start, start + used)
+        task,
+        index,
+        seed,
+        prompt,
+        drawn.answer_prefix,
+        drawn.answers,
+        tuple(needles),
+        total,
+        (start, start + used),
+        drawn.question,
     )
 
 
@@ -408,6 +425,7 @@ def _common_words_sample(tokenizer: PreTrainedTokenizerBase, context_tokens: int
         (),
         count_tokens(tokenizer, text),
         (start, start + used),
+        question,
     )
 
 

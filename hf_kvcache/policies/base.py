@@ -36,6 +36,8 @@ class Step:
     policy is not `per_head`); None when the policy needs none. `real` is bool [batch, heads, stored]:
     False for padding. `queries` [batch, query heads, n, head_dim] are the last `n` queries after RoPE
     (only for `Needs.QUERY_STATES`). Stored token i was seen at position `positions[b, h, i]`.
+    `state` holds per-token tensors [batch, heads or 1, stored] (kept in step with the kept tokens);
+    `running` holds other batch-first tensors (e.g. statistics of recent queries), reordered with beams.
     """
 
     geometry: LayerGeometry
@@ -45,6 +47,7 @@ class Step:
     real: torch.Tensor
     positions: torch.Tensor
     state: dict[str, torch.Tensor]
+    running: dict[str, torch.Tensor]
     read_keys: Callable[[], torch.Tensor]
     attention: torch.Tensor | None = None
     queries: torch.Tensor | None = None
