@@ -134,6 +134,19 @@ class PolicyLayer(KVLayer):
         self.real, self.positions = gather_last(self.real, indices), gather_last(self.positions, indices)
         self.state.update({name: gather_last(value, indices) for name, value in self.state.items()})
 
+    def kept_positions(self) -> list[list[list[int]]]:
+        """Per batch row and KV head, the positions of the real tokens held (ascending)."""
+        if not self.is_initialized:
+            return []
+        return [
+            [positions[real].tolist() for positions, real in zip(row_positions, row_real)]
+            for row_positions, row_real in zip(self.positions, self.real)
+        ]
+
+    def padding_held(self) -> int:
+        """Padding tokens held (as filler, masked) over all rows and heads."""
+        return int((~self.real).sum()) if self.is_initialized else 0
+
     # --- bookkeeping ------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
         refuse_rollback(self)
@@ -196,7 +209,12 @@ class EvictionCache(KVCache):
 
     def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> PolicyLayer:
         num_layers = self.geometry.num_layers
-        return PolicyLayer(layer, storage, self.policy, self.policy.layer_budget(layer.index, num_layers), num_layers)
+        layer_type = PolicyLayer
+        if self.policy.ragged:
+            from hf_kvcache.caches.ragged import RaggedPolicyLayer  # it builds on PolicyLayer
+
+            layer_type = RaggedPolicyLayer
+        return layer_type(layer, storage, self.policy, self.policy.layer_budget(layer.index, num_layers), num_layers)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.policy!r}, {self.storage!r})"

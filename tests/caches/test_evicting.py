@@ -16,7 +16,12 @@ POLICY_SPECS = sorted(
     for name, registration in registered_caches().items()
     if getattr(registration.factory, "func", None) is not None and "budget" in registration.parameters
 )
-SMALL = {"h2o": "recent=4", "snapkv": "observation_window=4", "pyramidkv": "observation_window=2,beta=2"}
+SMALL = {
+    "h2o": "recent=4",
+    "snapkv": "observation_window=4",
+    "pyramidkv": "observation_window=2,beta=2",
+    "adakv": "observation_window=4",
+}
 
 
 def spec(name: str, budget: int, extra: str = "") -> str:
@@ -25,7 +30,7 @@ def spec(name: str, budget: int, extra: str = "") -> str:
 
 
 def test_every_registered_policy_is_covered():
-    assert {"h2o", "tova", "snapkv", "knorm", "streaming-llm", "pyramidkv"} <= set(POLICY_SPECS)
+    assert {"h2o", "tova", "snapkv", "knorm", "streaming-llm", "pyramidkv", "adakv"} <= set(POLICY_SPECS)
 
 
 @pytest.mark.parametrize("name", POLICY_SPECS)
@@ -65,8 +70,7 @@ def test_kivi_storage_is_refused_at_construction():
 
 def kept_positions(layer: PolicyLayer, row: int, padding: int) -> list[list[int]]:
     """Positions of the real kept tokens of `row`, counted from its first real token, per KV head."""
-    kept = layer.positions[row] - padding
-    return [kept[head][layer.real[row, head]].tolist() for head in range(kept.shape[0])]
+    return [[position - padding for position in head] for head in layer.kept_positions()[row]]
 
 
 @pytest.mark.parametrize("name", POLICY_SPECS)
@@ -101,7 +105,7 @@ def test_sampling_on_a_padded_batch_never_keeps_padding(name):
     )
     assert output.shape == (2, 36)
     for layer in cache.layers:
-        assert bool(layer.real.all())  # both rows have more real tokens than the budget
+        assert layer.padding_held() == 0  # both rows have more real tokens than the budget
 
 
 def test_a_row_shorter_than_the_budget_keeps_padding_masked():
@@ -112,7 +116,7 @@ def test_a_row_shorter_than_the_budget_keeps_padding_masked():
     cache = EvictionCache(model.config, H2O(budget=10, recent=2))
     logits = chunked_logits(model, ids, cache, chunk=20, attention_mask=mask)
     layer = cache.layers[0]
-    assert layer.real[1].sum(-1).tolist() == [6, 6] and layer.real[0].all()
+    assert [len(head) for head in layer.kept_positions()[1]] == [6, 6] and layer.padding_held() == 8
     with torch.no_grad():
         next_ids = torch.tensor([[5], [7]])
         full_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
