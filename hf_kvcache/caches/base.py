@@ -100,9 +100,10 @@ class Storage:
 
     @property
     def keeps_any_tokens(self) -> bool:
-        """Whether single tokens can be kept or dropped per batch row and head (`KVStore.gather`): full
-        precision and per-token quantization can; KIVI's per-channel key blocks cannot."""
-        return self.bits is None or self.token_wise
+        """Whether single tokens can be kept or dropped per batch row and head (`KVStore.gather`), as the
+        store kind declares: full precision and per-token quantization can; KIVI's per-channel key blocks
+        cannot."""
+        return self.store_type.keeps_any_tokens
 
     def store_from_state(self, state: dict[str, torch.Tensor]) -> KVStore:
         """A store holding `state` (from `KVStore.state()` of a store made by this storage)."""
