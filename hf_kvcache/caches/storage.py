@@ -21,6 +21,7 @@ class KVStore:
 
     tensor_names: tuple[str, ...] = ()
     template_names: tuple[str, str] = ("", "")  # held tensors shaped like the model's keys and values
+    keeps_any_tokens = False  # whether `gather` can keep single tokens per batch row and head
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -69,6 +70,7 @@ class FullPrecisionStore(KVStore):
 
     tensor_names = ("keys", "values")
     template_names = ("keys", "values")
+    keeps_any_tokens = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         """`keys`/`values`: templates [batch, heads, any, key or value channels] (dtype, device, shape)."""
@@ -328,6 +330,7 @@ class TokenQuantizedStore(ResidualQuantizedStore):
     """
 
     KEY_REDUCE_DIM = 3
+    keeps_any_tokens = True
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if (excess := self._extend_residual(keys, values)) > 0:
