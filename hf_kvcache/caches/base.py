@@ -21,7 +21,13 @@ except ImportError:  # older versions drop such layers from the layer list inste
     DummyLayer = None
 
 from hf_kvcache.caches.masking import announce, install_mask_corrections
-from hf_kvcache.caches.storage import FullPrecisionStore, KVStore, QuantizedStore, TokenQuantizedStore
+from hf_kvcache.caches.storage import (
+    FullPrecisionStore,
+    KVStore,
+    QuantizedStore,
+    TokenQuantizedStore,
+    gather_tokens,
+)
 from hf_kvcache.geometry import SHARED_KIND, LayerGeometry, ModelGeometry, model_geometry
 from hf_kvcache.quant.packing import check_bits, packed_size
 from hf_kvcache.validation import check_bool, check_int, check_optional_int
@@ -147,6 +153,7 @@ class KVLayer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = True
+    tracks_padding = True  # policy layers keep their own per-head record
 
     def __init__(self, geometry: LayerGeometry, storage: Storage, head_tokens: int = 0):
         super().__init__()
@@ -155,6 +162,10 @@ class KVLayer(CacheLayerMixin):
         self.record_past = False
         self.head: FullPrecisionStore | None = None
         self.body: KVStore | None = None
+        self.incoming_mask: torch.Tensor | None = None  # this forward's 2D padding mask, set by the cache
+        # bool [batch or 1, head / body tokens], False for padding; None while no padding was ever held
+        self.head_real: torch.Tensor | None = None
+        self.body_real: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.check_shapes(key_states, value_states)
@@ -227,12 +238,56 @@ class KVLayer(CacheLayerMixin):
             self.evict()
         return keys, values
 
+    def _incoming_real(self, count: int, device: torch.device) -> torch.Tensor:
+        """bool [batch, count]: which of the `count` tokens just seen are real, from the forward's 2D mask
+        (all of them without one, e.g. a restored prefix, or when the mask is not this forward's)."""
+        mask, self.incoming_mask = self.incoming_mask, None
+        if mask is None or mask.shape[-1] != self.seen_tokens:
+            return torch.ones((1, count), dtype=torch.bool, device=device)
+        return mask[:, -count:].to(device=device, dtype=torch.bool)
+
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        to_head = min(self.head_tokens - len(self.head), key_states.shape[-2]) if len(self.body) == 0 else 0
-        if to_head > 0:
-            self.head.append(key_states[:, :, :to_head], value_states[:, :, :to_head])
-        if to_head < key_states.shape[-2]:
-            self.body.append(key_states[:, :, to_head:], value_states[:, :, to_head:])
+        """Each row's first `head_tokens` real tokens go to the head (its attention sinks: in a left-padded
+        batch a row's first positions are padding), every other token to the body, in order. Padding
+        tokens reach a quantized body as a copy of a real token of their row, so that they never widen a
+        block's range (they are masked: their values do not matter)."""
+        count = key_states.shape[-2]
+        real = self._incoming_real(count, key_states.device).expand(key_states.shape[0], -1)
+        to_head = min(self.head_tokens - len(self.head), count) if len(self.body) == 0 else 0
+        order = torch.sort((~real).byte(), dim=-1, stable=True).indices  # each row's real tokens first
+        head_index, body_index = (part.sort(dim=-1).values for part in (order[:, :to_head], order[:, to_head:]))
+        for index, store, target in ((head_index, self.head, "head_real"), (body_index, self.body, "body_real")):
+            if index.shape[-1] == 0:
+                continue
+            keys, values = gather_tokens(key_states, index[:, None]), gather_tokens(value_states, index[:, None])
+            index_real = real.gather(1, index)
+            if store is self.body and self.storage.bits is not None and not bool(index_real.all()):
+                keys, values = (_padding_as_first_real(t, index_real) for t in (keys, values))
+            store.append(keys, values)
+            held = getattr(self, target)
+            if self.tracks_padding and (held is not None or not bool(index_real.all())):
+                if held is None:  # no padding until now: nothing was recorded
+                    held = index_real.new_ones((len(index_real), len(store) - index.shape[-1]))
+                setattr(self, target, torch.cat([held.expand(len(index_real), -1), index_real], dim=-1))
+
+    def relabel_padding_mask(self, attention_mask: torch.Tensor, kv_offset: int) -> torch.Tensor:
+        """The 2D padding mask with the attended tokens' labels (kv_offset + i) given their true padding
+        status: transformers looks padding up by label, and a row's sinks, or tokens kept after its
+        padding was dropped, do not sit at their labels."""
+        if not self.is_initialized or (self.head_real is None and self.body_real is None):
+            return attention_mask  # no padding was ever held: the labels are the positions
+        skipped = self.stored_tokens - self.attended_tokens
+        batch = attention_mask.shape[0]
+        parts = [
+            attention_mask.new_ones((batch, len(store)), dtype=torch.bool)
+            if record is None
+            else record.expand(batch, -1)
+            for record, store in ((self.head_real, self.head), (self.body_real, self.body))
+        ]
+        attended_real = torch.cat(parts, dim=-1)[:, skipped:]
+        relabelled = attention_mask.clone()
+        relabelled[:, kv_offset : kv_offset + attended_real.shape[-1]] = attended_real.to(attention_mask.dtype)
+        return relabelled
 
     # --- what generate needs ----------------------------------------------------------------------
     def activate_past_recording(self) -> None:
@@ -258,13 +313,25 @@ class KVLayer(CacheLayerMixin):
             from_body = min(count, len(self.body))
             self.body.drop_newest(from_body)
             self.head.drop_newest(count - from_body)
+            self._forget_padding(head=slice(0, len(self.head)), body=slice(0, len(self.body)))
             self.seen_tokens = remaining
         self.evict()
+
+    def _forget_padding(self, head: slice, body: slice) -> None:
+        """Keep the padding record of the head and body tokens still held (`head`/`body`: their ranges)."""
+        if self.head_real is not None:
+            self.head_real = self.head_real[:, head]
+        if self.body_real is not None:
+            self.body_real = self.body_real[:, body]
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.is_initialized:
             self.head.map_batch(fn)
             self.body.map_batch(fn)
+            for name in ("head_real", "body_real"):
+                record = getattr(self, name)
+                if record is not None and record.shape[0] > 1:  # one row: shared by the whole batch
+                    setattr(self, name, fn(record))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -277,6 +344,7 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.head = self.body = None
+        self.head_real = self.body_real = self.incoming_mask = None
         self.seen_tokens = 0
         self.record_past = False
         self.is_initialized = False
@@ -287,8 +355,19 @@ class KVLayer(CacheLayerMixin):
     prefetch = offload
 
     def memory_bytes(self) -> int:
-        """Bytes held: codes, scales, minimums and full-precision tensors, as allocated."""
-        return self.head.nbytes() + self.body.nbytes() if self.is_initialized else 0
+        """Bytes held: codes, scales, minimums, full-precision tensors and padding records, as allocated."""
+        if not self.is_initialized:
+            return 0
+        records = sum(t.nbytes for t in (self.head_real, self.body_real) if t is not None)
+        return self.head.nbytes() + self.body.nbytes() + records
+
+
+def _padding_as_first_real(tensor: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """`tensor` [batch, heads, tokens, channels] with every padding token (`real` [batch, tokens] False)
+    replaced by the first real token of its row (zeros for a row without one)."""
+    first = real.byte().argmax(dim=-1)
+    fill = tensor[torch.arange(len(first)), :, first][:, :, None] * real.any(dim=-1)[:, None, None, None]
+    return torch.where(real[:, None, :, None], tensor, fill)
 
 
 class WindowLayer(KVLayer):
@@ -312,6 +391,7 @@ class WindowLayer(KVLayer):
         excess = len(self.body) - self.window
         if excess > 0:
             self.body.drop_oldest(excess)
+            self._forget_padding(head=slice(None), body=slice(excess, None))
 
 
 class KVCache(Cache):
@@ -328,6 +408,7 @@ class KVCache(Cache):
         self.geometry: ModelGeometry = model_geometry(config)
         self.geometry.refuse_unserved(type(self).__name__)
         self.storage = storage
+        self.padding_mask: torch.Tensor | None = None
         self._checked_config: PreTrainedConfig | None = config
         install_mask_corrections()
         super().__init__(layers=[self.layer_for(layer) for layer in self.geometry.layers])
@@ -354,7 +435,14 @@ class KVCache(Cache):
                 f"{type(self).__name__} was built from a config with {len(self.layers)} layers, but the model updates "
                 f"layer {layer_idx}. Build the cache from the config of the model it is used with (`model.config`)."
             )
+        if isinstance(self.layers[layer_idx], KVLayer):
+            self.layers[layer_idx].incoming_mask = self.padding_mask
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def record_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Called with each forward's 2D padding mask [batch, seen + new] (None: no padding) before any layer
+        updates: layers read which new tokens are padding from it."""
+        self.padding_mask = attention_mask
 
     def load(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
         """Append stored KV of tokens no attention runs over now (a prefix restored from a store): held as an

@@ -4,9 +4,10 @@ The sdpa and eager mask functions are wrapped (through transformers' own `Attent
 so that the layer announced by `KVCache.get_mask_sizes` can correct two assumptions:
 
 - Padding of non-contiguous kept tokens (attention sinks): transformers looks up the padding status of
-  stored token `j` at its *labelled* position `kv_offset + j`. A sink cache labels its sinks just before
-  the window, so in a left-padded batch a row whose sinks are padding would read "real token" there and
-  attend to padding; the layer moves the sinks' true padding status onto their labels.
+  stored token `j` at its *labelled* position `kv_offset + j`. A layer's head holds each row's first real
+  tokens (its sinks) and its body the rest, so in a left-padded batch labels and true positions differ;
+  the cache records each forward's 2D padding mask (`record_padding`, read by the layers as they store
+  the new tokens) and the layer writes the true padding status onto its labels (`relabel_padding_mask`).
 - A cache built from another model's config: transformers passes the model's config to the mask
   function, so the cache compares it (once per config object) with the geometry it was built for, and
   refuses a different RoPE, window or layer layout before any wrong attention is computed.
@@ -40,6 +41,9 @@ def _corrected(mask_function: Callable) -> Callable:
             check_model_config = getattr(cache, "check_model_config", None)
             if check_model_config and kwargs.get("config") is not None:
                 check_model_config(kwargs["config"])
+            record_padding = getattr(cache, "record_padding", None)
+            if record_padding:
+                record_padding(attention_mask if isinstance(attention_mask, torch.Tensor) else None)
             relabel = getattr(layer, "relabel_padding_mask", None)
             if relabel and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 attention_mask = relabel(attention_mask, kv_offset)

@@ -34,15 +34,6 @@ class SinkLayer(WindowLayer):
             return self.rope.shift(keys, kv_offset), values
         return keys, self.rope.shift(values, kv_offset)
 
-    def relabel_padding_mask(self, attention_mask: torch.Tensor, kv_offset: int) -> torch.Tensor:
-        """Give the sinks' labels (kv_offset + i) the padding status of their true positions (i)."""
-        sinks = len(self.head) if self.is_initialized else 0
-        if kv_offset == 0 or sinks == 0:
-            return attention_mask
-        relabelled = attention_mask.clone()
-        relabelled[:, kv_offset : kv_offset + sinks] = attention_mask[:, :sinks]
-        return relabelled
-
 
 class SinkCache(KVCache):
     """StreamingLLM: keeps `sink_tokens` initial tokens and the `window` most recent ones per layer.

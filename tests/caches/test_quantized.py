@@ -5,7 +5,7 @@ import torch
 from helpers import chunked_logits, dynamic_logits, left_padded_batch, random_ids
 from transformers import AutoModelForCausalLM, BertConfig, DynamicCache, LlamaConfig, Phi3Config, PhiConfig, T5Config
 
-from hf_kvcache import QuantizedCache
+from hf_kvcache import CACHE_KWARG, QuantizedCache
 
 # Max |logit difference| to DynamicCache on the tiny random models (logits have std ~0.1-1), for a
 # 48-token prompt fed in chunks of 8 with group_size 8 and residual_length 8 (most tokens quantized).
@@ -259,3 +259,30 @@ def test_keys_can_have_their_own_bits_and_block_size():
     exact = reference.layers[0].keys[:, :, 4:]  # after the 4 sink tokens
     assert (reads[4][0] - exact).abs().mean() < (reads[2][0] - exact).abs().mean() / 2
     assert torch.equal(reads[4][1], reads[2][1])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_left_padded_row_keeps_its_own_sinks_and_scores_as_alone(bits):
+    """The sinks of a padded row are its first real tokens (not padding), and its logits are as close to
+    DynamicCache's as the same text's alone (block boundaries shift with the padding: not bit-exact)."""
+    model = pytest.importorskip("conftest").make_tiny_model("llama")
+    ids, mask = left_padded_batch(model, [96, 81], seed=4)
+    padding = 15
+    batch_cache = QuantizedCache(model.config, bits=bits, group_size=16, residual_length=16)
+    next_ids = torch.full((2, 1), 5)
+    full_mask = torch.cat([mask, mask[:, -1:]], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers a left-padded row
+    with torch.no_grad():  # the prompt, then one step that attends the held (quantized) tokens
+        prompt = model(ids, attention_mask=mask, position_ids=positions[:, :-1], **{CACHE_KWARG: batch_cache})
+        step = model(next_ids, attention_mask=full_mask, position_ids=positions[:, -1:], **{CACHE_KWARG: batch_cache})
+    batch_logits = torch.cat([prompt.logits, step.logits], dim=1)
+    alone_ids = torch.cat([ids[1:, padding:], next_ids[1:]], dim=1)
+    alone_cache = QuantizedCache(model.config, bits=bits, group_size=16, residual_length=16)
+    alone_logits = chunked_logits(model, alone_ids, alone_cache, chunk=81)
+    expected = dynamic_logits(model, alone_ids, chunk=81)
+    for layer, alone_layer in zip(batch_cache.layers, alone_cache.layers):
+        torch.testing.assert_close(layer.head.keys[1], alone_layer.head.keys[0])  # the row's own first tokens
+        assert layer.head_real is None and not layer.body_real[1, :padding].any()  # sinks: no padding
+    padded_error = (batch_logits[1, padding:] - expected[0]).abs().mean()
+    alone_error = (alone_logits[0] - expected[0]).abs().mean()
+    assert padded_error < 1.5 * alone_error + 1e-4, (padded_error, alone_error)
