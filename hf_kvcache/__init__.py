@@ -1,4 +1,10 @@
-"""hf_kvcache: KV-cache strategies for Hugging Face transformers, as drop-in `Cache` objects."""
+"""hf_kvcache: KV-cache strategies for Hugging Face transformers, as drop-in `Cache` objects.
+
+Eviction is a policy value (what to keep, `hf_kvcache.policies`) served by one cache with a storage value
+(how kept tokens are held, `Storage`): `EvictionCache(model.config, SnapKV(budget=256), Storage(bits=4,
+token_wise=True))`. Adding a method takes one file in `hf_kvcache/policies/` and its test: see that
+package's docstring.
+"""
 
 from hf_kvcache.caches.base import Storage
 from hf_kvcache.caches.evicting import EvictionCache, HeavyHitterCache, SnapKVCache, TOVACache
