@@ -6,6 +6,7 @@ score-based eviction), and batch-dimension operations. Eviction policy lives in 
 (`caches/base.py`); a store only answers "how are kept tokens held".
 """
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -289,6 +290,40 @@ class QuantizedStore(ResidualQuantizedStore):
         repeats = torch.tensor(self.block_lengths, device=codes.device)
         scale, minimum = (t.repeat_interleave(repeats, dim=2) for t in (keys.scale, keys.minimum))
         return self._unrotated(torch.addcmul(minimum, codes, scale), dequantize(values))
+
+    def snapshot(self) -> "QuantizedStore":
+        """A store that keeps holding the tokens held now while this one goes on appending (a shallow copy:
+        held tensors are replaced, never written in place, so no tensor is copied)."""
+        held = copy.copy(self)
+        held.block_lengths = list(self.block_lengths)
+        return held
+
+    def whole_blocks(self) -> int | None:
+        """How many key blocks, oldest first, hold all `key_group` tokens, when at most the newest block is
+        short (after `crop`); None when an older block is short (eviction or a crop followed by appends)."""
+        lengths = self.block_lengths
+        if any(length != self.key_group for length in lengths[:-1]):
+            return None
+        return len(lengths) - int(bool(lengths) and lengths[-1] != self.key_group)
+
+    def dequantized_tokens(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized tokens `start:` (all in the newest key block) as full-precision [batch, heads, tokens,
+        channels] keys and values, un-rotated; empty when `start` is the quantized length."""
+        count = self.quantized_length - start
+        if count == 0:
+            return self.residual_keys[:, :, :0], self.residual_values[:, :, :0]
+        keys = QuantizedTensor(
+            self.key_codes[:, :, start:], self.key_scale[:, :, -1:], self.key_min[:, :, -1:], self.key_bits, 2, count
+        )
+        values = QuantizedTensor(
+            self.value_codes[:, :, start:],
+            self.value_scale[:, :, start:],
+            self.value_min[:, :, start:],
+            self.value_bits,
+            3,
+            self.value_group,
+        )
+        return self._unrotated(dequantize(keys), dequantize(values))
 
     def _drop_blocks(self, oldest: int, newest: int) -> None:
         """Forget the statistics of the `oldest` first and `newest` last key blocks (all emptied)."""
