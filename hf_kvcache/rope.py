@@ -39,15 +39,21 @@ class Rope:
         if delta == 0:
             return keys
         angles = delta * self.inv_freq.to(keys.device)
-        cos, sin = angles.cos().float(), angles.sin().float()
-        rotary = keys[..., : self.rotary_dim].float()
+        return self.rotate(keys, angles.cos(), angles.sin())
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`x` [..., channels] with each rotated channel pair multiplied by [[cos, -sin], [sin, cos]], in this
+        layer's layout; `cos`/`sin` [..., rotary_dim / 2] broadcast against x's leading dimensions (averages
+        of several rotations give their average matrix). Computed in float32, returned in x's dtype."""
+        cos, sin = cos.float(), sin.float()
+        rotary = x[..., : self.rotary_dim].float()
         if self.layout == "half":
             first, second = rotary.chunk(2, dim=-1)
             rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
         else:
             even, odd = rotary[..., 0::2], rotary[..., 1::2]
             rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
-        return torch.cat([rotated.to(keys.dtype), keys[..., self.rotary_dim :]], dim=-1)
+        return torch.cat([rotated.to(x.dtype), x[..., self.rotary_dim :]], dim=-1)
 
 
 def inverse_frequencies(

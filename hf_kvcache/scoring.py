@@ -94,8 +94,9 @@ def attention_scores(
         logits = (queries @ keys) * scaling  # [batch, kv_heads, group, rows, kv]
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        allowed = _allowed(attention_mask, rows, q_length, kv_length, query.device)
-        logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
+        allowed = _allowed(attention_mask, rows, q_length, kv_length, query.device)  # [batch|1, 1|q_heads, rows, kv]
+        allowed = allowed.unflatten(1, (kv_heads, group)) if allowed.shape[1] == q_heads else allowed[:, :, None]
+        logits = logits.masked_fill(~allowed, float("-inf"))
         if sinks is not None:
             sink_logits = sinks.float().view(1, kv_heads, group, 1, 1).expand(*logits.shape[:-1], 1)
             probabilities = torch.cat([logits, sink_logits], dim=-1).softmax(dim=-1)[..., :-1]

@@ -89,4 +89,4 @@ def observe(layer, scores: torch.Tensor | None = None, queries: torch.Tensor | N
     `scores`, as the capturing attention function would after the forward."""
     from types import SimpleNamespace
 
-    layer.observe(SimpleNamespace(scores=lambda count: scores, query=queries))
+    layer.observe(SimpleNamespace(scores=lambda count: scores, query=queries, scaling=None))

@@ -408,7 +408,7 @@ class KVCache(Cache):
         self.geometry: ModelGeometry = model_geometry(config)
         self.geometry.refuse_unserved(type(self).__name__)
         self.storage = storage
-        self.padding_mask: torch.Tensor | None = None
+        self._padding_mask: torch.Tensor | None = None
         self._checked_config: PreTrainedConfig | None = config
         install_mask_corrections()
         super().__init__(layers=[self.layer_for(layer) for layer in self.geometry.layers])
@@ -436,13 +436,13 @@ class KVCache(Cache):
                 f"layer {layer_idx}. Build the cache from the config of the model it is used with (`model.config`)."
             )
         if isinstance(self.layers[layer_idx], KVLayer):
-            self.layers[layer_idx].incoming_mask = self.padding_mask
+            self.layers[layer_idx].incoming_mask = self._padding_mask
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def record_padding(self, attention_mask: torch.Tensor | None) -> None:
         """Called with each forward's 2D padding mask [batch, seen + new] (None: no padding) before any layer
         updates: layers read which new tokens are padding from it."""
-        self.padding_mask = attention_mask
+        self._padding_mask = attention_mask
 
     def load(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
         """Append stored KV of tokens no attention runs over now (a prefix restored from a store): held as an

@@ -15,17 +15,22 @@ Every head keeps the same number of tokens unless the policy is `ragged` (Ada-KV
 stay one dense tensor per layer; kept tokens keep the rotary positions they were computed with.
 """
 
+import contextlib
+import copy
 import dataclasses
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
-from transformers import PreTrainedConfig
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_kvcache.caches.base import FULL_PRECISION, KVCache, KVLayer, Storage
 from hf_kvcache.caches.storage import TensorMap
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.policies.base import STORAGE_SETTINGS, EvictionPolicy, Needs, Step
 from hf_kvcache.policies.h2o import H2O
+from hf_kvcache.policies.kvzip import RECONSTRUCTION_SCORES
 from hf_kvcache.policies.snapkv import SnapKV
 from hf_kvcache.policies.tova import TOVA
 from hf_kvcache.scoring import AttentionCall, announce_update, padding_of_new_tokens, with_stored_padding
@@ -53,6 +58,7 @@ class PolicyLayer(KVLayer):
     """
 
     is_croppable = False
+    tracks_padding = False  # `real`, per head, replaces the per-row record of KVLayer
 
     def __init__(self, geometry: LayerGeometry, storage: Storage, policy: EvictionPolicy, budget: int, num_layers: int):
         super().__init__(geometry, storage)
@@ -95,6 +101,9 @@ class PolicyLayer(KVLayer):
 
     def observe(self, call: AttentionCall) -> None:
         """Build the policy's `Step` from this forward's attention call, update its state, and evict."""
+        if self.reconstructing:
+            self.observe_reconstruction(call)
+            return
         policy, stored = self.policy, self.stored_tokens
         evict = policy.should_evict(self.query_length, stored, self.budget)
         attention = queries = None
@@ -114,9 +123,10 @@ class PolicyLayer(KVLayer):
             self.positions,
             self.state,
             self.running,
-            lambda: self.body.read()[0],
+            self.body.read,
             attention,
             queries,
+            call.scaling,
         )
         policy.update_state(step)
         if evict:
@@ -146,6 +156,42 @@ class PolicyLayer(KVLayer):
     def padding_held(self) -> int:
         """Padding tokens held (as filler, masked) over all rows and heads."""
         return int((~self.real).sum()) if self.is_initialized else 0
+
+    # --- compress once (KVzip): score reconstructions of the held context, then keep the best --------
+    reconstructing = False  # set by `EvictionCache.scoring_reconstructions` around reconstruction forwards
+
+    def observe_reconstruction(self, call: AttentionCall) -> None:
+        """Instead of `observe` during a reconstruction forward: raise each held token's recorded score
+        (`state`, [batch, kv_heads, held]) to the highest attention this forward's queries gave it
+        (`policy.reconstruction_scores`); evict nothing. `forget_newest` then drops the forward's tokens."""
+        held = self.stored_tokens - self.query_length
+        received = self.policy.reconstruction_scores(call, held, self.geometry.kv_heads)
+        previous = self.state.get(RECONSTRUCTION_SCORES)
+        self.state[RECONSTRUCTION_SCORES] = received if previous is None else torch.maximum(previous, received)
+
+    def forget_newest(self, count: int) -> None:
+        """Drop the newest `count` tokens as if never seen (the tokens of a reconstruction forward)."""
+        self.body.drop_newest(count)
+        self.real, self.positions = self.real[..., :-count], self.positions[..., :-count]
+        self.seen_tokens -= count
+
+    def keep_reconstructed(self) -> None:
+        """Keep what the policy selects by the recorded reconstruction scores (all tokens when they fit the
+        budget), then drop the scores."""
+        if self.stored_tokens > self.budget:
+            step = Step(
+                self.geometry,
+                self.num_layers,
+                0,
+                self.seen_tokens,
+                self.real,
+                self.positions,
+                self.state,
+                self.running,
+                self.body.read,
+            )
+            self.keep(self.policy.select(step, self.budget))
+        self.state.pop(RECONSTRUCTION_SCORES, None)
 
     # --- bookkeeping ------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
@@ -209,6 +255,7 @@ class EvictionCache(KVCache):
 
     def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> PolicyLayer:
         num_layers = self.geometry.num_layers
+        self.policy.check_layer(layer)
         layer_type = PolicyLayer
         if self.policy.ragged:
             from hf_kvcache.caches.ragged import RaggedPolicyLayer  # it builds on PolicyLayer
@@ -218,6 +265,136 @@ class EvictionCache(KVCache):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.policy!r}, {self.storage!r})"
+
+    # --- compress once, reuse ---------------------------------------------------------------------
+    def compress_context(
+        self,
+        model: PreTrainedModel,
+        context_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        """Fill this empty cache with the context `context_ids` [batch, length] (left padding: 0 in
+        `attention_mask`), compressed once; then `clone()` it for each question, fed from position `length`.
+
+        A compress-once policy (`policy.compress_once`, KVzip) compresses the context its own way (see
+        `KVzip.compress_context`; `tokenizer` tokenizes its reconstruction prompt). Any other policy gets the
+        context as one prompt forward, evicting as it does after any prompt; `tokenizer` is then unused.
+        Positions count each row's real tokens from 0, as `generate` does.
+
+        Raises:
+            ValueError: a non-empty cache; for compress-once policies, see their `compress_context`.
+        """
+        if getattr(self.policy, "compress_once", False):
+            self.policy.compress_context(self, model, context_ids, attention_mask, tokenizer)
+            return
+        if self.get_seq_length() != 0:
+            raise ValueError("compress_context fills an empty cache: call cache.reset() or build a new one")
+        positions = None
+        if attention_mask is not None:
+            positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        with torch.no_grad():
+            model(
+                context_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{CACHE_KWARG: self},
+            )
+
+    def clone(self) -> "EvictionCache":
+        """An independent copy (every held tensor copied; config and policy shared): one per question, so that
+        a compressed context serves many. `copy.deepcopy(cache)` works too, but copies the config."""
+        return copy.deepcopy(self, {id(self._checked_config): self._checked_config, id(self.policy): self.policy})
+
+    @contextlib.contextmanager
+    def scoring_reconstructions(self) -> Iterator[None]:
+        """Within: forwards are reconstructions, to be undone with `forget_newest` after each. Policy layers
+        score them (`PolicyLayer.observe_reconstruction`) instead of evicting; other layers (the model's own
+        sliding windows) defer their eviction, so that `forget_newest` can roll them back."""
+        policy_layers = [layer for layer in self.layers if isinstance(layer, PolicyLayer)]
+        windows = [layer for layer in self.layers if isinstance(layer, KVLayer) and not isinstance(layer, PolicyLayer)]
+        for layer in policy_layers:
+            layer.reconstructing = True
+        for layer in windows:
+            layer.activate_past_recording()
+        try:
+            yield
+        finally:
+            for layer in policy_layers:
+                layer.reconstructing = False
+            for layer in windows:
+                layer.record_past = False
+
+    def forget_newest(self, count: int) -> None:
+        """Drop every layer's newest `count` tokens (those of the last reconstruction forward)."""
+        for layer in self.layers:
+            if isinstance(layer, PolicyLayer):
+                layer.forget_newest(count)
+            elif isinstance(layer, KVLayer):
+                layer.crop(-count)
+
+    def keep_reconstructed(self) -> None:
+        """Every policy layer keeps what its policy selects by the reconstruction scores it recorded."""
+        for layer in self.layers:
+            if isinstance(layer, PolicyLayer):
+                layer.keep_reconstructed()
+
+    # --- the held tokens as tensors (the prefix store saves and restores compressed contexts) -------
+    def compression_identity(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+        """What besides the model, the storage and the context determines what this cache holds after
+        `compress_context`: the policy and, for compress-once policies, their reconstruction prompt's ids."""
+        if getattr(self.policy, "compress_once", False):
+            return f"{self.policy!r}:prompt_ids={self.policy.prompt_ids(model, tokenizer)}"
+        return repr(self.policy)
+
+    def held_state(self) -> dict[str, torch.Tensor]:
+        """Every held tensor by name `<layer>.<part>`: the seen count, head and body stores (`KVStore.state`) with
+        their padding records, and for policy layers the per-head padding record, positions and policy state;
+        `load_held_state` takes it back."""
+        tensors: dict[str, torch.Tensor] = {}
+        for index, layer in enumerate(self.layers):
+            if not isinstance(layer, KVLayer) or not layer.is_initialized:
+                continue
+            parts = {"seen": torch.tensor([layer.seen_tokens])}
+            parts |= {f"head.{name}": t for name, t in layer.head.state().items()}
+            parts |= {f"body.{name}": t for name, t in layer.body.state().items()}
+            parts |= {name: t for name in ("head_real", "body_real") if (t := getattr(layer, name)) is not None}
+            if isinstance(layer, PolicyLayer):
+                parts |= {"real": layer.real, "positions": layer.positions}
+                parts |= {f"state.{name}": t for name, t in layer.state.items()}
+                parts |= {f"running.{name}": t for name, t in layer.running.items()}
+            tensors |= {f"{index}.{name}": t for name, t in parts.items()}
+        return tensors
+
+    def load_held_state(self, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        """Hold exactly what `held_state` of a cache with the same config, policy and storage returned, on
+        `device`. Raises ValueError unless this cache is empty."""
+        if self.get_seq_length() != 0:
+            raise ValueError("load_held_state fills an empty cache: call cache.reset() or build a new one")
+        by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            index, _, part = name.partition(".")
+            by_layer.setdefault(int(index), {})[part] = tensor.to(device)
+        for index, parts in sorted(by_layer.items()):
+            layer = self.layers[index]
+            head = _named(parts, "head")
+            layer.head, layer.body = (
+                FULL_PRECISION.store_from_state(head),
+                layer.storage.store_from_state(_named(parts, "body")),
+            )
+            layer.dtype, layer.device = head["keys"].dtype, head["keys"].device
+            layer.seen_tokens, layer.is_initialized = int(parts["seen"]), True
+            layer.head_real, layer.body_real = parts.get("head_real"), parts.get("body_real")
+            if isinstance(layer, PolicyLayer):
+                layer.real, layer.positions = parts["real"], parts["positions"]
+                layer.state, layer.running = _named(parts, "state"), _named(parts, "running")
+
+
+def _named(parts: dict[str, torch.Tensor], group: str) -> dict[str, torch.Tensor]:
+    """The tensors named `<group>.<name>` in `parts`, by `<name>`."""
+    return {name.removeprefix(group + "."): t for name, t in parts.items() if name.startswith(group + ".")}
 
 
 def policy_and_storage(

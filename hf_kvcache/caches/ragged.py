@@ -34,7 +34,7 @@ class RaggedPolicyLayer(PolicyLayer):
         self.row_positions: list[torch.Tensor] = []  # per row: int32 [tokens]
         self.row_real: list[torch.Tensor] = []  # per row: bool [tokens]
         self.slots: torch.Tensor | None = None  # int64 [batch, heads, slots]: row-store index of each slot, or -1
-        self.call_keys: torch.Tensor | None = None  # the dense keys of the current forward, until `observe`
+        self.call_states: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's dense KV, until `observe`
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -99,9 +99,9 @@ class RaggedPolicyLayer(PolicyLayer):
             self.row_positions[row] = torch.cat([self.row_positions[row], positions.repeat_interleave(heads)])
             self.row_real[row] = torch.cat([self.row_real[row], self.row_real[row].new_ones(heads * count)])
         self.query_length = count
-        self.call_keys = torch.cat([keys, key_states], dim=-2)
+        self.call_states = torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
         announce_update(self)
-        return self.call_keys, torch.cat([values, value_states], dim=-2)
+        return self.call_states
 
     def _layout(self, per_token: list[torch.Tensor], fill: object) -> torch.Tensor:
         """A per-token record laid out on the current slots [batch, heads, slots] (`fill` where empty)."""
@@ -128,7 +128,7 @@ class RaggedPolicyLayer(PolicyLayer):
     def observe(self, call: AttentionCall) -> None:
         policy, stored = self.policy, self.slots.shape[-1]
         count = min(policy.scored_queries(self.query_length), self.query_length)
-        keys, self.call_keys = self.call_keys, None
+        states, self.call_states = self.call_states, None
         if not (count and policy.should_evict(self.query_length, stored, self.budget)):
             return
         real = self._layout(self.row_real, False)
@@ -141,8 +141,9 @@ class RaggedPolicyLayer(PolicyLayer):
             self._layout(self.row_positions, 0),
             {},
             self.running,
-            lambda: keys,
+            lambda: states,
             self._per_cached_head(call.scores(count)),
+            scaling=call.scaling,
         )
         self.keep_mask(policy.select(step, self.budget) & real)
 
@@ -177,7 +178,7 @@ class RaggedPolicyLayer(PolicyLayer):
     def reset(self) -> None:
         super().reset()
         self.rows, self.heads, self.row_positions, self.row_real = [], [], [], []
-        self.slots = self.call_keys = None
+        self.slots = self.call_states = None
 
     def memory_bytes(self) -> int:
         records = [*self.heads, *self.row_positions, *self.row_real, *self.running.values()]

@@ -38,6 +38,8 @@ class Step:
     (only for `Needs.QUERY_STATES`). Stored token i was seen at position `positions[b, h, i]`.
     `state` holds per-token tensors [batch, heads or 1, stored] (kept in step with the kept tokens);
     `running` holds other batch-first tensors (e.g. statistics of recent queries), reordered with beams.
+    `keys`/`values` [batch, kv_heads, stored, channels] are read from the storage (full precision) on first
+    use; `scaling` is the model's logit scale (None: 1 / sqrt(head_dim)).
     """
 
     geometry: LayerGeometry
@@ -48,10 +50,11 @@ class Step:
     positions: torch.Tensor
     state: dict[str, torch.Tensor]
     running: dict[str, torch.Tensor]
-    read_keys: Callable[[], torch.Tensor]
+    read_stored: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     attention: torch.Tensor | None = None
     queries: torch.Tensor | None = None
-    _keys: torch.Tensor | None = field(default=None, repr=False)
+    scaling: float | None = None
+    _stored: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def stored(self) -> int:
@@ -59,10 +62,16 @@ class Step:
 
     @property
     def keys(self) -> torch.Tensor:
-        """Stored keys in full precision [batch, kv_heads, stored, key_dim] (read once, on first use)."""
-        if self._keys is None:
-            self._keys = self.read_keys()
-        return self._keys
+        return self._read()[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._read()[1]
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stored is None:
+            self._stored = self.read_stored()
+        return self._stored
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,9 @@ class EvictionPolicy:
         """Every count (tokens always kept: recent, sinks, observation window) must be an int in [0, budget]."""
         for name, value in counts.items():
             check_int(name, value, 0, self.budget, maximum_name=f"budget={self.budget}")
+
+    def check_layer(self, geometry: LayerGeometry) -> None:
+        """Refuse, at cache construction, a layer this policy cannot serve (a ValueError naming it)."""
 
     # --- when -------------------------------------------------------------------------------------
     def scored_queries(self, query_length: int) -> int:

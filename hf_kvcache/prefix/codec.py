@@ -146,6 +146,35 @@ def block_metadata(data: bytes) -> dict[str, str]:
     return meta
 
 
+def _check_identity(meta: dict[str, str], expected: dict[str, str]) -> None:
+    for field, value in expected.items():
+        if meta.get(field) != value:
+            raise CorruptBlock(f"stale or foreign entry: {field}={meta.get(field)!r}, expected {value!r}")
+
+
+def encode_tensors(key: str, fingerprint: str, kind: str, tensors: dict[str, torch.Tensor]) -> bytes:
+    """Serialize named tensors of any shapes and dtypes (e.g. a compressed cache's `held_state`) as one entry,
+    with the same identity metadata and checksum as a block; `kind` names what they are (a block's format)."""
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    meta = {"layout": LAYOUT_VERSION, "key": key, "fingerprint": fingerprint, "format": kind}
+    return save(tensors, metadata={**meta, "sha256": _checksum(meta, tensors)})
+
+
+def decode_tensors(data: bytes, key: str, fingerprint: str, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors `encode_tensors` wrote, after checking the entry's identity, kind and checksum (`CorruptBlock`
+    otherwise)."""
+    expected = {"layout": LAYOUT_VERSION, "key": key, "fingerprint": fingerprint, "format": kind}
+    meta = block_metadata(data)
+    _check_identity(meta, expected)
+    try:
+        tensors = load(data)
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise CorruptBlock(f"unreadable tensors: {error}") from None
+    if meta.get("sha256") != _checksum(expected, tensors):
+        raise CorruptBlock("checksum mismatch")
+    return tensors
+
+
 def decode_block(
     data: bytes, key: str, fingerprint: str, block_size: int, block_format: BlockFormat = BlockFormat()
 ) -> BlockKV:
@@ -159,9 +188,7 @@ def decode_block(
         "tokens": str(block_size),
         "format": block_format.describe(),
     }
-    for field, value in expected.items():
-        if meta.get(field) != value:
-            raise CorruptBlock(f"stale or foreign entry: {field}={meta.get(field)!r}, expected {value!r}")
+    _check_identity(meta, expected)
     try:
         tensors = load(data)
         layers = int(meta["layers"])

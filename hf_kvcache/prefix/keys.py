@@ -87,9 +87,9 @@ def cache_signature(cache: object | None) -> str:
         for name, value in sorted(vars(cache).items())
         if isinstance(value, bool | int | float | str | type(None)) and not name.startswith("_")
     }
-    storage = getattr(cache, "storage", None)
-    if storage is not None:
-        settings["storage"] = repr(storage)
+    for value in ("storage", "policy"):  # values (dataclasses) whose repr lists every setting
+        if getattr(cache, value, None) is not None:
+            settings[value] = repr(getattr(cache, value))
     return f"{type(cache).__module__}.{type(cache).__qualname__}:{json.dumps(settings, sort_keys=True)}"
 
 

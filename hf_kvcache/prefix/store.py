@@ -11,14 +11,25 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from hf_kvcache.caches.base import KVCache
+from hf_kvcache.caches.evicting import EvictionCache
 from hf_kvcache.prefix.backend import Backend, BackendError
-from hf_kvcache.prefix.codec import BlockFormat, BlockKV, CorruptBlock, decode_block, encode_block
+from hf_kvcache.prefix.codec import (
+    BlockFormat,
+    BlockKV,
+    CorruptBlock,
+    decode_block,
+    decode_tensors,
+    encode_block,
+    encode_tensors,
+)
 from hf_kvcache.prefix.keys import block_keys, cache_signature, model_fingerprint
 from hf_kvcache.prefix.stats import LevelStats
 from hf_kvcache.prefix.tiered import TieredBackend, known_total
 from hf_kvcache.validation import check_int
 
 logger = logging.getLogger(__name__)
+
+COMPRESSED_KIND = "compressed cache"  # the format of entries holding a compressed context's held tensors
 
 _COUNTERS = ("lookups", "hits", "misses", "tokens_reused", "blocks_saved", "bytes_stored", "errors")
 
@@ -235,6 +246,96 @@ class PrefixCache:
             saved += 1
             self._count(blocks_saved=1, bytes_stored=len(data))
         return saved
+
+    def _compressed_key(
+        self, model: PreTrainedModel, tokens: list[int], cache: EvictionCache, tokenizer: object
+    ) -> tuple[str, str]:
+        """(key, fingerprint) of a compressed context: the model, the cache's class and storage, the policy (and
+        a compress-once policy's prompt ids), and every token of the context, in the prefix store's chain hash.
+        Only settings count, not the cache's other attributes (which change as it runs)."""
+        cache_identity = f"{type(cache).__module__}.{type(cache).__qualname__}:{cache.storage!r}"
+        compression = cache.compression_identity(model, tokenizer)
+        identity = f"{model_fingerprint(model)}:{COMPRESSED_KIND}:{cache_identity}:{compression}"
+        fingerprint = hashlib.sha256(identity.encode()).hexdigest()
+        return block_keys(fingerprint, tokens, len(tokens))[0], fingerprint
+
+    def save_compressed(
+        self,
+        model: PreTrainedModel,
+        context_ids: torch.Tensor | Sequence[int],
+        cache: EvictionCache,
+        tokenizer: object = None,
+    ) -> bool:
+        """Store what `cache` holds after `cache.compress_context(model, context_ids, tokenizer=tokenizer)`
+        (one context, unpadded): every layer's stores, padding record, positions and policy state, exactly.
+
+        Returns False when the backend did not keep it (unreachable, or larger than its whole budget).
+
+        Raises:
+            ValueError: not an `EvictionCache`, a batch, or a cache whose seen length is not the context's.
+        """
+        tokens = self._compressed_tokens(context_ids, cache)
+        if cache.get_seq_length() != len(tokens):
+            raise ValueError(
+                f"the cache has seen {cache.get_seq_length()} tokens, the context has {len(tokens)}: save the cache "
+                "right after compress_context, before any question"
+            )
+        key, fingerprint = self._compressed_key(model, tokens, cache, tokenizer)
+        data = encode_tensors(key, fingerprint, COMPRESSED_KIND, cache.held_state())
+        try:
+            stored = self.backend.put(key, data)
+        except BackendError as error:
+            self._unavailable("compressed contexts not saved", error)
+            return False
+        self._available()
+        if stored:
+            self._count(blocks_saved=1, bytes_stored=len(data))
+        return stored
+
+    def restore_compressed(
+        self,
+        model: PreTrainedModel,
+        context_ids: torch.Tensor | Sequence[int],
+        cache: EvictionCache,
+        tokenizer: object = None,
+    ) -> bool:
+        """Fill the empty `cache` with the compressed context `save_compressed` stored for the same model, cache
+        class, storage, policy (and reconstruction prompt) and context tokens; exactly as saved. Returns False
+        on a miss (any other configuration never restores); corrupt entries and backend failures are misses
+        (logged, counted in `errors`).
+
+        Raises:
+            ValueError: not an `EvictionCache`, a batch, or a cache that is not empty.
+        """
+        tokens = self._compressed_tokens(context_ids, cache)
+        if cache.get_seq_length() != 0:
+            raise ValueError("cache must be empty: restore_compressed() fills a fresh cache")
+        key, fingerprint = self._compressed_key(model, tokens, cache, tokenizer)
+        found = self._get([key])
+        if isinstance(found, BackendError):
+            self._unavailable("recomputing", found)
+            found = []
+        else:
+            self._available()
+        tensors = None
+        if found:
+            try:
+                tensors = decode_tensors(found[0], key, fingerprint, COMPRESSED_KIND)
+            except CorruptBlock as error:
+                logger.warning("prefix store entry %s… is unusable (%s); recomputing it", key[:16], error)
+                self._count(errors=1)
+                self._drop(key)
+        if tensors is not None:
+            cache.load_held_state(tensors, model.device)
+        hit = tensors is not None
+        self._count(lookups=1, hits=int(hit), misses=int(not hit), tokens_reused=len(tokens) if hit else 0)
+        return hit
+
+    @staticmethod
+    def _compressed_tokens(context_ids: torch.Tensor | Sequence[int], cache: object) -> list[int]:
+        if not isinstance(cache, EvictionCache):
+            raise ValueError(f"cache={cache!r} must be an EvictionCache (compressed contexts are held by one)")
+        return prompt_tokens(context_ids)
 
     def _counters(self) -> dict:
         """The counters and the hit rate (hits / blocks looked up)."""

@@ -83,3 +83,14 @@ def test_invalid_arguments():
         AdaKV(budget=8, observation_window=2, per_head=False)
     with pytest.raises(ValueError, match=r"safeguard=-0\.1"):
         AdaKV(budget=8, observation_window=2, safeguard=-0.1)
+
+
+def test_prompt_chunks_after_ragged_eviction_score_with_per_head_masks(attn):
+    """A second prompt chunk after a ragged eviction is scored with each head's own mask (GQA: 4 query heads
+    on 2 KV heads), and the kept tokens stay real and within the layer's shared budget."""
+    model = enable_score_capture(make_tiny_model("llama", attn))
+    cache = EvictionCache(model.config, AdaKV(budget=12, observation_window=4))
+    chunked_logits(model, random_ids(model, 2, 60), cache, chunk=20)
+    for layer in cache.layers:
+        assert (layer.held_tokens().sum(-1) == 2 * 12).all() and layer.padding_held() == 0
+        assert (layer.held_tokens().amax(-1) > layer.held_tokens().amin(-1)).any()

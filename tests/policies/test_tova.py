@@ -39,7 +39,7 @@ def test_within_budget_no_scores_are_computed():
     def no_scores(count):
         raise AssertionError("scores were computed")
 
-    layer.observe(SimpleNamespace(scores=no_scores, query=None))
+    layer.observe(SimpleNamespace(scores=no_scores, query=None, scaling=None))
     assert layer.stored_tokens == 5
 
 
