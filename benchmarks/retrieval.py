@@ -7,7 +7,9 @@ same prompts go to every cache. The prompt is split into its context (instructio
 question (question, end of the chat turn, answer prefix):
 
 - a cache with a `compress_context(model, context_ids)` method ("compress once, reuse": KVzip-style,
-  query-agnostic) gets the context through that method first, then the question is fed;
+  query-agnostic) gets the context through that method first (with `tokenizer=` when it takes one), then
+  the question is fed; of the eviction caches, only those whose policy says `compress_once` (see
+  `compresses_once`);
 - every other cache gets context and question in one prefill.
 
 Then `--new-tokens` tokens are decoded greedily and scored with `tasks.score` (the key among them).
@@ -26,12 +28,14 @@ skipped with one printed line. Results: printed tables and `--output` (JSON, wit
 
 import argparse
 import importlib
+import inspect
 import json
 import pkgutil
 import shlex
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 
 import hf_kvcache
-from hf_kvcache import CACHE_KWARG, enable_score_capture
+from hf_kvcache import CACHE_KWARG, enable_score_capture, scoring
 from hf_kvcache.eval.data import bundled_text
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.eval.perplexity import evaluation_pass
@@ -74,7 +78,7 @@ DEFAULT_TEMPLATES = (
 DEFAULTS = {
     "samples": (50, 2),
     "budgets": ([128, 256], [128]),
-    "prompt_tokens": (800, 800),
+    "prompt_tokens": (800, 400),
     "ppl_tokens": (4096, 256),
     "output": (Path("benchmarks/results/retrieval.json"), Path(tempfile.gettempdir()) / "retrieval-quick.json"),
 }
@@ -132,6 +136,17 @@ def available_templates(templates: Sequence[str], explicit: bool) -> list[str]:
     return kept
 
 
+def check_buildable(config, templates: Sequence[str], budgets: Sequence[int]) -> None:
+    """Build every spec at every budget once (no forward), so that a setting a cache refuses at some budget
+    (e.g. a window longer than the budget) stops the run before the first hour, not in the middle of it."""
+    for template in templates:
+        for budget in budgets:
+            try:
+                build_cache(format_spec(template, budget), config)
+            except ValueError as error:
+                raise SystemExit(f"{format_spec(template, budget)}: {error}") from None
+
+
 def format_spec(template: str, budget: int) -> str:
     return template.format(budget=budget, window=budget - 4)
 
@@ -174,6 +189,23 @@ def prompt_parts(tokenizer, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]
     return torch.tensor([context], dtype=torch.long), torch.tensor([question], dtype=torch.long)
 
 
+def compresses_once(cache) -> bool:
+    """Whether `cache` takes the context through `compress_context` before the question.
+
+    A cache with that method does, unless its `compress_once` says otherwise; a cache with a `policy` (the
+    eviction caches, which offer `compress_context` to every policy) does only when `policy.compress_once`
+    is true (KVzip), as `EvictionCache.compress_context` reads it. The other policies (SnapKV's observation
+    window, ...) are measured as they are used, with the question in the prefill.
+    """
+    if not callable(getattr(cache, "compress_context", None)):
+        return False
+    if getattr(cache, "compress_once", None) is not None:
+        return bool(cache.compress_once)
+    if getattr(cache, "policy", None) is not None:
+        return bool(getattr(cache.policy, "compress_once", False))
+    return True
+
+
 def _forward(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
     """Logits of the last position after feeding `ids` at positions start.. through `cache`."""
     positions = torch.arange(start, start + ids.shape[1], device=model.device)[None]
@@ -193,9 +225,11 @@ def answer_sample(
     if getattr(cache, "needs_score_capture", False):
         enable_score_capture(model)
     started = time.perf_counter()
-    compress = getattr(cache, "compress_context", None)
-    if callable(compress):
-        compress(model, context_ids.to(model.device))
+    once = compresses_once(cache)
+    if once:
+        accepts = inspect.signature(cache.compress_context).parameters
+        extra = {"tokenizer": tokenizer} if "tokenizer" in accepts else {}  # KVzip's reconstruction prompt
+        cache.compress_context(model, context_ids.to(model.device), **extra)
         logits = _forward(model, question_ids, cache, context_ids.shape[1])
     else:
         logits = _forward(model, torch.cat([context_ids, question_ids], dim=1), cache, 0)
@@ -212,7 +246,7 @@ def answer_sample(
     return {
         "generated": tokenizer.decode(tokens, skip_special_tokens=True),
         "cache_bytes": held,
-        "compressed_once": callable(compress),
+        "compressed_once": once,
         "seconds": time.perf_counter() - started,
     }
 
@@ -233,7 +267,11 @@ def retrieval_rows(
         for budget in [None] if template == FULL else budgets:
             spec = template if budget is None else format_spec(template, budget)
             started = time.perf_counter()
-            records = [answer_sample(model, tokenizer, spec, *part, new_tokens) for part in parts]
+            try:
+                records = [answer_sample(model, tokenizer, spec, *part, new_tokens) for part in parts]
+            except Exception as error:  # one failing policy must not lose the other rows of a long run
+                rows.append(failed_row(spec, template, budget, error))
+                continue
             scores = [score(sample, record["generated"]) for sample, record in zip(samples, records)]
             rows.append(
                 {
@@ -254,6 +292,19 @@ def retrieval_rows(
     return rows
 
 
+def failed_row(spec: str, template: str, budget: int | None, error: Exception) -> dict:
+    """The row of a spec whose run raised: the error in one printed line, its traceback in the JSON."""
+    scoring._take_pending()  # a forward that failed midway can leave a score-based layer waiting for scores
+    print(f"FAILED {spec}: {type(error).__name__}: {error}", flush=True)
+    return {
+        "cache": spec,
+        "template": template,
+        "budget": budget,
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": traceback.format_exc()[-3000:],
+    }
+
+
 # --- perplexity -------------------------------------------------------------------------------------------
 def perplexity_rows(
     model, tokenizer, templates: Sequence[str], text: str, ppl_tokens: int, fraction: float, chunk: int
@@ -266,11 +317,18 @@ def perplexity_rows(
     for template in templates:
         spec = format_spec(template, budget)
         cache = build_cache(spec, model.config)
+        if compresses_once(cache):  # it compresses a context before its questions: a text read in chunks has none
+            print(f"skipping {spec} in the perplexity pass: it compresses once, before questions", flush=True)
+            continue
         if getattr(cache, "needs_score_capture", False):
             enable_score_capture(model)
         started = time.perf_counter()
-        with torch.no_grad():
-            record = evaluation_pass(model, ids, cache, chunk)
+        try:
+            with torch.no_grad():
+                record = evaluation_pass(model, ids, cache, chunk)
+        except Exception as error:  # as in retrieval_rows
+            rows.append(failed_row(spec, template, budget, error))
+            continue
         rows.append(
             {
                 "cache": spec,
@@ -285,6 +343,12 @@ def perplexity_rows(
 
 
 # --- report -----------------------------------------------------------------------------------------------
+def _cell(row: dict | None, show) -> str:
+    if row is None:
+        return "-"
+    return "error" if "error" in row else show(row)
+
+
 def summary_table(
     templates: Sequence[str], budgets: Sequence[int], retrieval: list[dict], perplexity: list[dict], ppl_budget: int
 ) -> list[dict]:
@@ -293,15 +357,14 @@ def summary_table(
     for template in templates:
         row: dict[str, object] = {"cache": row_label(template)}
         found = [r for r in retrieval if r["template"] == template]
+        matches = {budget: next((r for r in found if r["budget"] in (budget, None)), None) for budget in budgets}
         for budget in budgets if retrieval else []:
-            match = next((r for r in found if r["budget"] in (budget, None)), None)
-            row[f"acc@{budget}"] = f"{match['accuracy']:.0%}" if match else "-"
+            row[f"acc@{budget}"] = _cell(matches[budget], lambda r: f"{r['accuracy']:.0%}")
         for budget in budgets if retrieval else []:
-            match = next((r for r in found if r["budget"] in (budget, None)), None)
-            row[f"MiB@{budget}"] = f"{match['mean_cache_bytes'] / MIB:.2f}" if match else "-"
+            row[f"MiB@{budget}"] = _cell(matches[budget], lambda r: f"{r['mean_cache_bytes'] / MIB:.2f}")
         if perplexity:
             match = next((r for r in perplexity if r["template"] == template), None)
-            row[f"ppl@{ppl_budget}"] = f"{match['perplexity']:.2f}" if match else "-"
+            row[f"ppl@{ppl_budget}"] = _cell(match, lambda r: f"{r['perplexity']:.2f}")
         table.append(row)
     return table
 
@@ -334,8 +397,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: one spec per cache name, 2 samples, budget 128, 256 perplexity tokens, output in the "
-        "temp folder (explicit flags still win)",
+        help="smoke run: one spec per cache name, 2 samples of 400 tokens, budget 128, 256 perplexity tokens, "
+        "output in the temp folder (explicit flags still win)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -358,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
+    budgets = [] if args.skip_retrieval else list(args.budgets)
+    check_buildable(
+        model.config, templates, budgets + ([] if args.skip_ppl else [int(args.ppl_budget * args.ppl_tokens)])
+    )
     result: dict = {
         "model": args.model or DEFAULT_MODEL,
         "command": command,
@@ -388,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         result["perplexity"] = perplexity
         result["perplexity_tokens"], result["perplexity_budget"] = ppl_tokens, ppl_budget
+    result["errors"] = [f"{row['cache']}: {row['error']}" for row in retrieval + perplexity if "error" in row]
     result["summary"] = summary_table(templates, args.budgets, retrieval, perplexity, ppl_budget)
 
     if retrieval:
@@ -403,8 +471,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {args.output}")
+    if result["errors"]:
+        print(f"{len(result['errors'])} run(s) failed:", *result["errors"], sep="\n  ")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)
