@@ -40,10 +40,10 @@ def announce_update(layer: object) -> None:
     if waiting is not None:
         _pending.layer = None
         raise ScoreCaptureError(
-            f"{type(layer).__name__} needs attention scores, but the attention of the previous layer never "
-            "reported them: score capture is not active on this model. Call "
-            "`hf_kvcache.enable_score_capture(model)` before using a score-based cache (HeavyHitterCache, "
-            "TOVACache, SnapKVCache). If a forward failed midway, call `cache.reset()` and retry."
+            f"{type(layer).__name__} ({type(getattr(layer, 'policy', None)).__name__}) evicts after attention, but the "
+            "attention of the previous layer never reported back: score capture is not active on this model. Call "
+            "`hf_kvcache.enable_score_capture(model)` before using an eviction-policy cache (EvictionCache and its "
+            "presets, whatever the policy reads). If a forward failed midway, call `cache.reset()` and retry."
         )
     _pending.layer = layer
 

@@ -11,8 +11,20 @@ Every module of this package is imported here, and each policy registers itself 
    Link the paper in the docstring.
 2. `tests/policies/test_my_method.py`: kept tokens against an independent reference.
 
+The decorators go in this order (fields only exist on a dataclass)::
+
+    @register_policy("value-norm", "keep the largest value norms")
+    @dataclass(frozen=True)
+    class ValueNorm(EvictionPolicy):
+        def score(self, step):
+            return step.values.float().norm(dim=-1)
+
 It then works with every storage (`Storage(bits=..., token_wise=True)`), in `EvictionCache(config,
-MyMethod(budget=...))`, as `hf-kvcache eval --cache my-method:budget=128,bits=4`, on padded batches.
+MyMethod(budget=...))`, on padded batches, and, once this package imports it (a file in this folder), as
+`hf-kvcache eval --cache my-method:budget=128,bits=4`. A policy in your own module works from Python as soon
+as you import it. Names of registered caches cannot be taken twice. With `bits`, the newest
+`residual_length` (128) kept tokens stay in full precision: below that budget 4-bit storage saves nothing
+unless you lower `residual_length`.
 """
 
 import importlib

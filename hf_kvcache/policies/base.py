@@ -97,7 +97,8 @@ class EvictionPolicy:
     def check_within_budget(self, **counts: int) -> None:
         """Every count (tokens always kept: recent, sinks, observation window) must be an int in [0, budget]."""
         for name, value in counts.items():
-            check_int(name, value, 0, self.budget, maximum_name=f"budget={self.budget}")
+            hint = f"{type(self).__name__} keeps them within its budget: pass a smaller {name} or a larger budget"
+            check_int(name, value, 0, self.budget, maximum_name=f"budget={self.budget}", hint=hint)
 
     def check_layer(self, geometry: LayerGeometry) -> None:
         """Refuse, at cache construction, a layer this policy cannot serve (a ValueError naming it)."""
@@ -121,7 +122,7 @@ class EvictionPolicy:
 
     def score(self, step: Step) -> torch.Tensor:
         """Importance [batch, heads or 1, stored] of every stored token (higher = keep)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define score(step) (or select(step, budget))")
 
     def select(self, step: Step, budget: int) -> torch.Tensor:
         """Indices [batch, heads or 1, budget] (ascending) of the stored tokens to keep."""
@@ -138,6 +139,11 @@ def keep_top(
     earlier token.
     """
     stored = step.stored
+    if scores.dim() != 3 or scores.shape[-1] != stored or scores.shape[1] not in (1, step.real.shape[1]):
+        raise ValueError(
+            f"a policy's scores must be [batch, heads or 1, stored] = [{step.real.shape[0]}, {step.real.shape[1]} "
+            f"or 1, {stored}], got {tuple(scores.shape)}"
+        )
     scores = scores.float()
     if not per_head:
         scores = scores.mean(dim=1, keepdim=True)
@@ -160,9 +166,16 @@ def register_policy(name: str, help: str) -> Callable[[type], type]:
     """Class decorator: make the policy a cache spec, `name:field=value,...` (its fields plus the storage's
     `bits`, `group_size`, `residual_length`, `rotate`), for `hf-kvcache eval --cache` and `build_cache`."""
     from hf_kvcache.caches.base import Storage
-    from hf_kvcache.registry import fields_as_parameters, register_cache
+    from hf_kvcache.registry import fields_as_parameters, register_cache, registered_caches
 
     def register(policy_type: type) -> type:
+        existing = registered_caches().get(name)
+        registered = getattr(getattr(existing, "factory", None), "args", (None,))[0]
+        if existing is not None and getattr(registered, "__qualname__", None) != policy_type.__qualname__:
+            raise ValueError(
+                f"cache name {name!r} is already registered ({existing.help}); choose another name for "
+                f"{policy_type.__name__}"
+            )
         parameters = {**fields_as_parameters(policy_type), **fields_as_parameters(Storage, list(STORAGE_SETTINGS))}
         register_cache(name, functools.partial(_policy_cache, policy_type), help, parameters)
         return policy_type
