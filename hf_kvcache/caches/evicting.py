@@ -114,10 +114,23 @@ class PolicyLayer(KVLayer):
             attention = self._per_cached_head(call.scores(count))
         elif count and policy.needs is Needs.QUERY_STATES:
             queries = call.query[:, :, -count:]
-        step = Step(
+        step = self._step(self.query_length, attention, queries, call.scaling)
+        policy.update_state(step)
+        if evict:
+            self.keep(policy.select(step, self.budget))
+
+    def _step(
+        self,
+        query_length: int,
+        attention: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
+        scaling: float | None = None,
+    ) -> Step:
+        """The policy's view of what this layer holds after a forward of `query_length` tokens."""
+        return Step(
             self.geometry,
             self.num_layers,
-            self.query_length,
+            query_length,
             self.seen_tokens,
             self.real,
             self.positions,
@@ -126,11 +139,8 @@ class PolicyLayer(KVLayer):
             self.body.read,
             attention,
             queries,
-            call.scaling,
+            scaling,
         )
-        policy.update_state(step)
-        if evict:
-            self.keep(policy.select(step, self.budget))
 
     def _per_cached_head(self, scores: torch.Tensor) -> torch.Tensor:
         """Average attention over the attention heads that share a cached head (latent MLA caches hold one
@@ -179,18 +189,7 @@ class PolicyLayer(KVLayer):
         """Keep what the policy selects by the recorded reconstruction scores (all tokens when they fit the
         budget), then drop the scores."""
         if self.stored_tokens > self.budget:
-            step = Step(
-                self.geometry,
-                self.num_layers,
-                0,
-                self.seen_tokens,
-                self.real,
-                self.positions,
-                self.state,
-                self.running,
-                self.body.read,
-            )
-            self.keep(self.policy.select(step, self.budget))
+            self.keep(self.policy.select(self._step(query_length=0), self.budget))
         self.state.pop(RECONSTRUCTION_SCORES, None)
 
     # --- bookkeeping ------------------------------------------------------------------------------
