@@ -49,7 +49,9 @@ class Storage:
     layer's value channels (and key channels when `token_wise`): 32 for head sizes 64/96/128/256, 20 for 80,
     24 for 72. `key_bits` and `key_group_size` (None: `bits`, `group_size`) set the keys apart: their code
     width, and their block of tokens (KIVI's per-channel keys) or group of channels (`token_wise`).
-    `for_layer` checks the settings against one layer and fills the groups in.
+    `key_outliers` key elements per channel and key block, those farthest from the block's median, are
+    kept apart in full precision (`hf_kvcache.quant.quantize`). `for_layer` checks the settings against one
+    layer and fills the groups in.
     """
 
     bits: int | None = None
@@ -59,6 +61,7 @@ class Storage:
     token_wise: bool = False
     key_bits: int | None = None
     key_group_size: int | None = None
+    key_outliers: int = 0
 
     def __post_init__(self) -> None:
         if self.bits is not None:
@@ -67,6 +70,7 @@ class Storage:
             check_bits(self.key_bits, name="key_bits")
         check_optional_int("group_size", self.group_size, minimum=1)
         check_optional_int("key_group_size", self.key_group_size, minimum=1)
+        check_int("key_outliers", self.key_outliers)
         check_int("residual_length", self.residual_length)
         check_bool("rotate", self.rotate)
 
@@ -88,6 +92,12 @@ class Storage:
                 f"group_size={group_size!r} must divide the {channels} grouped channels of {layer.describe()} "
                 f"(key channels {layer.key_dim}, value channels {layer.value_dim}); accepted values: "
                 f"{', '.join(map(str, divisors))}, or None to choose per layer"
+            )
+        key_group = self.key_group_size or group_size
+        if self.key_outliers and (self.token_wise or self.key_outliers >= key_group):
+            raise ValueError(
+                f"key_outliers={self.key_outliers!r} needs KIVI's per-channel key blocks (not token_wise) of more "
+                f"than key_outliers tokens; {layer.describe()} has key blocks of {key_group} tokens"
             )
         if self.token_wise and self.key_group_size is not None and layer.key_dim % self.key_group_size:
             raise ValueError(
@@ -136,6 +146,7 @@ class Storage:
             self.rotate,
             self.key_bits,
             self.key_group_size,
+            self.key_outliers,
         )
 
 

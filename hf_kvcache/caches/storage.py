@@ -7,6 +7,7 @@ score-based eviction), and batch-dimension operations. Eviction policy lives in 
 """
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -108,12 +109,12 @@ def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _joined(first: QuantizedTensor, second: QuantizedTensor) -> QuantizedTensor:
-    """`first` followed by `second` along the token dimension."""
-    parts = [
-        torch.cat([a, b], dim=-2)
-        for a, b in zip((first.codes, first.scale, first.minimum), (second.codes, second.scale, second.minimum))
-    ]
-    return QuantizedTensor(*parts, first.bits, first.reduce_dim, first.group_size)
+    """`first` followed by `second` along the token (or key block) dimension, 2."""
+    names = ("codes", "scale", "minimum", "outlier_values", "outlier_index")
+    joined = {name: torch.cat([getattr(first, name), getattr(second, name)], dim=2) for name in names[:3]}
+    if first.outlier_values is not None:
+        joined.update({name: torch.cat([getattr(first, name), getattr(second, name)], dim=2) for name in names[3:]})
+    return dataclasses.replace(first, **joined)
 
 
 class ResidualQuantizedStore(KVStore):
@@ -147,8 +148,11 @@ class ResidualQuantizedStore(KVStore):
         rotate: bool,
         key_bits: int | None = None,
         key_group_size: int | None = None,
+        key_outliers: int = 0,
     ):
-        """`bits`/`group_size` are the values' (and the keys' unless `key_bits`/`key_group_size` are given)."""
+        """`bits`/`group_size` are the values' (and the keys' unless `key_bits`/`key_group_size` are given);
+        `key_outliers` key elements per group are kept apart in full precision (KIVI layout only)."""
+        self.key_outliers = key_outliers
         self.value_bits, self.key_bits = bits, key_bits or bits
         self.value_group, self.key_group = group_size, key_group_size or group_size
         for width in (self.value_bits, self.key_bits):
@@ -191,7 +195,7 @@ class ResidualQuantizedStore(KVStore):
         if self.key_rotation is not None:
             keys, values = keys @ self.key_rotation, values @ self.value_rotation
         return (
-            quantize(keys, self.key_bits, reduce_dim=self.KEY_REDUCE_DIM, group_size=self.key_group),
+            quantize(keys, self.key_bits, self.KEY_REDUCE_DIM, self.key_group, outliers=self.key_outliers),
             quantize(values, self.value_bits, reduce_dim=3, group_size=self.value_group),
         )
 
@@ -257,17 +261,56 @@ class QuantizedStore(ResidualQuantizedStore):
 
     KEY_REDUCE_DIM = 2
     PER_TOKEN = ("key_codes", "value_codes", "value_scale", "value_min")  # key statistics are per block
+    PER_BLOCK = ("key_scale", "key_min", "key_outlier_values", "key_outlier_index")
+    tensor_names = ResidualQuantizedStore.tensor_names + PER_BLOCK[2:]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.block_lengths: list[int] = []
+        self.oldest_block_start = 0  # tokens eviction removed from the front of the oldest key block
+        batch, heads, _, channels = self.residual_keys.shape
+        # [batch, heads, blocks, key_outliers, channels]: the value and the position in its block.
+        self.key_outlier_values = self.residual_keys.new_empty((batch, heads, 0, self.key_outliers, channels))
+        self.key_outlier_index = self.key_outlier_values.to(torch.uint8)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {**super().state(), "block_lengths": torch.tensor(self.block_lengths, dtype=torch.int64)}
+        return {
+            **super().state(),
+            "block_lengths": torch.tensor(self.block_lengths, dtype=torch.int64),
+            "oldest_block_start": torch.tensor(self.oldest_block_start, dtype=torch.int64),
+        }
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state(state)
         self.block_lengths = state["block_lengths"].tolist()
+        self.oldest_block_start = int(state["oldest_block_start"])
+
+    def _held(self) -> tuple[QuantizedTensor, QuantizedTensor]:
+        keys, values = super()._held()
+        if self.key_outliers:
+            keys.outlier_values, keys.outlier_index = self.key_outlier_values, self.key_outlier_index
+        return keys, values
+
+    def _hold(self, keys: QuantizedTensor, values: QuantizedTensor) -> None:
+        super()._hold(keys, values)
+        if self.key_outliers:
+            self.key_outlier_values, self.key_outlier_index = keys.outlier_values, keys.outlier_index
+
+    def _with_outliers(self, keys: torch.Tensor) -> torch.Tensor:
+        """`keys` [batch, heads, quantized tokens, channels], dequantized without outliers, with each kept
+        outlier written back at its token (outliers of tokens evicted or cropped from a block are dropped)."""
+        if not self.key_outliers:
+            return keys
+        lengths = torch.tensor(self.block_lengths, device=keys.device)[:, None, None]
+        starts = torch.zeros_like(lengths)
+        starts[0] = self.oldest_block_start
+        index = self.key_outlier_index.long()  # [batch, heads, blocks, outliers, channels]
+        kept = (index >= starts) & (index < starts + lengths)
+        tokens = keys.shape[-2]
+        position = torch.where(kept, index - starts + lengths.cumsum(0) - lengths, tokens)  # `tokens`: a spare row
+        written = torch.nn.functional.pad(keys, (0, 0, 0, 1))
+        written.scatter_(2, position.flatten(2, 3), self.key_outlier_values.flatten(2, 3))
+        return written[:, :, :tokens]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         excess = self._extend_residual(keys, values)
@@ -278,18 +321,20 @@ class QuantizedStore(ResidualQuantizedStore):
             self._drop_oldest_residual(count)
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._held()
+        keys, values = super()._held()  # outliers are written back below, where blocks may be short
         if all(length == self.key_group for length in self.block_lengths[1:]):
             # The usual case: only the oldest block may have lost tokens to eviction. Pad its codes back to a
             # whole block so every block meets its statistics by broadcasting, then cut the padding off.
             missing = self.key_group - self.block_lengths[0]
             keys.codes = torch.nn.functional.pad(keys.codes, (0, 0, missing, 0))
-            return self._unrotated(dequantize(keys)[:, :, missing:], dequantize(values))
-        # Blocks cut short by `crop` in the middle: each token meets its block's statistics explicitly.
-        codes = unpack_codes(keys.codes, self.key_bits).to(keys.scale.dtype)
-        repeats = torch.tensor(self.block_lengths, device=codes.device)
-        scale, minimum = (t.repeat_interleave(repeats, dim=2) for t in (keys.scale, keys.minimum))
-        return self._unrotated(torch.addcmul(minimum, codes, scale), dequantize(values))
+            dense_keys = dequantize(keys)[:, :, missing:]
+        else:
+            # Blocks cut short by `crop` in the middle: each token meets its block's statistics explicitly.
+            codes = unpack_codes(keys.codes, self.key_bits).to(keys.scale.dtype)
+            repeats = torch.tensor(self.block_lengths, device=codes.device)
+            scale, minimum = (t.repeat_interleave(repeats, dim=2) for t in (keys.scale, keys.minimum))
+            dense_keys = torch.addcmul(minimum, codes, scale)
+        return self._unrotated(self._with_outliers(dense_keys), dequantize(values))
 
     def snapshot(self) -> "QuantizedStore":
         """A store that keeps holding the tokens held now while this one goes on appending (a shallow copy:
@@ -328,7 +373,9 @@ class QuantizedStore(ResidualQuantizedStore):
     def _drop_blocks(self, oldest: int, newest: int) -> None:
         """Forget the statistics of the `oldest` first and `newest` last key blocks (all emptied)."""
         self.block_lengths = self.block_lengths[oldest : len(self.block_lengths) - newest]
-        self._slice_tokens(("key_scale", "key_min"), slice(oldest, oldest + len(self.block_lengths)))
+        self._slice_tokens(self.PER_BLOCK, slice(oldest, oldest + len(self.block_lengths)))
+        if oldest or not self.block_lengths:
+            self.oldest_block_start = 0
 
     def drop_oldest(self, count: int) -> None:
         from_quantized = min(count, self.quantized_length)
@@ -338,9 +385,10 @@ class QuantizedStore(ResidualQuantizedStore):
             while remaining and remaining >= self.block_lengths[emptied]:
                 remaining -= self.block_lengths[emptied]
                 emptied += 1
-            if remaining:
-                self.block_lengths[emptied] -= remaining
             self._drop_blocks(emptied, 0)
+            if remaining:
+                self.block_lengths[0] -= remaining
+                self.oldest_block_start += remaining
         self._drop_oldest_residual(count - from_quantized)
 
     def _drop_newest_quantized(self, count: int) -> None:

@@ -7,6 +7,11 @@ elements that share one scale and one zero point (the group minimum). KIVI uses 
 - values per token: `reduce_dim=-1` (channels), one statistic per token for each channel group.
 
 Codes are always packed along the channel dimension, so every token keeps whole bytes.
+
+With `outliers=k`, the k elements of each group farthest from the group's median are kept apart in full
+precision (dense-and-sparse, KVQuant, Hooper et al. 2024, https://arxiv.org/abs/2401.18079): they take
+no part in the group's range, so one extreme token no longer widens the step of every other token of
+its block; dequantization puts them back exactly.
 """
 
 from dataclasses import dataclass
@@ -26,10 +31,15 @@ class QuantizedTensor:
     bits: int
     reduce_dim: int
     group_size: int
+    # Outliers kept apart: [*scale's groups up to the group axis, outliers, *the rest], e.g. keys per channel
+    # [batch, heads, blocks, outliers, channels]; the index is the element's position inside its group.
+    outlier_values: torch.Tensor | None = None  # compute dtype
+    outlier_index: torch.Tensor | None = None  # uint8
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes
+        outliers = 0 if self.outlier_values is None else self.outlier_values.nbytes + self.outlier_index.nbytes
+        return self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes + outliers
 
 
 def _grouped(x: torch.Tensor, reduce_dim: int, group_size: int) -> torch.Tensor:
@@ -39,12 +49,21 @@ def _grouped(x: torch.Tensor, reduce_dim: int, group_size: int) -> torch.Tensor:
     return x.reshape(shape)
 
 
-def quantize(x: torch.Tensor, bits: int, reduce_dim: int, group_size: int) -> QuantizedTensor:
-    """Quantize `x` to `bits` with one (scale, minimum) per `group_size` run along `reduce_dim`."""
+def quantize(x: torch.Tensor, bits: int, reduce_dim: int, group_size: int, outliers: int = 0) -> QuantizedTensor:
+    """Quantize `x` to `bits` with one (scale, minimum) per `group_size` run along `reduce_dim`, keeping
+    the `outliers` elements of each group farthest from its median apart in full precision."""
     if x.shape[reduce_dim] % group_size:
         raise ValueError(f"size {x.shape[reduce_dim]} along dim {reduce_dim} is not a multiple of {group_size}")
+    if not 0 <= outliers < group_size:
+        raise ValueError(f"outliers={outliers} must be at least 0 and less than the group size {group_size}")
     dim = reduce_dim % x.dim()
     grouped = _grouped(x.float(), dim, group_size)
+    outlier_values = outlier_index = None
+    if outliers:
+        median = grouped.median(dim=dim + 1, keepdim=True).values
+        index = (grouped - median).abs().topk(outliers, dim=dim + 1).indices
+        outlier_values, outlier_index = grouped.gather(dim + 1, index).to(x.dtype), index.to(torch.uint8)
+        grouped = grouped.scatter(dim + 1, index, median.expand_as(index).contiguous())  # out of the range
     minimum = grouped.amin(dim=dim + 1, keepdim=True)
     maximum = grouped.amax(dim=dim + 1, keepdim=True)
     levels = (1 << bits) - 1
@@ -61,13 +80,17 @@ def quantize(x: torch.Tensor, bits: int, reduce_dim: int, group_size: int) -> Qu
         bits=bits,
         reduce_dim=dim,
         group_size=group_size,
+        outlier_values=outlier_values,
+        outlier_index=outlier_index,
     )
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
-    """Numbers back from codes: code * scale + minimum, in the dtype of the scales."""
+    """Numbers back from codes: code * scale + minimum, in the dtype of the scales; outliers put back."""
     codes = unpack_codes(q.codes, q.bits)
     grouped = _grouped(codes, q.reduce_dim, q.group_size).to(q.scale.dtype)
     group_axis = q.reduce_dim + 1
     values = torch.addcmul(q.minimum.unsqueeze(group_axis), grouped, q.scale.unsqueeze(group_axis))
+    if q.outlier_values is not None:
+        values.scatter_(group_axis, q.outlier_index.long(), q.outlier_values)
     return values.reshape(codes.shape)

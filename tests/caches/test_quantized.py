@@ -175,6 +175,12 @@ def test_sliding_window_layers_keep_the_model_window():
         ),
         ({"bits": 4, "residual_length": -1}, r"residual_length=-1 must be an integer >= 0"),
         ({"bits": 4, "sink_tokens": -2}, r"sink_tokens=-2 must be an integer >= 0"),
+        ({"bits": 4, "key_outliers": -1}, r"key_outliers=-1 must be an integer >= 0"),
+        (
+            {"bits": 4, "key_group_size": 8, "key_outliers": 8},
+            r"key_outliers=8 needs KIVI's per-channel key blocks \(not token_wise\) of more than key_outliers tokens; "
+            r"layer 0 \(full_attention\) has key blocks of 8 tokens",
+        ),
     ],
 )
 def test_bad_parameters_name_themselves(kwargs, message):
@@ -286,3 +292,23 @@ def test_a_left_padded_row_keeps_its_own_sinks_and_scores_as_alone(bits):
     padded_error = (batch_logits[1, padding:] - expected[0]).abs().mean()
     alone_error = (alone_logits[0] - expected[0]).abs().mean()
     assert padded_error < 1.5 * alone_error + 1e-4, (padded_error, alone_error)
+
+
+def test_key_outliers_through_generate_beam_search_and_padded_batches(make_model):
+    """Outlier tensors follow every batch operation (beam reorder, repeat, select): at 8 bits the tokens equal
+    DynamicCache's, and at 2 bits outliers bring the logits closer to it."""
+    model = make_model()
+    ids, mask = left_padded_batch(model, [20, 13])
+    for kwargs in ({"do_sample": False}, {"do_sample": False, "num_beams": 3}):
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, **kwargs)
+        cache = small_cache(model, 8, key_outliers=1)
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=20, past_key_values=cache, **kwargs)
+        assert torch.equal(actual, expected), kwargs
+        assert type(cache.layers[0]).__name__ == "KVLayer"  # outliers: decode dequantizes (no code reading)
+    ids = random_ids(model, 2, 48)
+    reference = dynamic_logits(model, ids, chunk=8)
+    errors = [
+        (chunked_logits(model, ids, small_cache(model, 2, key_outliers=count), chunk=8) - reference).abs().mean()
+        for count in (0, 2)
+    ]
+    assert errors[1] < errors[0]

@@ -1,9 +1,10 @@
-"""TokenQuantizedStore: per-token codes that survive per-head gathers; residual kept in full precision."""
+"""TokenQuantizedStore: per-token codes that survive per-head gathers; residual kept in full precision.
+QuantizedStore (KIVI) with key outliers kept apart: exact outliers through eviction and crop."""
 
 import pytest
 import torch
 
-from hf_kvcache.caches.storage import FullPrecisionStore, TokenQuantizedStore
+from hf_kvcache.caches.storage import FullPrecisionStore, QuantizedStore, TokenQuantizedStore
 from hf_kvcache.quant import dequantize, hadamard_matrix, quantize
 
 HEAD_DIM, GROUP = 16, 8
@@ -98,3 +99,39 @@ def test_drop_oldest_and_bytes_held():
     assert store.nbytes() == sum(getattr(store, name).nbytes for name in names)
     # per token and head: 8 bytes of 4-bit codes and 2 groups x (scale + min) x 4 bytes, keys and values
     assert store.key_codes.nbytes + store.key_scale.nbytes + store.key_min.nbytes == 2 * 3 * 2 * (8 + 16)
+
+
+def kivi_round_trip(keys: torch.Tensor, block: int, outliers: int) -> torch.Tensor:
+    """Keys quantized per channel over whole blocks of `block` tokens (rotated) and read back."""
+    rotation = hadamard_matrix(HEAD_DIM, keys.dtype, keys.device)
+    return dequantize(quantize(keys @ rotation, 2, reduce_dim=-2, group_size=block, outliers=outliers)) @ rotation
+
+
+def test_key_outliers_read_back_through_eviction_and_crop():
+    keys, values = tokens(44, 1), tokens(44, 2)
+    keys[:, :, 9] *= 30  # an extreme token in the second block
+    store = QuantizedStore(tokens(0, 0), tokens(0, 0), 2, GROUP, residual_length=4, rotate=True, key_outliers=2)
+    plain = QuantizedStore(tokens(0, 0), tokens(0, 0), 2, GROUP, residual_length=4, rotate=True)
+    for part in (slice(0, 30), slice(30, 44)):
+        store.append(keys[:, :, part], values[:, :, part])
+        plain.append(keys[:, :, part], values[:, :, part])
+    assert store.quantized_length == 40
+    read, _ = store.read()
+    assert torch.allclose(read[:, :, :40], kivi_round_trip(keys[:, :, :40], GROUP, outliers=2), atol=1e-5)
+    error, plain_error = ((r[:, :, 8:16] - keys[:, :, 8:16]).abs().mean() for r in (read, plain.read()[0]))
+    assert error < plain_error / 5  # the extreme token no longer sets its block's range
+    # two float32 values and two one-byte positions per channel of each of the 5 key blocks
+    assert store.nbytes() - plain.nbytes() == 2 * 3 * 5 * HEAD_DIM * 2 * (4 + 1)
+    # eviction cuts into the oldest block, crop into a middle one, then appends make that block sit inside
+    store.drop_oldest(3)
+    assert torch.equal(store.read()[0], read[:, :, 3:])
+    store.drop_newest(4 + 8 + 3)  # the residual, the newest block and 3 tokens of the one before
+    assert torch.equal(store.read()[0], read[:, :, 3:29])
+    store.append(keys[:, :, 29:44], values[:, :, 29:44])
+    assert torch.equal(store.read()[0][:, :, :26], read[:, :, 3:29])
+    store.drop_oldest(10)  # the rest of the first block, 5 tokens of the second
+    assert torch.equal(store.read()[0][:, :, :16], read[:, :, 13:29])
+    state = store.state()
+    restored = QuantizedStore(tokens(0, 0), tokens(0, 0), 2, GROUP, residual_length=4, rotate=True, key_outliers=2)
+    restored.load_state(state)
+    assert torch.equal(restored.read()[0], store.read()[0])

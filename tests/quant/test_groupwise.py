@@ -35,3 +35,28 @@ def test_dtypes_are_preserved_and_constant_groups_are_exact(dtype):
 def test_length_must_be_a_multiple_of_the_group():
     with pytest.raises(ValueError, match="multiple of 16"):
         quantize(torch.randn(1, 1, 10, 16), 4, reduce_dim=-2, group_size=16)
+
+
+@pytest.mark.parametrize("reduce_dim", [-2, -1])
+def test_outliers_are_kept_exactly_and_take_no_part_in_the_range(reduce_dim):
+    x = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(0))
+    x[0, 1, 5, 3] = 40.0  # one extreme element
+    plain, kept = quantize(x, 2, reduce_dim, 16), quantize(x, 2, reduce_dim, 16, outliers=1)
+    # independently: in every group, the element farthest from the group's median reads back exactly
+    moved = x.movedim(reduce_dim, -1)
+    grouped = moved.reshape(*moved.shape[:-1], moved.shape[-1] // 16, 16)
+    farthest = (grouped - grouped.median(-1, keepdim=True).values).abs().argmax(-1, keepdim=True)
+    read = dequantize(kept).movedim(reduce_dim, -1).reshape(grouped.shape)
+    assert torch.equal(read.gather(-1, farthest), grouped.gather(-1, farthest))
+    # the extreme element no longer sets the step of the other 15 of its group
+    errors = [(dequantize(q) - x).pow(2) for q in (plain, kept)]
+    group = (0, 1, slice(0, 16), 3) if reduce_dim == -2 else (0, 1, 5, slice(0, 16))
+    assert errors[1][group].mean() < errors[0][group].mean() / 20
+    assert errors[1].mean() < errors[0].mean()
+    groups = x.numel() // 16
+    assert kept.nbytes - plain.nbytes == groups * (4 + 1)  # a float32 value and a one-byte position per group
+
+
+def test_outliers_must_leave_part_of_the_group():
+    with pytest.raises(ValueError, match="outliers=16 must be at least 0 and less than the group size 16"):
+        quantize(torch.randn(1, 1, 16, 16), 2, reduce_dim=-2, group_size=16, outliers=16)
