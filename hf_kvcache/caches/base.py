@@ -29,8 +29,9 @@ from hf_kvcache.caches.storage import (
     gather_tokens,
 )
 from hf_kvcache.geometry import SHARED_KIND, LayerGeometry, ModelGeometry, model_geometry
+from hf_kvcache.quant.groupwise import CODEBOOKS
 from hf_kvcache.quant.packing import check_bits, packed_size
-from hf_kvcache.validation import check_bool, check_int, check_optional_int
+from hf_kvcache.validation import check_bool, check_choice, check_int, check_optional_int
 
 DEFAULT_GROUP_SIZE = 32
 
@@ -50,8 +51,8 @@ class Storage:
     24 for 72. `key_bits` and `key_group_size` (None: `bits`, `group_size`) set the keys apart: their code
     width, and their block of tokens (KIVI's per-channel keys) or group of channels (`token_wise`).
     `key_outliers` key elements per channel and key block, those farthest from the block's median, are
-    kept apart in full precision (`hf_kvcache.quant.quantize`). `for_layer` checks the settings against one
-    layer and fills the groups in.
+    kept apart in full precision (`hf_kvcache.quant.quantize`); `codebook` ("uniform" or "normal") places
+    the code levels. `for_layer` checks the settings against one layer and fills the groups in.
     """
 
     bits: int | None = None
@@ -62,6 +63,7 @@ class Storage:
     key_bits: int | None = None
     key_group_size: int | None = None
     key_outliers: int = 0
+    codebook: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.bits is not None:
@@ -71,6 +73,7 @@ class Storage:
         check_optional_int("group_size", self.group_size, minimum=1)
         check_optional_int("key_group_size", self.key_group_size, minimum=1)
         check_int("key_outliers", self.key_outliers)
+        check_choice("codebook", self.codebook, CODEBOOKS)
         check_int("residual_length", self.residual_length)
         check_bool("rotate", self.rotate)
 
@@ -147,6 +150,7 @@ class Storage:
             self.key_bits,
             self.key_group_size,
             self.key_outliers,
+            self.codebook,
         )
 
 

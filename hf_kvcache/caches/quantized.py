@@ -87,13 +87,15 @@ class QuantizedCache(KVCache):
         key_outliers: key elements per channel and key block kept apart in full precision, those farthest
             from the block's median (dense-and-sparse, KVQuant: https://arxiv.org/abs/2401.18079); each costs
             one value in the model's dtype and one byte of position. 0 (default): none.
+        codebook: where the levels sit between a group's minimum and maximum: "uniform" (default: evenly
+            spaced) or "normal" (at normal quantiles, denser near the middle; `hf_kvcache.quant.groupwise`).
         attention: how decode steps attend the quantized tokens. "codes": attention reads the packed codes
             (`hf_kvcache.code_attention`: query-side folding of rotation, scales and minimums; no full-precision
             copy of the cache); "dequantize": every step dequantizes all blocks and concatenates the cache (the
             reference path); "auto" (default): "codes", the faster path at every length measured by
             `benchmarks/decode.py` (results/decode.json: 0.8-1.1x DynamicCache vs 0.2-0.6x on CPU). Codes are read only where certain to be exact: `sdpa`
             models, queries of at most 8 tokens, value groups holding whole packed words (3-bit values need
-            groups of a multiple of 8 channels), no `key_outliers`; elsewhere the cache dequantizes.
+            groups of a multiple of 8 channels), no `key_outliers`, the uniform codebook; elsewhere the cache dequantizes.
         compile_attention: fuse the code unpacking into the attention reductions with `torch.compile`
             (inductor; compiled once per shape class, eager with one warning if compilation fails).
 
@@ -119,6 +121,7 @@ class QuantizedCache(KVCache):
         key_bits: int | None = None,
         key_group_size: int | None = None,
         key_outliers: int = 0,
+        codebook: str = "uniform",
         attention: str = "auto",
         compile_attention: bool = True,
     ):
@@ -138,13 +141,18 @@ class QuantizedCache(KVCache):
             key_bits=key_bits,
             key_group_size=key_group_size,
             key_outliers=key_outliers,
+            codebook=codebook,
         )
         super().__init__(config, storage)
         if any(isinstance(layer, CodeReadingLayer) for layer in self.layers):
             code_attention.install()
 
     def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> KVLayer:
-        reads_codes = code_attention.plane_aligned(storage.bits, storage.group_size) and not storage.key_outliers
+        reads_codes = (
+            code_attention.plane_aligned(storage.bits, storage.group_size)
+            and not storage.key_outliers
+            and storage.codebook == "uniform"
+        )
         if self.attention == "dequantize" or not reads_codes:
             return KVLayer(layer, storage, head_tokens=self.sink_tokens)
         return CodeReadingLayer(layer, storage, self.sink_tokens, self.forward_record, self.compile_attention)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from hf_kvcache.quant import QuantizedTensor, dequantize, quantize, rotation_matrix
+from hf_kvcache.quant.groupwise import code_levels
 from hf_kvcache.quant.packing import check_bits, packed_size, unpack_codes
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
@@ -149,10 +150,12 @@ class ResidualQuantizedStore(KVStore):
         key_bits: int | None = None,
         key_group_size: int | None = None,
         key_outliers: int = 0,
+        codebook: str = "uniform",
     ):
         """`bits`/`group_size` are the values' (and the keys' unless `key_bits`/`key_group_size` are given);
-        `key_outliers` key elements per group are kept apart in full precision (KIVI layout only)."""
-        self.key_outliers = key_outliers
+        `key_outliers` key elements per group are kept apart in full precision (KIVI layout only); `codebook`
+        places the levels of keys and values (`hf_kvcache.quant.groupwise`)."""
+        self.key_outliers, self.codebook = key_outliers, codebook
         self.value_bits, self.key_bits = bits, key_bits or bits
         self.value_group, self.key_group = group_size, key_group_size or group_size
         for width in (self.value_bits, self.key_bits):
@@ -195,18 +198,15 @@ class ResidualQuantizedStore(KVStore):
         if self.key_rotation is not None:
             keys, values = keys @ self.key_rotation, values @ self.value_rotation
         return (
-            quantize(keys, self.key_bits, self.KEY_REDUCE_DIM, self.key_group, outliers=self.key_outliers),
-            quantize(values, self.value_bits, reduce_dim=3, group_size=self.value_group),
+            quantize(keys, self.key_bits, self.KEY_REDUCE_DIM, self.key_group, self.key_outliers, self.codebook),
+            quantize(values, self.value_bits, 3, self.value_group, codebook=self.codebook),
         )
 
     def _held(self) -> tuple[QuantizedTensor, QuantizedTensor]:
         """The quantized keys and values as held."""
-        return (
-            QuantizedTensor(
-                self.key_codes, self.key_scale, self.key_min, self.key_bits, self.KEY_REDUCE_DIM, self.key_group
-            ),
-            QuantizedTensor(self.value_codes, self.value_scale, self.value_min, self.value_bits, 3, self.value_group),
-        )
+        keys = (self.key_codes, self.key_scale, self.key_min, self.key_bits, self.KEY_REDUCE_DIM, self.key_group)
+        values = (self.value_codes, self.value_scale, self.value_min, self.value_bits, 3, self.value_group)
+        return QuantizedTensor(*keys, codebook=self.codebook), QuantizedTensor(*values, codebook=self.codebook)
 
     def _with_quantized(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[QuantizedTensor, QuantizedTensor]:
         """The held codes followed by `keys`/`values` quantized."""
@@ -330,7 +330,7 @@ class QuantizedStore(ResidualQuantizedStore):
             dense_keys = dequantize(keys)[:, :, missing:]
         else:
             # Blocks cut short by `crop` in the middle: each token meets its block's statistics explicitly.
-            codes = unpack_codes(keys.codes, self.key_bits).to(keys.scale.dtype)
+            codes = code_levels(unpack_codes(keys.codes, self.key_bits), self.key_bits, self.codebook, keys.scale.dtype)
             repeats = torch.tensor(self.block_lengths, device=codes.device)
             scale, minimum = (t.repeat_interleave(repeats, dim=2) for t in (keys.scale, keys.minimum))
             dense_keys = torch.addcmul(minimum, codes, scale)

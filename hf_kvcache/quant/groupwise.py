@@ -12,13 +12,37 @@ With `outliers=k`, the k elements of each group farthest from the group's median
 precision (dense-and-sparse, KVQuant, Hooper et al. 2024, https://arxiv.org/abs/2401.18079): they take
 no part in the group's range, so one extreme token no longer widens the step of every other token of
 its block; dequantization puts them back exactly.
+
+With `codebook="normal"` the levels between a group's minimum and maximum are not evenly spaced but sit
+at the quantiles of a normal distribution (denser near the middle, as NF4 does: QLoRA, Dettmers et al.
+2023, https://arxiv.org/abs/2305.14314), rescaled so that the end levels stay the group's minimum and
+maximum; the statistics and the code width are those of the uniform grid.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from hf_kvcache.quant.packing import pack_codes, unpack_codes
+
+CODEBOOKS = ("uniform", "normal")
+
+
+@functools.lru_cache(maxsize=8)
+def codebook_steps(bits: int, codebook: str) -> torch.Tensor | None:
+    """Each code's level in steps above the minimum ([2**bits] float32, 0 to 2**bits - 1); None: uniform."""
+    if codebook == "uniform":
+        return None
+    count = 1 << bits
+    quantiles = torch.special.ndtri((torch.arange(count, dtype=torch.float64) + 0.5) / count)
+    return ((quantiles - quantiles[0]) / (quantiles[-1] - quantiles[0]) * (count - 1)).float()
+
+
+def code_levels(codes: torch.Tensor, bits: int, codebook: str, dtype: torch.dtype) -> torch.Tensor:
+    """Unpacked `codes` as their levels in steps above the minimum, in `dtype`."""
+    steps = codebook_steps(bits, codebook)
+    return codes.to(dtype) if steps is None else steps.to(codes.device, dtype)[codes.long()]
 
 
 @dataclass
@@ -35,6 +59,7 @@ class QuantizedTensor:
     # [batch, heads, blocks, outliers, channels]; the index is the element's position inside its group.
     outlier_values: torch.Tensor | None = None  # compute dtype
     outlier_index: torch.Tensor | None = None  # uint8
+    codebook: str = "uniform"
 
     @property
     def nbytes(self) -> int:
@@ -49,9 +74,12 @@ def _grouped(x: torch.Tensor, reduce_dim: int, group_size: int) -> torch.Tensor:
     return x.reshape(shape)
 
 
-def quantize(x: torch.Tensor, bits: int, reduce_dim: int, group_size: int, outliers: int = 0) -> QuantizedTensor:
+def quantize(
+    x: torch.Tensor, bits: int, reduce_dim: int, group_size: int, outliers: int = 0, codebook: str = "uniform"
+) -> QuantizedTensor:
     """Quantize `x` to `bits` with one (scale, minimum) per `group_size` run along `reduce_dim`, keeping
-    the `outliers` elements of each group farthest from its median apart in full precision."""
+    the `outliers` elements of each group farthest from its median apart in full precision; each element
+    gets the nearest level of `codebook` ("uniform" or "normal", see the module docstring)."""
     if x.shape[reduce_dim] % group_size:
         raise ValueError(f"size {x.shape[reduce_dim]} along dim {reduce_dim} is not a multiple of {group_size}")
     if not 0 <= outliers < group_size:
@@ -72,7 +100,11 @@ def quantize(x: torch.Tensor, bits: int, reduce_dim: int, group_size: int, outli
     scale = ((maximum - minimum) / levels).to(x.dtype)
     minimum = minimum.to(x.dtype)
     steps = (grouped - minimum.float()) / scale.float().clamp_min(1e-12)
-    codes = steps.round_().clamp_(0, levels).to(torch.uint8).reshape(x.shape)
+    if (table := codebook_steps(bits, codebook)) is None:
+        codes = steps.round_().clamp_(0, levels)
+    else:
+        codes = torch.bucketize(steps, ((table[1:] + table[:-1]) / 2).to(steps.device))  # nearest level
+    codes = codes.to(torch.uint8).reshape(x.shape)
     return QuantizedTensor(
         codes=pack_codes(codes, bits),
         scale=scale.squeeze(dim + 1),
@@ -82,13 +114,14 @@ def quantize(x: torch.Tensor, bits: int, reduce_dim: int, group_size: int, outli
         group_size=group_size,
         outlier_values=outlier_values,
         outlier_index=outlier_index,
+        codebook=codebook,
     )
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """Numbers back from codes: code * scale + minimum, in the dtype of the scales; outliers put back."""
     codes = unpack_codes(q.codes, q.bits)
-    grouped = _grouped(codes, q.reduce_dim, q.group_size).to(q.scale.dtype)
+    grouped = _grouped(code_levels(codes, q.bits, q.codebook, q.scale.dtype), q.reduce_dim, q.group_size)
     group_axis = q.reduce_dim + 1
     values = torch.addcmul(q.minimum.unsqueeze(group_axis), grouped, q.scale.unsqueeze(group_axis))
     if q.outlier_values is not None:

@@ -106,11 +106,12 @@ def test_batch_operations_match_dynamic_cache(make_model):
     assert (actual - expected).abs().max() < TOLERANCE[8]
 
 
+@pytest.mark.parametrize("codebook", ["uniform", "normal"])
 @pytest.mark.parametrize("remove", [5, 13, 30, 39])  # residual only, into the last block, across blocks, all
-def test_crop_at_any_depth_keeps_the_rest_exactly(make_model, remove):
+def test_crop_at_any_depth_keeps_the_rest_exactly(make_model, remove, codebook):
     model = make_model()
     ids = random_ids(model, 1, 48)
-    cache = small_cache(model, 8)
+    cache = small_cache(model, 8, codebook=codebook)
     chunked_logits(model, ids[:, :40], cache, chunk=40)
     before = [layer.body.read() for layer in cache.layers]
     cache.crop(-remove)
@@ -176,6 +177,7 @@ def test_sliding_window_layers_keep_the_model_window():
         ({"bits": 4, "residual_length": -1}, r"residual_length=-1 must be an integer >= 0"),
         ({"bits": 4, "sink_tokens": -2}, r"sink_tokens=-2 must be an integer >= 0"),
         ({"bits": 4, "key_outliers": -1}, r"key_outliers=-1 must be an integer >= 0"),
+        ({"bits": 4, "codebook": "nf4"}, r"codebook='nf4' is not supported; accepted values: uniform, normal"),
         (
             {"bits": 4, "key_group_size": 8, "key_outliers": 8},
             r"key_outliers=8 needs KIVI's per-channel key blocks \(not token_wise\) of more than key_outliers tokens; "

@@ -60,3 +60,23 @@ def test_outliers_are_kept_exactly_and_take_no_part_in_the_range(reduce_dim):
 def test_outliers_must_leave_part_of_the_group():
     with pytest.raises(ValueError, match="outliers=16 must be at least 0 and less than the group size 16"):
         quantize(torch.randn(1, 1, 16, 16), 2, reduce_dim=-2, group_size=16, outliers=16)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_normal_codebook_keeps_the_range_and_picks_the_nearest_level(bits):
+    x = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    q = quantize(x, bits, reduce_dim=-1, group_size=16, codebook="normal")
+    read = dequantize(q)
+    grouped, read_grouped = x.reshape(1, 2, 32, 2, 16), read.reshape(1, 2, 32, 2, 16)
+    # the group's minimum and maximum are levels; every other level lies strictly between them
+    assert torch.allclose(read_grouped.amin(-1), grouped.amin(-1), atol=1e-6)
+    assert torch.allclose(read_grouped.amax(-1), grouped.amax(-1), atol=1e-5)
+    # independently: the levels are normal quantiles rescaled to [minimum, maximum], each element the nearest
+    count = 1 << bits
+    quantiles = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(count) + 0.5) / count)
+    unit = (quantiles - quantiles[0]) / (quantiles[-1] - quantiles[0])
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    levels = (low.unsqueeze(-1) + (high - low).unsqueeze(-1) * unit).expand(*grouped.shape, count)
+    nearest = levels.gather(-1, (grouped.unsqueeze(-1) - levels).abs().argmin(-1, keepdim=True)).squeeze(-1)
+    assert torch.allclose(read_grouped, nearest, atol=1e-5)
+    assert q.nbytes == quantize(x, bits, reduce_dim=-1, group_size=16).nbytes  # same codes and statistics
