@@ -20,11 +20,14 @@ from hf_kvcache.prefix import (
     TieredBackend,
     generate_with_prefix_cache,
 )
+from hf_kvcache.quant.calibration import calibrate_bit_profile
+from hf_kvcache.quant.profile import BitProfile
 from hf_kvcache.registry import build_cache, parse_cache_spec, register_cache
 from hf_kvcache.scoring import disable_score_capture, enable_score_capture
 
 __all__ = [
     "CACHE_KWARG",
+    "BitProfile",
     "DiskBackend",
     "EvictionCache",
     "HeavyHitterCache",
@@ -39,6 +42,7 @@ __all__ = [
     "TOVACache",
     "TieredBackend",
     "build_cache",
+    "calibrate_bit_profile",
     "disable_score_capture",
     "enable_score_capture",
     "generate_with_prefix_cache",

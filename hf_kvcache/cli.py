@@ -6,6 +6,7 @@ import sys
 from hf_kvcache import demo
 from hf_kvcache.eval import command as eval_command
 from hf_kvcache.prefix import command as prefix_command
+from hf_kvcache.quant import command as calibrate_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(subparsers)
     eval_command.add_parser(subparsers)
     prefix_command.add_parser(subparsers)
+    calibrate_command.add_parser(subparsers)
     return parser
 
 

@@ -1,12 +1,16 @@
 """KIVI-style quantized cache: keys per channel, values per token, recent tokens in full precision."""
 
+import dataclasses
+import os
+
 import torch
 from transformers import PreTrainedConfig
 
 from hf_kvcache import code_attention
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage
-from hf_kvcache.geometry import LayerGeometry
+from hf_kvcache.geometry import LayerGeometry, model_geometry
 from hf_kvcache.quant.packing import check_bits
+from hf_kvcache.quant.profile import BitProfile, profile_for_cache
 from hf_kvcache.registry import register_cache
 from hf_kvcache.validation import check_bool, check_choice, check_int
 
@@ -98,6 +102,10 @@ class QuantizedCache(KVCache):
             groups of a multiple of 8 channels), no `key_outliers`, the uniform codebook; elsewhere the cache dequantizes.
         compile_attention: fuse the code unpacking into the attention reductions with `torch.compile`
             (inductor; compiled once per shape class, eager with one warning if compilation fails).
+        profile: per-layer key and value widths (KVTuner-style, `hf_kvcache.quant.profile.BitProfile`, or the
+            path of one saved as JSON, e.g. by `hf-kvcache calibrate`); they replace `bits` in every layer, and
+            cannot be combined with `key_bits`. A profile calibrated with other settings (group sizes,
+            residual_length, sink_tokens, rotate, key_outliers, codebook) is used with a warning naming them.
 
     Blocks are quantized once, when complete, and never re-quantized. `crop` removes the newest tokens at
     any depth (the remaining codes keep their statistics), so assisted and prompt-lookup decoding work.
@@ -107,7 +115,9 @@ class QuantizedCache(KVCache):
     Raises:
         ValueError: `bits` not in 2/3/4/8, a `group_size` that does not divide some layer's channels, a layer
             kind no cache can hold (linear attention, state-space), naming the layer; `attention` not one of
-            "auto", "codes", "dequantize".
+            "auto", "codes", "dequantize"; a `profile` for another layer count (naming both counts), or with
+            `key_bits`.
+        OSError: a `profile` path that cannot be read.
     """
 
     def __init__(
@@ -124,6 +134,7 @@ class QuantizedCache(KVCache):
         codebook: str = "uniform",
         attention: str = "auto",
         compile_attention: bool = True,
+        profile: BitProfile | str | os.PathLike | None = None,
     ):
         check_bits(bits)  # None (full precision) is not a quantized cache
         check_int("sink_tokens", sink_tokens)
@@ -133,6 +144,9 @@ class QuantizedCache(KVCache):
         self.attention = attention
         self.compile_attention = compile_attention
         self.forward_record = code_attention.ForwardRecord()
+        settings = dict(group_size=group_size, key_group_size=key_group_size, residual_length=residual_length)
+        settings.update(sink_tokens=sink_tokens, rotate=rotate, key_outliers=key_outliers, codebook=codebook)
+        self.profile = profile_for_cache(profile, len(model_geometry(config).layers), key_bits, settings)
         storage = Storage(
             bits,
             group_size,
@@ -147,7 +161,18 @@ class QuantizedCache(KVCache):
         if any(isinstance(layer, CodeReadingLayer) for layer in self.layers):
             code_attention.install()
 
+    def layer_storage(self, layer: LayerGeometry, storage: Storage) -> Storage:
+        """`storage` (resolved for `layer`) at the profile's widths for this layer, when there is a profile."""
+        if self.profile is None:
+            return storage
+        widths = dict(bits=self.profile.value_bits[layer.index], key_bits=self.profile.key_bits[layer.index])
+        return dataclasses.replace(storage, **widths).for_layer(layer)
+
+    def windowed_layer(self, layer: LayerGeometry, storage: Storage, model_window: int) -> KVLayer:
+        return super().windowed_layer(layer, self.layer_storage(layer, storage), model_window)
+
     def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> KVLayer:
+        storage = self.layer_storage(layer, storage)
         reads_codes = (
             code_attention.plane_aligned(storage.bits, storage.group_size)
             and not storage.key_outliers

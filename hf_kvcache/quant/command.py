@@ -1,0 +1,214 @@
+"""`hf-kvcache calibrate`: a per-layer bit profile (key and value widths) for a model, from a short calibration."""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import transformers
+
+from hf_kvcache.quant.profile import METRIC_LABEL, BitProfile, check_budget, check_choices
+from hf_kvcache.report import format_table
+from hf_kvcache.validation import check_int
+
+DESCRIPTION = """\
+Choose every layer's key and value code widths for `QuantizedCache` (KVTuner-style mixed precision,
+https://arxiv.org/abs/2502.04420). For each layer, each width of --choices and each of keys and values,
+one chunked pass over the calibration text measures how much the predictions degrade when only that
+layer's keys (or values) are quantized at that width: by default the mean KL divergence of the next-token
+distribution from the full-precision one (--metric kl), or the mean NLL increase on the text (--metric nll),
+in nats per token. Assuming the layers' degradations add up, the widths with the least sum whose mean over
+layers of (key bits + value bits) / 2 is at most --average-bits are chosen exactly (a multiple-choice
+knapsack). Cost: layers x 2 x len(choices) passes of --tokens tokens (the packaged 30-layer SmolLM2-135M,
+512 tokens, choices 2 3 4: 180 passes, about 6 min on one CPU core).
+
+Prints a table per layer (sensitivity per width, chosen widths) and writes the profile as JSON to --output;
+use it with `--cache quantized:profile=PATH` (and the same --cache-settings, if any).
+
+examples:
+  hf-kvcache calibrate --average-bits 2.5 --output profile-2.5bits.json
+  hf-kvcache calibrate --average-bits 3 --choices 2 3 4 8 --tokens 1024 --output profile-3bits.json
+  hf-kvcache calibrate --model ./my-model --dataset notes.txt --cache-settings residual_length=64,group_size=32
+  hf-kvcache calibrate --reuse profile-2.5bits.json --average-bits 3 --output profile-3bits.json  # no passes
+  hf-kvcache eval --cache quantized:bits=2,key_bits=3 --cache quantized:profile=profile-2.5bits.json
+
+The default text is pg19 (Crime and Punishment when the hub is unreachable), not WikiText-2, so that a
+profile is not calibrated on the text `hf-kvcache eval` measures it on.
+"""
+
+DEFAULTS = {"dataset": "pg19", "tokens": 512, "chunk_size": 64, "cache_settings": None, "model": None, "metric": "kl"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="choose per-layer key/value widths for the quantized cache under an average-bits budget",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local folder of a causal LM (default: the packaged SmolLM2-135M-Instruct); "
+        "e.g. --model ./smollm2",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="calibration text: wikitext2, pg19, or a local .txt, .jsonl (a 'text' field per line) or .parquet "
+        "('text' column) file (default: pg19); e.g. --dataset notes.txt",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="calibrate on the first N tokens of the text (default: 512)"
+    )
+    parser.add_argument(
+        "--average-bits",
+        type=float,
+        default=2.5,
+        help="budget: mean over layers of (key bits + value bits) / 2, between the narrowest and widest of "
+        "--choices (default: 2.5)",
+    )
+    parser.add_argument(
+        "--choices",
+        type=int,
+        nargs="+",
+        default=[2, 3, 4],
+        metavar="BITS",
+        help="widths a layer's keys or values may take, from 2 3 4 8 (default: 2 3 4)",
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="tokens per forward in the calibration passes (default: 64)"
+    )
+    parser.add_argument(
+        "--metric",
+        choices=["kl", "nll"],
+        default=None,
+        help="the sensitivity the widths are chosen by (default: kl): kl, the mean KL divergence of the next-token "
+        "distribution from the full-precision one; nll, the mean NLL increase on the text (noisier: for one "
+        "layer it is mostly a first-order, text-dependent term; see hf_kvcache.quant.calibration)",
+    )
+    parser.add_argument(
+        "--cache-settings",
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="QuantizedCache settings to calibrate with (group_size, key_group_size, residual_length, sink_tokens, "
+        "rotate, key_outliers; default: the cache's defaults); e.g. --cache-settings residual_length=64",
+    )
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="PROFILE",
+        help="choose the widths again from the sensitivities measured in PROFILE (a JSON written by this command) "
+        "for another --average-bits or a subset of its --choices, without any pass",
+    )
+    parser.add_argument("--output", default="profile.json", help="where to write the profile (default: profile.json)")
+    parser.add_argument("--device", default=None, help="torch device for the model (default: cpu); e.g. --device cuda")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default: float32)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (also transformers' own)")
+    parser.set_defaults(run=run)
+
+
+def writable_file(path: str) -> Path:
+    """`path`, checked before any work: not a folder, and its folder (created if needed) writable."""
+    output = Path(path)
+    if output.is_dir():
+        raise ValueError(f"--output {path}: is a folder; give a file name, e.g. {output / 'profile.json'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output.parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output {path}: cannot write there ({error.strerror or error})") from None
+    return output
+
+
+def parse_settings(text: str | None) -> dict[str, object]:
+    """`KEY=VALUE,...` as QuantizedCache settings, typed as in a cache spec (`quantized:KEY=VALUE,...`)."""
+    from hf_kvcache.quant.calibration import calibration_settings
+    from hf_kvcache.registry import parse_cache_spec
+
+    if not text:
+        return {}
+    params = parse_cache_spec(f"quantized:{text}").params
+    calibration_settings(**params)  # refuses the widths and the attention mode
+    return params
+
+
+def run(args: argparse.Namespace) -> None:
+    choices = check_choices(args.choices, name="--choices")
+    check_budget(args.average_bits, choices, name="--average-bits")
+    if args.reuse is not None:
+        given = [name for name in DEFAULTS if getattr(args, name) is not None]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"--reuse takes the measured sensitivities from {args.reuse}: {flags} cannot apply")
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    check_int("--tokens", args.tokens, minimum=2)
+    check_int("--chunk-size", args.chunk_size, minimum=1)
+    settings = parse_settings(args.cache_settings)
+    output = writable_file(args.output)
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()
+    if args.reuse is not None:
+        profile = BitProfile.load(args.reuse).with_budget(args.average_bits, choices)
+    else:
+        profile = calibrate(args, choices, settings)
+    profile.save(output)
+    print(format_table(profile.layer_rows()))
+    print(f"\n{summary(profile)}")
+    print(f"wrote {output}; use it with --cache quantized:profile={output}")
+
+
+def summary(profile: BitProfile) -> str:
+    """One line: average bits and budget, the additive estimate of the metric, and what it was calibrated on."""
+    budget = f" (budget {profile.budget_bits:g})" if profile.budget_bits is not None else ""
+    parts = [f"average bits {profile.average_bits:.4g}{budget}"]
+    if profile.estimated_loss is not None:
+        label = METRIC_LABEL[profile.metric]
+        parts.append(f"estimated {label} {profile.estimated_loss:.4g} nats/token (sum over the chosen widths)")
+    if profile.reference_nll is not None:
+        parts.append(f"full-precision NLL {profile.reference_nll:.4g}")
+    calibrated = f"calibrated on {profile.tokens:,} tokens of {profile.source or 'an unnamed text'}"
+    parts.append(calibrated + (f" in {profile.seconds:.0f} s" if profile.seconds is not None else ""))
+    return "; ".join(parts)
+
+
+def calibrate(args: argparse.Namespace, choices: tuple[int, ...], settings: dict[str, object]) -> BitProfile:
+    """Load the model and the text, then run `calibrate_bit_profile` with a progress bar over its passes."""
+    from tqdm.auto import tqdm
+
+    from hf_kvcache.eval.data import load_text, tokenize_text
+    from hf_kvcache.models import load_model
+    from hf_kvcache.quant.calibration import calibrate_bit_profile, calibration_passes
+
+    model_name = args.model
+    if model_name is not None and model_name.startswith((".", "/", "~")):
+        model_name = str(Path(model_name).expanduser())
+        if not Path(model_name).is_dir():
+            raise FileNotFoundError(f"model folder not found: {args.model}")
+    model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device)
+    text = load_text(args.dataset)
+    try:
+        input_ids = tokenize_text(text, tokenizer, args.tokens)
+    except ValueError as error:  # its message names eval's option
+        raise ValueError(str(error).replace("--max-tokens", "--tokens")) from None
+    with tqdm(
+        total=calibration_passes(model.config, choices), desc="calibrating", unit="pass", disable=args.no_progress
+    ) as bar:
+        return calibrate_bit_profile(
+            model,
+            input_ids,
+            args.average_bits,
+            choices,
+            chunk=args.chunk_size,
+            progress=bar.update,
+            source=f"{text.dataset} ({text.source})",
+            metric=args.metric,
+            **settings,
+        )
