@@ -68,6 +68,8 @@ CONSTRUCTORS = {
             "sink_tokens": NON_NEGATIVE,
             "key_bits": OPTIONAL_BITS,
             "key_group_size": OPTIONAL_POSITIVE,
+            "key_outliers": Kind((int,), 0, 15),  # fewer than the tiny model's 16-token key blocks
+            "codebook": Kind((str,), choices=("uniform", "normal")),
         },
     ),
     "SlidingWindowCache": (lambda **kw: SlidingWindowCache(CONFIG, **kw), {**STORAGE, "window": POSITIVE}),

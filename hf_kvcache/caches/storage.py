@@ -277,13 +277,13 @@ class QuantizedStore(ResidualQuantizedStore):
         return {
             **super().state(),
             "block_lengths": torch.tensor(self.block_lengths, dtype=torch.int64),
-            "oldest_block_start": torch.tensor(self.oldest_block_start, dtype=torch.int64),
+            "oldest_block_start": torch.tensor([self.oldest_block_start], dtype=torch.int64),
         }
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state(state)
         self.block_lengths = state["block_lengths"].tolist()
-        self.oldest_block_start = int(state["oldest_block_start"])
+        self.oldest_block_start = int(state["oldest_block_start"][0])
 
     def _held(self) -> tuple[QuantizedTensor, QuantizedTensor]:
         keys, values = super()._held()
