@@ -87,7 +87,7 @@ def cache_signature(cache: object | None) -> str:
         for name, value in sorted(vars(cache).items())
         if isinstance(value, bool | int | float | str | type(None)) and not name.startswith("_")
     }
-    for value in ("storage", "policy"):  # values (dataclasses) whose repr lists every setting
+    for value in ("storage", "policy", "profile"):  # values (dataclasses) whose repr lists every setting
         if getattr(cache, value, None) is not None:
             settings[value] = repr(getattr(cache, value))
     return f"{type(cache).__module__}.{type(cache).__qualname__}:{json.dumps(settings, sort_keys=True)}"

@@ -6,7 +6,8 @@ from conftest import make_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
 from hf_kvcache.prefix.codec import CorruptBlock, decode_block, encode_block
-from hf_kvcache.prefix.keys import block_keys, model_fingerprint
+from hf_kvcache import BitProfile, QuantizedCache
+from hf_kvcache.prefix.keys import block_keys, cache_signature, model_fingerprint
 
 
 def test_chain_keys_cover_every_earlier_token():
@@ -19,6 +20,22 @@ def test_chain_keys_cover_every_earlier_token():
     assert not set(block_keys("fp", changed, 8)) & set(keys)  # a change in block 0 changes every key
     assert not set(block_keys("other", tokens, 8)) & set(keys)
     assert not set(block_keys("fp", tokens, 4)) & set(keys)
+
+
+def test_cache_signature_tells_quantized_settings_and_bit_profiles_apart():
+    """KV computed after a restore depends on every setting of the cache, per-layer widths included."""
+    config = tiny_config("llama")
+    layers = config.num_hidden_layers
+    caches = [
+        QuantizedCache(config, bits=2),
+        QuantizedCache(config, bits=2, key_outliers=1),
+        QuantizedCache(config, bits=2, codebook="normal"),
+        QuantizedCache(config, profile=BitProfile.uniform(layers, 2)),
+        QuantizedCache(config, profile=BitProfile((3,) + (2,) * (layers - 1), (2,) * layers)),
+    ]
+    signatures = [cache_signature(cache) for cache in caches]
+    assert len(set(signatures)) == len(caches)
+    assert cache_signature(QuantizedCache(config, bits=2, key_outliers=1)) == signatures[1]
 
 
 def test_fingerprint_tells_models_apart():
