@@ -5,8 +5,8 @@ import torch
 from conftest import make_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
-from hf_kvcache.prefix.codec import CorruptBlock, decode_block, encode_block
 from hf_kvcache import BitProfile, QuantizedCache
+from hf_kvcache.prefix.codec import CorruptBlock, decode_block, encode_block
 from hf_kvcache.prefix.keys import block_keys, cache_signature, model_fingerprint
 
 
