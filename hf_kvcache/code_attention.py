@@ -39,6 +39,7 @@ Source: KIVI, Liu et al. 2024, https://arxiv.org/abs/2402.02750.
 """
 
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Callable
@@ -180,7 +181,18 @@ def value_output(
     return output.reshape(batch, heads, rows, groups * group)
 
 
-_compiled: dict[str, Callable] = {}
+# One compiled function per (reduction, bits, group), each on its own code object: dynamo counts a code
+# object's specializations against `recompile_limit`, and a bit profile that mixes widths across layers (with
+# beam search changing the batch) would soon exceed it and run eagerly from then on.
+_compiled: dict[tuple[str, int, int], Callable] = {}
+
+
+def _own_code(function: Callable, bits: int, group: int) -> Callable:
+    """`function` on a copy of its code object, named for the widths it will be compiled for."""
+    code = function.__code__.replace(co_name=f"{function.__name__}_{bits}bits_{group}")
+    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+
+
 _compile_failed = False
 # Argument positions and dimensions that grow with the cache: marked dynamic, so one graph serves all sizes.
 _GROWING = {"key_logits": ((1, 2), (2, 2), (3, 2)), "value_output": ((0, 3), (1, 2), (2, 2), (3, 2))}
@@ -191,12 +203,13 @@ def _run(function: Callable, compiled: bool, *args) -> torch.Tensor:
     failed once (warned once), eagerly with matrix products."""
     global _compile_failed
     if compiled and not _compile_failed:
-        if function.__name__ not in _compiled:
-            _compiled[function.__name__] = torch.compile(function, dynamic=False)
+        key = (function.__name__, *args[-2:])  # the last two arguments are the bits and the group size
+        if key not in _compiled:
+            _compiled[key] = torch.compile(_own_code(function, *args[-2:]), dynamic=False)
         for position, dim in _GROWING[function.__name__]:
             torch._dynamo.maybe_mark_dynamic(args[position], dim)
         try:
-            return _compiled[function.__name__](*args, True)
+            return _compiled[key](*args, True)
         except Exception as error:  # inductor needs a working C++ compiler (CPU) or Triton (GPU)
             _compile_failed = True
             warnings.warn(

@@ -97,10 +97,11 @@ class Storage:
                 f"{', '.join(map(str, divisors))}, or None to choose per layer"
             )
         key_group = self.key_group_size or group_size
-        if self.key_outliers and (self.token_wise or self.key_outliers >= key_group):
+        if self.key_outliers and (self.token_wise or not self.key_outliers < key_group <= 256):
             raise ValueError(
                 f"key_outliers={self.key_outliers!r} needs KIVI's per-channel key blocks (not token_wise) of more "
-                f"than key_outliers tokens; {layer.describe()} has key blocks of {key_group} tokens"
+                f"than key_outliers and at most 256 tokens (an outlier's position is one byte); {layer.describe()} "
+                f"has key blocks of {key_group} tokens"
             )
         if self.token_wise and self.key_group_size is not None and layer.key_dim % self.key_group_size:
             raise ValueError(

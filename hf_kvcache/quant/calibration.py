@@ -160,6 +160,21 @@ def degradation(
     return {"kl": kl / done, "nll": nll / done}
 
 
+def check_long_enough(tokens: int, cache: QuantizedCache, settings: dict[str, object]) -> None:
+    """A text on which no token would ever be quantized measures nothing (every sensitivity 0, every layer at
+    the narrowest width): refuse it, naming the lengths."""
+    blocks = [
+        layer.storage.key_group_size or layer.storage.group_size for layer in cache.layers if hasattr(layer, "storage")
+    ]
+    needed = settings["sink_tokens"] + settings["residual_length"] + max(blocks, default=0)
+    if tokens <= needed:
+        raise ValueError(
+            f"the calibration text has {tokens} tokens, but with sink_tokens={settings['sink_tokens']}, "
+            f"residual_length={settings['residual_length']} and key blocks of {max(blocks, default=0)} tokens nothing is "
+            f"quantized before token {needed}: calibrate on more than {needed} tokens (e.g. --tokens 512)"
+        )
+
+
 def calibration_passes(config: PreTrainedConfig, choices: Sequence[int]) -> int:
     """How many quantized passes `calibrate_bit_profile` runs: 2 x len(choices) per layer that stores KV."""
     stored = [layer for layer in model_geometry(config).layers if layer.kind != SHARED_KIND]
@@ -200,12 +215,14 @@ def calibrate_bit_profile(
     Returns:
         The `BitProfile`: widths, the `metric`'s table (nats/token), the settings, the full-precision NLL and
         the seconds taken. Layers that store no KV (they read another layer's) are not measured: their
-        sensitivity is 0, so they get the narrowest width.
+        sensitivity is 0, so they get the narrowest width and still count in the average (the layers that
+        store KV then average more than `average_bits`).
 
     Raises:
         ValueError: bad `choices`, an `average_bits` outside [min(choices), max(choices)], an unknown
             `metric` or setting, settings the model's layers cannot hold (named by `QuantizedCache`), a bad
-            `chunk` or `input_ids` shape. Checked before any pass.
+            `chunk` or `input_ids` shape, a text too short for any token to be quantized (sinks + residual +
+            one key block). Checked before any pass.
     """
     began = time.perf_counter()
     choices = check_choices(choices)
@@ -217,7 +234,8 @@ def calibrate_bit_profile(
     settings = calibration_settings(**quantized_cache_settings)
     config = model.config
     for bits in choices:  # every width must fit every layer (3 bits: multiples of 8 channels)
-        QuantizedCache(config, bits=bits, attention="dequantize", compile_attention=False, **settings)
+        cache = QuantizedCache(config, bits=bits, attention="dequantize", compile_attention=False, **settings)
+    check_long_enough(input_ids.shape[1], cache, settings)
     parts = list(chunked_log_probs(model, input_ids, DynamicCache(config=config), chunk))
     reference = torch.cat([log_probs for log_probs, _ in parts])
     targets = torch.cat([ids for _, ids in parts])

@@ -71,9 +71,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--choices",
         type=int,
         nargs="+",
-        default=[2, 3, 4],
+        default=None,
         metavar="BITS",
-        help="widths a layer's keys or values may take, from 2 3 4 8 (default: 2 3 4)",
+        help="widths a layer's keys or values may take, from 2 3 4 8 (default: 2 3 4; with --reuse, the widths "
+        "the profile measured)",
     )
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="tokens per forward in the calibration passes (default: 64)"
@@ -139,13 +140,16 @@ def parse_settings(text: str | None) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> None:
-    choices = check_choices(args.choices, name="--choices")
-    check_budget(args.average_bits, choices, name="--average-bits")
+    reused = None
     if args.reuse is not None:
         given = [name for name in DEFAULTS if getattr(args, name) is not None]
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise ValueError(f"--reuse takes the measured sensitivities from {args.reuse}: {flags} cannot apply")
+        reused = BitProfile.load(args.reuse)
+    default_choices = reused.choices if reused is not None and reused.choices else (2, 3, 4)
+    choices = check_choices(default_choices if args.choices is None else args.choices, name="--choices")
+    check_budget(args.average_bits, choices, name="--average-bits")
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -155,8 +159,8 @@ def run(args: argparse.Namespace) -> None:
     output = writable_file(args.output)
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()
-    if args.reuse is not None:
-        profile = BitProfile.load(args.reuse).with_budget(args.average_bits, choices)
+    if reused is not None:
+        profile = reused.with_budget(args.average_bits, choices)
     else:
         profile = calibrate(args, choices, settings)
     profile.save(output)

@@ -180,8 +180,12 @@ def test_sliding_window_layers_keep_the_model_window():
         ({"bits": 4, "codebook": "nf4"}, r"codebook='nf4' is not supported; accepted values: uniform, normal"),
         (
             {"bits": 4, "key_group_size": 8, "key_outliers": 8},
-            r"key_outliers=8 needs KIVI's per-channel key blocks \(not token_wise\) of more than key_outliers tokens; "
-            r"layer 0 \(full_attention\) has key blocks of 8 tokens",
+            r"key_outliers=8 needs KIVI's per-channel key blocks \(not token_wise\) of more than key_outliers and at "
+            r"most 256 tokens \(an outlier's position is one byte\); layer 0 \(full_attention\) has key blocks of 8 tokens",
+        ),
+        (
+            {"bits": 4, "key_group_size": 300, "key_outliers": 1},
+            r"key_outliers=1 needs .* at most 256 tokens .*; layer 0 \(full_attention\) has key blocks of 300 tokens",
         ),
     ],
 )

@@ -51,6 +51,9 @@ def test_calibrate_writes_a_loadable_profile_and_prints_the_table(workdir, tmp_p
     )
     reused = BitProfile.load(again)
     assert reused.key_bits == reused.value_bits == (2, 2) and reused.key_sensitivity == profile.key_sensitivity
+    # without --choices, --reuse chooses among the widths the profile measured (here 2 and 4, not 2 3 4)
+    assert main(["calibrate", "--reuse", str(output), "--average-bits", "4", "--output", str(again)]) == 0
+    assert set(BitProfile.load(again).key_bits + BitProfile.load(again).value_bits) <= {2, 4}
 
 
 @pytest.mark.parametrize(

@@ -335,6 +335,11 @@ def test_calibration_by_nll_measures_the_nll_increase():
         ({"group_size": 7}, r"group_size=7 must divide"),
         ({"bits": 2}, r"'bits' is not a QuantizedCache setting"),
         ({"window": 2}, r"'window' is not a QuantizedCache setting"),
+        (  # a text too short to quantize anything would measure nothing and choose the narrowest widths
+            {},
+            r"the calibration text has 16 tokens, but with sink_tokens=4, residual_length=128 and key blocks of "
+            r"\d+ tokens nothing is quantized before token \d+: calibrate on more than",
+        ),
     ],
 )
 def test_calibration_refuses_bad_inputs_before_any_pass(kwargs, message):
