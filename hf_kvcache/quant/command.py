@@ -134,9 +134,11 @@ def parse_settings(text: str | None) -> dict[str, object]:
 
     if not text:
         return {}
-    params = parse_cache_spec(f"quantized:{text}").params
-    calibration_settings(**params)  # refuses the widths and the attention mode
-    return params
+    try:  # names first, so that a wrong one is named against the calibration settings, not every cache parameter
+        calibration_settings(**dict.fromkeys(item.split("=", 1)[0].strip() for item in text.split(",")))
+    except ValueError as error:
+        raise ValueError(f"--cache-settings {text}: {error}") from None
+    return parse_cache_spec(f"quantized:{text}").params
 
 
 def run(args: argparse.Namespace) -> None:

@@ -61,7 +61,12 @@ def test_calibrate_writes_a_loadable_profile_and_prints_the_table(workdir, tmp_p
     [
         (["--average-bits", "5"], "--average-bits=5.0 must be between 2 and 4"),
         (["--choices", "2", "6"], "--choices[1]=6 is not supported"),
-        (["--cache-settings", "bits=3"], "'bits' is not a QuantizedCache setting"),
+        (["--cache-settings", "bits=3"], "--cache-settings bits=3: 'bits' is not a QuantizedCache setting"),
+        (
+            ["--cache-settings", "foo=1"],
+            "--cache-settings foo=1: 'foo' is not a QuantizedCache setting a profile is calibrated with; accepted "
+            "settings: group_size, residual_length",
+        ),
         (["--cache-settings", "group_size=7"], "group_size=7 must divide"),
         (["--tokens", "100000"], "--tokens 100,000 is more than the"),
         (["--tokens", "1"], "--tokens=1 must be an integer >= 2"),
