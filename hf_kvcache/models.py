@@ -75,6 +75,17 @@ def default_model_path() -> Path:
     return target
 
 
+def model_folder_or_name(name: str | None) -> str | None:
+    """A command line's `--model`: a path (starting with `.`, `/` or `~`) expanded, and refused with
+    FileNotFoundError when it is not a folder; a hub id or None as given."""
+    if name is None or not name.startswith((".", "/", "~")):
+        return name
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {name}")
+    return str(folder)
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype | str | None = None,

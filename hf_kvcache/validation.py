@@ -1,9 +1,12 @@
 """Parameter checks shared by every public constructor: type and range, with the parameter, the value and
 what is accepted in the message. `bool` is not accepted where an integer is (`True` is not 1 token) and an
 integer-valued float is not an integer (`bits=4.0` is refused at construction, not at the first forward).
+Commands also check an output folder before any work (`check_writable`).
 """
 
+import tempfile
 from collections.abc import Collection
+from pathlib import Path
 
 
 def _refuse(name: str, value: object, accepted: str, hint: str = "") -> None:
@@ -55,3 +58,14 @@ def check_text(name: str, value: object) -> None:
     """`value` must be a non-empty string."""
     if not isinstance(value, str) or not value:
         _refuse(name, value, "must be a non-empty string")
+
+
+def check_writable(folder: Path, shown: str) -> None:
+    """Create `folder` if needed and write a temporary file into it; a ValueError naming `shown` (the option
+    and value as the user gave them) if either fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{shown}: cannot write there ({error.strerror or error})") from None

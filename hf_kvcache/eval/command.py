@@ -4,7 +4,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import transformers
@@ -12,9 +11,10 @@ import transformers
 from hf_kvcache.eval.results import CacheResult, PartialResults
 from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
 from hf_kvcache.eval.tasks import TASKS
+from hf_kvcache.models import model_folder_or_name
 from hf_kvcache.registry import describe_caches
 from hf_kvcache.report import format_table
-from hf_kvcache.validation import check_int
+from hf_kvcache.validation import check_int, check_writable
 
 DESCRIPTION = """\
 Measure what each KV-cache strategy costs: perplexity (overall and per position bucket), bytes the
@@ -183,12 +183,7 @@ def writable_folder(folder: str) -> Path:
     output = Path(folder)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {folder}: is a file, not a folder")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output):
-            pass
-    except OSError as error:
-        raise ValueError(f"--output {folder}: cannot write there ({error.strerror or error})") from None
+    check_writable(output, f"--output {folder}")
     return output
 
 
@@ -222,11 +217,7 @@ def run(args: argparse.Namespace) -> None:
     output = writable_folder(args.output)
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()
-    model = args.model
-    if model is not None and model.startswith((".", "/", "~")):
-        model = str(Path(model).expanduser())
-        if not Path(model).is_dir():
-            raise FileNotFoundError(f"model folder not found: {args.model}")
+    model = model_folder_or_name(args.model)
     if args.task not in TASK_DEFAULTS:
         run_tasks(args, model, output, state)
         return

@@ -116,10 +116,13 @@ def load_text(dataset: str, use_hub: bool | None = None) -> Text:
     return Text(str(path), f"local file {path} ({path.suffix[1:]})", text)
 
 
-def tokenize_text(text: Text, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> torch.Tensor:
-    """The first `max_tokens` token ids of `text`, shape (1, max_tokens); ValueError if it has fewer."""
+def tokenize_text(
+    text: Text, tokenizer: PreTrainedTokenizerBase, max_tokens: int, option: str = "--max-tokens"
+) -> torch.Tensor:
+    """The first `max_tokens` token ids of `text`, shape (1, max_tokens); ValueError if it has fewer, naming
+    `max_tokens` as the command-line `option` it came from."""
     if not isinstance(max_tokens, int) or max_tokens < 2:
-        raise ValueError(f"--max-tokens {max_tokens!r} must be an integer >= 2")
+        raise ValueError(f"{option} {max_tokens!r} must be an integer >= 2")
     characters = max_tokens * 8
     while True:
         complete = characters >= len(text.text)
@@ -130,6 +133,6 @@ def tokenize_text(text: Text, tokenizer: PreTrainedTokenizerBase, max_tokens: in
             return torch.tensor([ids[:max_tokens]], dtype=torch.long)
         if complete:
             raise ValueError(
-                f"--max-tokens {max_tokens:,} is more than the {len(ids):,} tokens of {text.dataset} ({text.source})"
+                f"{option} {max_tokens:,} is more than the {len(ids):,} tokens of {text.dataset} ({text.source})"
             )
         characters *= 4

@@ -1,14 +1,13 @@
 """`hf-kvcache calibrate`: a per-layer bit profile (key and value widths) for a model, from a short calibration."""
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import transformers
 
 from hf_kvcache.quant.profile import METRIC_LABEL, BitProfile, check_budget, check_choices
 from hf_kvcache.report import format_table
-from hf_kvcache.validation import check_int
+from hf_kvcache.validation import check_int, check_writable
 
 DESCRIPTION = """\
 Choose every layer's key and value code widths for `QuantizedCache` (KVTuner-style mixed precision,
@@ -118,12 +117,7 @@ def writable_file(path: str) -> Path:
     output = Path(path)
     if output.is_dir():
         raise ValueError(f"--output {path}: is a folder; give a file name, e.g. {output / 'profile.json'}")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output.parent):
-            pass
-    except OSError as error:
-        raise ValueError(f"--output {path}: cannot write there ({error.strerror or error})") from None
+    check_writable(output.parent, f"--output {path}")
     return output
 
 
@@ -190,20 +184,12 @@ def calibrate(args: argparse.Namespace, choices: tuple[int, ...], settings: dict
     from tqdm.auto import tqdm
 
     from hf_kvcache.eval.data import load_text, tokenize_text
-    from hf_kvcache.models import load_model
+    from hf_kvcache.models import load_model, model_folder_or_name
     from hf_kvcache.quant.calibration import calibrate_bit_profile, calibration_passes
 
-    model_name = args.model
-    if model_name is not None and model_name.startswith((".", "/", "~")):
-        model_name = str(Path(model_name).expanduser())
-        if not Path(model_name).is_dir():
-            raise FileNotFoundError(f"model folder not found: {args.model}")
-    model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(model_folder_or_name(args.model), dtype=args.dtype, device=args.device)
     text = load_text(args.dataset)
-    try:
-        input_ids = tokenize_text(text, tokenizer, args.tokens)
-    except ValueError as error:  # its message names eval's option
-        raise ValueError(str(error).replace("--max-tokens", "--tokens")) from None
+    input_ids = tokenize_text(text, tokenizer, args.tokens, option="--tokens")
     with tqdm(
         total=calibration_passes(model.config, choices), desc="calibrating", unit="pass", disable=args.no_progress
     ) as bar:
