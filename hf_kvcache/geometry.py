@@ -9,10 +9,10 @@ reads `config.head_dim` or a global RoPE.
 """
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedConfig
+from transformers import PreTrainedConfig, cache_utils
 
 from hf_kvcache.rope import Rope, inverse_frequencies
 
@@ -21,6 +21,30 @@ FULL_ATTENTION = "full_attention"
 WINDOWED_KINDS = ("sliding_attention", "chunked_attention")
 ATTENTION_KINDS = (FULL_ATTENTION, *WINDOWED_KINDS)
 SHARED_KIND = "dummy"  # a layer that stores nothing: it reads another layer's KV, or has no attention
+# transformers' own cache layer class for each layer kind (5.25; older versions map fewer kinds)
+_TRANSFORMERS_LAYERS: dict[str, type] = getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
+_RECURRENT_MIXIN = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+# Why a layer kind that holds per-token state beside its KV (or none at all) is not served.
+_UNSERVED_REASONS = {
+    "indexed_attention": (
+        "its sparse attention reads only the tokens an indexer selects, by per-token indexer keys the cache holds "
+        "beside the KV; quantizing or evicting the KV without those keys in lockstep would change which tokens it "
+        "reads, and hf_kvcache does not hold indexer keys"
+    ),
+    "compressed_sparse_attention": "it keeps compressed KV blocks of its own design, not per-token keys and values",
+    "heavily_compressed_attention": "it keeps compressed KV blocks of its own design, not per-token keys and values",
+}
+
+
+def recurrent_layer_class(kind: str) -> type | None:
+    """transformers' cache layer for `kind` when that layer holds only a recurrent state (linear attention,
+    Mamba, short convolutions: no per-token keys and values), else None. Read from transformers itself, so a
+    new recurrent kind is recognised without a list here."""
+    layer_class = _TRANSFORMERS_LAYERS.get(kind)
+    if layer_class is None or _RECURRENT_MIXIN is None or not issubclass(layer_class, _RECURRENT_MIXIN):
+        return None
+    return None if issubclass(layer_class, cache_utils.CacheLayerMixin) else layer_class
+
 
 # Models that rotate neighbouring channel pairs (GPT-J style) rather than the two halves of the head.
 INTERLEAVED_ROPE_MODELS = (
@@ -50,8 +74,9 @@ class LayerGeometry:
     """What a cache must know about one model layer.
 
     `kind`: a transformers layer type ("full_attention", "sliding_attention", "chunked_attention",
-    "dummy" for a layer that stores nothing, or a kind no hf_kvcache cache serves such as
-    "linear_attention"). `window`: the model's own window (sliding/chunked layers). `key_dim`/`value_dim`:
+    "dummy" for a layer that stores nothing, a recurrent kind such as "linear_attention" or "conv", held
+    exactly as transformers holds it, or a kind no hf_kvcache cache serves such as "indexed_attention").
+    `layer_kwargs`: what transformers passes to its own cache layer for this kind (`number_of_states`). `window`: the model's own window (sliding/chunked layers). `key_dim`/`value_dim`:
     channels of the cached key and value tensors. `positions`: "rope" (see `rope`), "none" (keys carry no
     position: re-rotation is the identity) or "absolute" (positions enter elsewhere, e.g. GPT-2's
     position embeddings or ALiBi: cached keys cannot be moved). `rope_problem`: why this layer's RoPE
@@ -69,10 +94,16 @@ class LayerGeometry:
     rope_problem: str | None = None
     softcap: float | None = None
     learned_sinks: bool = False
+    layer_kwargs: dict = field(default_factory=dict)
 
     @property
     def is_attention(self) -> bool:
         return self.kind in ATTENTION_KINDS
+
+    @property
+    def keeps_recurrent_state(self) -> bool:
+        """A layer with a running state and no per-token KV (linear attention, Mamba, convolution)."""
+        return recurrent_layer_class(self.kind) is not None
 
     @property
     def is_windowed(self) -> bool:
@@ -111,15 +142,51 @@ class ModelGeometry:
                 return f"{mine.describe()}: its rotary embedding (frequencies or layout) differs from the model's"
         return None
 
+    @property
+    def recurrent_layers(self) -> tuple[LayerGeometry, ...]:
+        """The layers that keep a running state instead of per-token KV (hybrid models)."""
+        return tuple(layer for layer in self.layers if layer.keeps_recurrent_state)
+
     def refuse_unserved(self, cache_name: str) -> None:
-        """Raise a ValueError naming the first layer whose kind no hf_kvcache cache can hold."""
+        """Raise a ValueError naming the first layer whose kind no hf_kvcache cache can hold, and why."""
         for layer in self.layers:
-            if not layer.is_attention and layer.kind != SHARED_KIND:
-                raise ValueError(
-                    f"{cache_name} cannot serve {self.model_type} {layer.describe()}: this layer keeps a recurrent "
-                    f"state, not per-token keys and values; hf_kvcache caches serve layers of kind "
-                    f"{', '.join(ATTENTION_KINDS)}. Use transformers' DynamicCache for this model."
-                )
+            if layer.is_attention or layer.kind == SHARED_KIND or layer.keeps_recurrent_state:
+                continue
+            reason = _UNSERVED_REASONS.get(layer.kind)
+            if reason is None:
+                layer_class = _TRANSFORMERS_LAYERS.get(layer.kind)
+                if (
+                    layer_class is not None
+                    and _RECURRENT_MIXIN is not None
+                    and issubclass(layer_class, _RECURRENT_MIXIN)
+                ):
+                    reason = (
+                        "it holds a recurrent state and attention KV in one layer, which hf_kvcache does not split "
+                        "into a state held as transformers holds it and KV held by the cache"
+                    )
+                else:
+                    reason = "transformers' caches know no such layer kind here"
+            raise ValueError(
+                f"{cache_name} cannot serve {self.model_type} {layer.describe()}: {reason}. hf_kvcache caches serve "
+                f"layers of kind {', '.join(ATTENTION_KINDS)} with their strategy and hold recurrent layers (linear "
+                "attention, Mamba, convolution) as transformers does. Use transformers' DynamicCache for this model."
+            )
+        if not any(layer.is_attention for layer in self.layers):
+            raise ValueError(
+                f"{cache_name} cannot serve {self.model_type}: it has no attention layer (layer kinds "
+                f"{', '.join(sorted({layer.kind for layer in self.layers}))}), so there are no keys and values for a "
+                "KV-cache strategy to hold. Use transformers' DynamicCache for this model."
+            )
+
+
+def layers_without_per_token_kv(config: PreTrainedConfig) -> list[str]:
+    """The layer kinds of `config`'s decoder that hold more than per-token keys and values of attention (a
+    recurrent state, indexer keys, compressed blocks): a cache filled with restored KV alone would be wrong
+    there. Empty for a plain attention model."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return sorted({kind for kind in layer_types if kind not in (*ATTENTION_KINDS, SHARED_KIND)})
 
 
 def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -130,7 +197,10 @@ def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
             f"config is an encoder-decoder config ({config.model_type}); hf_kvcache caches support decoder-only LMs"
         )
     text = config.get_text_config(decoder=True)
-    missing = [name for name in ("num_hidden_layers", "num_attention_heads", "hidden_size") if not hasattr(text, name)]
+    missing = [] if hasattr(text, "num_hidden_layers") else ["num_hidden_layers"]
+    if not missing:  # per-layer attributes are read from a layer's view (heterogeneous configs refuse the global)
+        first_layer = _layer_configs(text)[0]
+        missing = [name for name in ("num_attention_heads", "hidden_size") if not hasattr(first_layer, name)]
     if missing:
         raise ValueError(
             f"config ({type(config).__name__}) is not a decoder language-model config with attention: it has no "
@@ -149,7 +219,8 @@ def _layer_configs(text: PreTrainedConfig) -> list[PreTrainedConfig]:
 def _caches_mla_latent(text: PreTrainedConfig) -> bool:
     """DeepSeek-style multi-head latent attention whose cache holds the compressed latent (transformers 5.24:
     the key slot holds the position-free latent, the value slot the shared rotated key part)."""
-    if getattr(text, "kv_lora_rank", None) is None or getattr(text, "qk_rope_head_dim", None) is None:
+    first_layer = _layer_configs(text)[0]
+    if getattr(first_layer, "kv_lora_rank", None) is None or getattr(first_layer, "qk_rope_head_dim", None) is None:
         return False
     try:
         modeling = importlib.import_module(f"transformers.models.{text.model_type}.modeling_{text.model_type}")
@@ -248,6 +319,7 @@ def model_geometry(config: PreTrainedConfig) -> ModelGeometry:
                 rope_problem=rope_problem,
                 softcap=getattr(layer, "attn_logit_softcapping", None),
                 learned_sinks=text.model_type in LEARNED_SINK_MODELS,
+                layer_kwargs=dict(kwargs),
             )
         )
     return ModelGeometry(text.model_type, tuple(layers))

@@ -117,9 +117,37 @@ MATRIX_CONFIGS = {
 _CLASSIC = ("llama", "llama-rope-scaling", "qwen2", "qwen3", "mistral", "mistral-sliding", "phi3", "gpt2")
 # transformers itself offers only eager attention for these.
 EAGER_ONLY = ("gemma2-softcap", "gpt-oss-sinks")
-# Families whose attention does not go through transformers' AttentionInterface: no score capture.
-NO_ATTENTION_INTERFACE = ("falcon-multi-query",)
 MATRIX = ["llama", "mistral-sliding", "qwen2", "qwen3", "gpt2", *MATRIX_CONFIGS]
+
+
+def _takes_attention_functions(arch: str) -> bool:
+    """Whether the family's attention goes through transformers' AttentionInterface in the installed version
+    (Falcon's does from 5.25 on), as `enable_score_capture` finds on the model itself."""
+    from hf_kvcache import enable_score_capture
+
+    config = MATRIX_CONFIGS[arch]()
+    config.num_hidden_layers = 1
+    config.layer_types = getattr(config, "layer_types", None) and config.layer_types[:1]
+    try:
+        enable_score_capture(AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
+    except ValueError:
+        return False
+    return True
+
+
+# Families whose attention does not go through transformers' AttentionInterface here: no score capture.
+NO_ATTENTION_INTERFACE = tuple(arch for arch in MATRIX_CONFIGS if not _takes_attention_functions(arch))
+
+
+def shared_data_file(name: str) -> Path:
+    """A file of ../shared/data (the provenance copies of the bundled texts). A user's clone has no such folder:
+    skipped there; an error in CI, which always has it."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have ../shared/data beside the project ({path} is missing)")
+        pytest.skip(f"no {path} beside the project (../shared is only beside the team's checkouts)")
+    return path
 
 
 def _tiny_config(arch: str):
@@ -211,7 +239,7 @@ def real_model():
 
 @pytest.fixture(scope="session")
 def wikitext_text() -> str:
-    return (SHARED_DATA / "wikitext-2-raw-v1.test.txt").read_text(encoding="utf-8")
+    return shared_data_file("wikitext-2-raw-v1.test.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture

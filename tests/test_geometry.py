@@ -97,9 +97,24 @@ def test_layer_facts_read_per_layer_from_the_config():
     assert model_geometry(tiny_config("phi-partial-rotary")).layers[0].rope.rotary_dim == 8
 
 
-def test_linear_attention_layers_are_refused_naming_the_layer():
-    with pytest.raises(ValueError, match=r"QuantizedCache cannot serve qwen3_next layer 0 \(linear_attention\)"):
-        QuantizedCache(tiny_config("qwen3-next-linear-hybrid"))
+def test_recurrent_layers_are_held_as_transformers_holds_them():
+    cache = QuantizedCache(tiny_config("qwen3-next-linear-hybrid"))
+    assert type(cache.layers[0]) is type(DynamicCache(config=tiny_config("qwen3-next-linear-hybrid")).layers[0])
+    assert model_geometry(tiny_config("qwen3-next-linear-hybrid")).layers[0].keeps_recurrent_state
+
+
+def test_layers_with_per_token_state_besides_kv_are_refused_naming_the_layer_and_why():
+    if not hasattr(transformers, "GlmMoeDsaConfig"):
+        pytest.skip("this transformers has no GLM-MoE-DSA")
+    config = transformers.GlmMoeDsaConfig(**{**COMMON_CONFIG, "num_hidden_layers": 1})
+    with pytest.raises(ValueError, match=r"cannot serve glm_moe_dsa layer 0 \(indexed_attention\): its sparse"):
+        QuantizedCache(config)
+
+
+def test_a_model_without_attention_layers_is_refused():
+    only_linear_attention = tiny_config("qwen3-next-linear-hybrid", layers=2)
+    with pytest.raises(ValueError, match=r"SinkCache cannot serve qwen3_next: it has no attention layer"):
+        SinkCache(only_linear_attention)
 
 
 def test_multimodal_rope_is_refused_for_sink_rerotation():

@@ -28,7 +28,7 @@ from hf_kvcache.caches.storage import (
     TokenQuantizedStore,
     gather_tokens,
 )
-from hf_kvcache.geometry import SHARED_KIND, LayerGeometry, ModelGeometry, model_geometry
+from hf_kvcache.geometry import SHARED_KIND, LayerGeometry, ModelGeometry, model_geometry, recurrent_layer_class
 from hf_kvcache.quant.groupwise import CODEBOOKS
 from hf_kvcache.quant.packing import check_bits, packed_size
 from hf_kvcache.validation import check_bool, check_choice, check_int, check_optional_int
@@ -306,11 +306,12 @@ class KVLayer(CacheLayerMixin):
         return relabelled
 
     # --- what generate needs ----------------------------------------------------------------------
-    def activate_past_recording(self) -> None:
-        """Defer eviction until the next `crop`, so that a rollback (assisted decoding) restores it exactly."""
+    def activate_past_recording(self, **kwargs) -> None:
+        """Defer eviction until the next `crop`, so that a rollback (assisted decoding) restores it exactly.
+        Keywords transformers passes for other layer kinds (5.25: `recurrent_states_to_keep`) do not apply."""
         self.record_past = True
 
-    def crop(self, tokens_to_remove: int) -> None:
+    def crop(self, tokens_to_remove: int, **kwargs) -> None:
         """Remove the newest `-tokens_to_remove` tokens (or keep the first `tokens_to_remove` if > 0), then
         apply any deferred eviction. Raises a ValueError if a token that should come back was evicted."""
         if not self.is_initialized:
@@ -378,6 +379,12 @@ class KVLayer(CacheLayerMixin):
         return self.head.nbytes() + self.body.nbytes() + records
 
 
+def _state_bytes(layer: object) -> int:
+    """Bytes of a transformers recurrent layer's conv and recurrent states."""
+    states = [*getattr(layer, "conv_states", {}).values(), *getattr(layer, "recurrent_states", {}).values()]
+    return sum(t.nbytes for t in states if isinstance(t, torch.Tensor))
+
+
 def _padding_as_first_real(tensor: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """`tensor` [batch, heads, tokens, channels] with every padding token (`real` [batch, tokens] False)
     replaced by the first real token of its row (zeros for a row without one)."""
@@ -416,8 +423,11 @@ class KVCache(Cache):
     Subclasses give the layer for full-attention layers (`full_attention_layer`). Layers the model
     itself runs with a sliding window (or chunked attention) keep the model's window of
     `window - 1` tokens, exactly as transformers' `DynamicSlidingWindowLayer` does, in the same storage.
-    Layers that store nothing (KV shared with another layer) get transformers' `DummyLayer`; layer
-    kinds no hf_kvcache cache can hold (linear attention, state-space) are refused at construction.
+    Layers that store nothing (KV shared with another layer) get transformers' `DummyLayer`. Layers that
+    keep a running state instead of per-token KV (linear attention, Mamba, convolutions in hybrid models)
+    get transformers' own layer for their kind, so they behave exactly as with `DynamicCache` (rollback in
+    assisted decoding included): a strategy (quantization, windows, eviction, budgets) applies to the
+    attention layers only. Layer kinds no hf_kvcache cache can hold are refused at construction.
     """
 
     def __init__(self, config: PreTrainedConfig, storage: Storage):
@@ -432,6 +442,8 @@ class KVCache(Cache):
     def layer_for(self, layer: LayerGeometry) -> CacheLayerMixin:
         if layer.kind == SHARED_KIND:
             return DummyLayer()
+        if layer.keeps_recurrent_state:
+            return recurrent_layer_class(layer.kind)(**layer.layer_kwargs)
         storage = self.storage.for_layer(layer)
         if layer.is_windowed:
             return self.windowed_layer(layer, storage, layer.window - 1)
@@ -468,8 +480,15 @@ class KVCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         kv_length, kv_offset = super().get_mask_sizes(query_length, layer_idx)
         if layer_idx < len(self.layers):
-            announce(self.layers[layer_idx], kv_offset, self)
+            announce(self.mask_layer(layer_idx), kv_offset, self)
         return kv_length, kv_offset
+
+    def mask_layer(self, layer_idx: int) -> CacheLayerMixin:
+        """The layer whose mask sizes transformers reads for `layer_idx`: that layer, or for a recurrent layer
+        (hybrid models ask with index 0) the first attention layer, as `Cache.get_mask_sizes` redirects."""
+        if isinstance(self.layers[layer_idx], CacheLayerMixin):
+            return self.layers[layer_idx]
+        return next(layer for layer in self.layers if isinstance(layer, CacheLayerMixin))
 
     def check_model_config(self, config: PreTrainedConfig) -> None:
         """Refuse a model whose config gives another geometry than the one this cache was built from (a
@@ -486,8 +505,17 @@ class KVCache(Cache):
         self._checked_config = config
 
     def memory_bytes(self) -> int:
-        """Bytes this cache really holds, summed over layers."""
-        return sum(layer.memory_bytes() for layer in self.layers if isinstance(layer, KVLayer))
+        """Bytes this cache really holds, summed over layers: attention KV and recurrent state (see
+        `memory_breakdown`)."""
+        return sum(self.memory_breakdown().values())
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes held, apart: `attention` (the attention layers' KV and bookkeeping, what the strategy manages)
+        and `recurrent_state` (hybrid models' linear-attention / Mamba / convolution states, held as
+        transformers holds them)."""
+        attention = sum(layer.memory_bytes() for layer in self.layers if isinstance(layer, KVLayer))
+        recurrent = sum(_state_bytes(layer) for layer in self.layers if not isinstance(layer, CacheLayerMixin))
+        return {"attention": attention, "recurrent_state": recurrent}
 
     @property
     def seen_tokens(self) -> int:

@@ -193,10 +193,10 @@ class PolicyLayer(KVLayer):
         self.state.pop(RECONSTRUCTION_SCORES, None)
 
     # --- bookkeeping ------------------------------------------------------------------------------
-    def crop(self, tokens_to_remove: int) -> None:
+    def crop(self, tokens_to_remove: int, **kwargs) -> None:
         refuse_rollback(self)
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         refuse_rollback(self)
 
     def _map_batch(self, fn: TensorMap) -> None:

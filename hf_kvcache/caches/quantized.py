@@ -184,7 +184,7 @@ class QuantizedCache(KVCache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         sizes = super().get_mask_sizes(query_length, layer_idx)
-        code_attention.expect_mask(self.forward_record, self.layers[layer_idx].get_seq_length())
+        code_attention.expect_mask(self.forward_record, self.mask_layer(layer_idx).get_seq_length())
         return sizes
 
 

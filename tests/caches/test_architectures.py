@@ -37,11 +37,9 @@ CACHES = {
     "tova": lambda config: TOVACache(config, budget=64),
     "snapkv": lambda config: SnapKVCache(config, budget=64),
 }
-LINEAR_ATTENTION = r"cannot serve qwen3_next layer 0 \(linear_attention\): this layer keeps a recurrent state"
 NO_SCORE_CAPTURE = r"FalconForCausalLM does not take attention functions from transformers' AttentionInterface"
 SCORE_CACHES = ("h2o", "tova", "snapkv")
 REFUSED = {
-    **{("qwen3-next-linear-hybrid", cache): LINEAR_ATTENTION for cache in CACHES},
     **{(arch, cache): NO_SCORE_CAPTURE for arch in NO_ATTENTION_INTERFACE for cache in SCORE_CACHES},
     ("gpt2", "sink"): r"gpt2 layer 0 \(full_attention\) has no rotary position embedding.*rerotate=False",
     ("gpt2", "sink-4bit"): r"gpt2 layer 0 \(full_attention\) has no rotary position embedding.*rerotate=False",

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import shared_data_file
 
 import hf_kvcache.eval.data as data
 from hf_kvcache.eval.data import bundled_text, load_text, tokenize_text
@@ -46,12 +46,12 @@ def test_local_file_errors(tmp_path):
 
 def test_bundled_copies_match_shared_data():
     wikitext = load_text("wikitext2", use_hub=False)
-    assert wikitext.text == (SHARED_DATA / "wikitext-2-raw-v1.test.txt").read_text(encoding="utf-8")
+    assert wikitext.text == shared_data_file("wikitext-2-raw-v1.test.txt").read_text(encoding="utf-8")
     assert "bundled" in wikitext.source
     pg19 = load_text("pg19", use_hub=False)
     assert "Crime and Punishment" in pg19.source
     assert pg19.text == gzip.decompress(
-        gzip.compress((SHARED_DATA / "gutenberg-2554-crime-and-punishment.txt").read_bytes())
+        gzip.compress(shared_data_file("gutenberg-2554-crime-and-punishment.txt").read_bytes())
     ).decode("utf-8")
     assert bundled_text("pg19") == pg19.text
 
