@@ -23,7 +23,7 @@ from hf_kvcache.prefix import (
 from hf_kvcache.quant.calibration import calibrate_bit_profile
 from hf_kvcache.quant.profile import BitProfile
 from hf_kvcache.registry import build_cache, parse_cache_spec, register_cache
-from hf_kvcache.scoring import disable_score_capture, enable_score_capture
+from hf_kvcache.scoring import disable_score_capture, enable_score_capture, score_capture
 
 __all__ = [
     "CACHE_KWARG",
@@ -48,5 +48,6 @@ __all__ = [
     "generate_with_prefix_cache",
     "parse_cache_spec",
     "register_cache",
+    "score_capture",
 ]
 __version__ = "0.1.0"

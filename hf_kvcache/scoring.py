@@ -13,9 +13,10 @@ those queries and averaged over the query heads sharing a KV head; or the querie
 evicts. With any other cache, or none, outputs are exactly those of the original function.
 """
 
+import contextlib
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -255,6 +256,25 @@ def enable_score_capture(model: PreTrainedModel) -> PreTrainedModel:
             "SnapKVCache) cannot serve it; use a cache without score-based eviction"
         )
     return model
+
+
+@contextlib.contextmanager
+def score_capture(model: PreTrainedModel, enabled: bool = True) -> Iterator[PreTrainedModel]:
+    """Within the block, `model` captures scores (`enable_score_capture`, when `enabled`); afterwards it has the
+    attention implementation it had before, whatever happened inside, so a tool that needs capture for one
+    cache hands the model back as it got it.
+
+    Raises:
+        ValueError: as `enable_score_capture`.
+    """
+    previous = model.config._attn_implementation
+    if enabled:
+        enable_score_capture(model)
+    try:
+        yield model
+    finally:
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
 
 
 def disable_score_capture(model: PreTrainedModel) -> PreTrainedModel:

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from hf_kvcache.compat import CACHE_KWARG
+from hf_kvcache.devices import input_device
 from hf_kvcache.eval.memory import cache_bytes
 
 MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
@@ -54,17 +55,18 @@ def evaluation_pass(
         raise ValueError(f"input_ids must have shape (1, n), got {tuple(input_ids.shape)}")
     if not isinstance(step, int) or step < 1:
         raise ValueError(f"step={step!r} must be an integer >= 1")
-    input_ids = input_ids.to(model.device)
+    device = input_device(model)
+    input_ids = input_ids.to(device)
     length = input_ids.shape[1]
     nlls, positions, bytes_held = [], [], []
     seconds = 0.0
     logits = None
     for start in range(0, length, step):
         chunk = input_ids[:, start : start + step]
-        _synchronize(model.device)
+        _synchronize(device)
         began = time.perf_counter()
         logits = model(chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0]
-        _synchronize(model.device)
+        _synchronize(device)
         seconds += time.perf_counter() - began
         targets = input_ids[0, start + 1 : start + step + 1]  # logits at position p predict token p + 1
         nlls.append(F.cross_entropy(logits[: len(targets)].float(), targets, reduction="none").double().cpu())
@@ -78,13 +80,14 @@ def evaluation_pass(
 @torch.no_grad()
 def decode_speed(model: PreTrainedModel, cache: Cache, last_logits: torch.Tensor, steps: int, warmup: int = 2) -> float:
     """Greedy single-token decode through `cache` (continuing its text); tokens/s over `steps` after `warmup`."""
-    token = last_logits.argmax(-1, keepdim=True)
+    device = input_device(model)
+    token = last_logits.argmax(-1, keepdim=True).to(device)
     seconds = 0.0
     for index in range(warmup + steps):
-        _synchronize(model.device)
+        _synchronize(device)
         began = time.perf_counter()
         logits = model(token, **{CACHE_KWARG: cache}, use_cache=True).logits
-        _synchronize(model.device)
+        _synchronize(device)
         if index >= warmup:
             seconds += time.perf_counter() - began
         token = logits[:, -1].argmax(-1, keepdim=True)
@@ -94,8 +97,8 @@ def decode_speed(model: PreTrainedModel, cache: Cache, last_logits: torch.Tensor
 def full_sequence_nll(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-token NLL from one forward over the whole sequence with no cache (the reference)."""
     with torch.no_grad():
-        logits = model(input_ids.to(model.device), use_cache=False).logits[0, :-1].float()
-    return F.cross_entropy(logits, input_ids[0, 1:].to(model.device), reduction="none").double().cpu()
+        logits = model(input_ids.to(input_device(model)), use_cache=False).logits[0, :-1].float()
+    return F.cross_entropy(logits, input_ids[0, 1:].to(logits.device), reduction="none").double().cpu()
 
 
 def bucket_perplexity(nll: torch.Tensor, bucket_size: int) -> list[float]:

@@ -11,13 +11,14 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_kvcache.devices import input_device
 from hf_kvcache.eval.data import load_text, tokenize_text
 from hf_kvcache.eval.memory import PeakMemory
 from hf_kvcache.eval.perplexity import bucket_perplexity, decode_speed, evaluation_pass
 from hf_kvcache.eval.results import CacheResult, EvalResults
 from hf_kvcache.models import DEFAULT_MODEL_NAME, load_model
 from hf_kvcache.registry import CacheSpec, build_cache, parse_cache_spec
-from hf_kvcache.scoring import enable_score_capture
+from hf_kvcache.scoring import score_capture
 
 DEFAULT_CACHES = ("dynamic", "quantized:bits=4", "quantized:bits=2")
 MODES = ("chunk", "token")
@@ -64,7 +65,8 @@ def prepare_model(
     device_map: str | None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, str]:
     """`(model, tokenizer, name)`: a model given by name loaded (on this process's device when several
-    processes share the run), with score capture on when a spec needs it (checked for every spec first)."""
+    processes share the run); every spec is built once, and those that need score capture are checked to get
+    it on this model (then it is switched off again: each spec runs with what it needs, see `needs_capture`)."""
     if isinstance(model, PreTrainedModel):
         model_name = model.config.name_or_path or type(model).__name__
     else:
@@ -76,9 +78,14 @@ def prepare_model(
         except OSError as error:
             raise RuntimeError(f"cannot load model {model_name!r}: {str(error).strip().splitlines()[0]}") from error
     for spec in specs:  # fail on a bad spec before spending time on the others
-        if getattr(build_cache(spec, model.config), "needs_score_capture", False):
-            enable_score_capture(model)  # outputs unchanged; score-based caches get their scores
+        with score_capture(model, needs_capture(spec, model)):
+            pass
     return model, tokenizer, model_name
+
+
+def needs_capture(spec: CacheSpec, model: PreTrainedModel) -> bool:
+    """Whether the cache of `spec` evicts by attention scores (then the model captures them while it runs)."""
+    return getattr(build_cache(spec, model.config), "needs_score_capture", False)
 
 
 def evaluate(
@@ -159,7 +166,7 @@ def evaluate(
     with state.split_between_processes(todo) as mine:
         for spec in mine:
             result = _measure(model, spec, input_ids, step, mode, seed, bucket_size, decode_tokens, progress)
-            measured.append((state.process_index, str(model.device), result))
+            measured.append((state.process_index, str(input_device(model)), result))
             if on_result is not None:
                 on_result(result)
     if state.num_processes > 1:
@@ -177,7 +184,7 @@ def evaluate(
         max_tokens=length,
         decode_tokens=decode_tokens,
         seed=seed,
-        device=str(model.device),
+        device=str(input_device(model)),
         dtype=str(model.dtype).removeprefix("torch."),
         versions=library_versions(),
         results=[by_label[spec.label] for spec in specs],
@@ -206,14 +213,15 @@ def _measure(
     length = input_ids.shape[1]
     torch.manual_seed(seed)
     warmup = input_ids[:, : min(length, 2 * step if mode == "chunk" else 8)]
-    evaluation_pass(model, warmup, build_cache(spec, model.config), step)
     cache = build_cache(spec, model.config)
-    with (
-        PeakMemory(model.device) as peak,
-        tqdm(total=length, desc=spec.label, unit="tok", disable=not progress, leave=False) as bar,
-    ):
-        record = evaluation_pass(model, input_ids, cache, step, progress=bar.update)
-        decode = decode_speed(model, cache, record.last_logits, decode_tokens)
+    with score_capture(model, getattr(cache, "needs_score_capture", False)):
+        evaluation_pass(model, warmup, build_cache(spec, model.config), step)
+        with (
+            PeakMemory(input_device(model)) as peak,
+            tqdm(total=length, desc=spec.label, unit="tok", disable=not progress, leave=False) as bar,
+        ):
+            record = evaluation_pass(model, input_ids, cache, step, progress=bar.update)
+            decode = decode_speed(model, cache, record.last_logits, decode_tokens)
     return CacheResult(
         cache=spec.label,
         spec={"name": spec.name, "params": dict(spec.params)},

@@ -17,10 +17,11 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_kvcache.compat import CACHE_KWARG
+from hf_kvcache.devices import input_device
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.eval.tasks import TASKS, Sample, score
 from hf_kvcache.registry import CacheSpec, build_cache, parse_cache_spec
-from hf_kvcache.scoring import enable_score_capture
+from hf_kvcache.scoring import score_capture
 from hf_kvcache.validation import check_optional_int
 
 GENERATED_CHARS = 200  # generated text kept per sample record
@@ -135,20 +136,19 @@ def evaluate_task(
     records = []
     for sample in samples:
         cache = build_cache(spec, model.config)
-        if getattr(cache, "needs_score_capture", False):
-            enable_score_capture(model)
-        ids = prompt_ids(tokenizer, sample).to(model.device)
+        ids = prompt_ids(tokenizer, sample).to(input_device(model))
         clock = _StepClock()
-        started = time.perf_counter()
-        output = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            **{CACHE_KWARG: cache},
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_token_id,
-            logits_processor=LogitsProcessorList([clock]),
-        )
+        with score_capture(model, getattr(cache, "needs_score_capture", False)):
+            started = time.perf_counter()
+            output = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                **{CACHE_KWARG: cache},
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_token_id,
+                logits_processor=LogitsProcessorList([clock]),
+            )
         seconds = time.perf_counter() - started
         new = output[0, ids.shape[1] :]
         generated = tokenizer.decode(new, skip_special_tokens=True)

@@ -11,6 +11,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_kvcache.devices import input_device
 from hf_kvcache.eval.runner import library_versions, parse_specs, prepare_model, process_state
 from hf_kvcache.eval.task_eval import TaskResult, evaluate_task
 from hf_kvcache.eval.tasks import TASKS, generate_samples
@@ -129,7 +130,7 @@ def evaluate_tasks(
             results.append(result)
             if on_result is not None and state.is_main_process:
                 on_result(label, result)
-    this_process = {"process": state.process_index, "device": str(model.device), "samples": mine_by_label}
+    this_process = {"process": state.process_index, "device": str(input_device(model)), "samples": mine_by_label}
     processes = gather_object([this_process]) if state.num_processes > 1 else [this_process]
     return TaskRun(
         model=model_name,
@@ -137,7 +138,7 @@ def evaluate_tasks(
         context_tokens=context_tokens,
         samples=samples,
         seed=seed,
-        device=str(model.device),
+        device=str(input_device(model)),
         dtype=str(model.dtype).removeprefix("torch."),
         versions=library_versions(),
         results=results,

@@ -6,11 +6,13 @@ hands one model's KV to another, nor a block to a prompt that differs anywhere b
 """
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 
 import torch
 import transformers
+from accelerate.utils import align_module_device, has_offloaded_params
 from transformers import PreTrainedModel
 
 # Bump when the stored layout changes: old entries then become unreachable misses.
@@ -43,12 +45,36 @@ def _sample_digest(tensor: torch.Tensor) -> bytes:
     return sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b""
 
 
+def _tensor_entry(name: str, tensor: torch.Tensor) -> bytes:
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"cannot fingerprint the model: its tensor {name!r} is a `meta` placeholder that accelerate does not load "
+            "(no offloading hook holds its weights); load the model with its weights"
+        )
+    return f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{_tensor_digest(tensor)}".encode() + _sample_digest(tensor)
+
+
+def _offloaded_entries(model: PreTrainedModel) -> dict[str, bytes]:
+    """Entries of the tensors accelerate offloads (kept on `meta` outside their module's forward), read
+    through the offloading hook one module at a time, on the CPU."""
+    entries: dict[str, bytes] = {}
+    for prefix, module in model.named_modules():
+        if not has_offloaded_params(module):
+            continue
+        with align_module_device(module, torch.device("cpu")):
+            for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+                full_name = f"{prefix}.{name}" if prefix else name
+                entries.setdefault(full_name, _tensor_entry(full_name, tensor))
+    return entries
+
+
 def _weights_digest(model: PreTrainedModel) -> str:
-    """Hash of every parameter and buffer: names, shapes, dtypes and all bytes (adapters included)."""
+    """Hash of every parameter and buffer: names, shapes, dtypes and all bytes (adapters included, offloaded
+    weights read through accelerate)."""
+    offloaded = _offloaded_entries(model)
     digest = hashlib.sha256()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{_tensor_digest(tensor)}".encode())
-        digest.update(_sample_digest(tensor))
+        digest.update(offloaded.get(name) or _tensor_entry(name, tensor))
     return digest.hexdigest()
 
 

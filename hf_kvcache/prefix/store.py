@@ -12,6 +12,8 @@ from transformers.cache_utils import Cache
 
 from hf_kvcache.caches.base import KVCache
 from hf_kvcache.caches.evicting import EvictionCache
+from hf_kvcache.devices import layer_devices
+from hf_kvcache.geometry import layers_without_per_token_kv
 from hf_kvcache.prefix.backend import Backend, BackendError
 from hf_kvcache.prefix.codec import (
     BlockFormat,
@@ -63,7 +65,10 @@ class PrefixCache:
             overlaps its decoding. 0 fetches the whole prefix in one request.
 
     Blocks are keyed by the model, the cache's class and settings, and the format: a block is never
-    restored into another configuration.
+    restored into another configuration. Models with layers that hold more than per-token attention KV
+    (hybrids' linear-attention / Mamba / convolution states, sparse attention's indexer keys) are served
+    by recomputing: nothing is restored or saved for them (a warning says so once per store), since a
+    restore of KV alone would leave those layers without the prefix's state.
 
     Counters (see `stats()`): `lookups` prompts looked up; `hits` and `misses` blocks of those prompts
     found or not (of the whole blocks a lookup could use); `tokens_reused`; `blocks_saved` and
@@ -97,6 +102,20 @@ class PrefixCache:
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._warned_unreusable: set[str] = set()
+
+    def _reusable(self, model: PreTrainedModel) -> bool:
+        """Whether restored KV alone reproduces the prefix for this model (see the class docstring)."""
+        kinds = layers_without_per_token_kv(model.config)
+        if kinds and model.config.model_type not in self._warned_unreusable:
+            self._warned_unreusable.add(model.config.model_type)
+            logger.warning(
+                "prefix store: %s has %s layers, whose state after a prefix is not per-token KV; its prompts are "
+                "recomputed, nothing is restored or saved",
+                model.config.model_type,
+                ", ".join(kinds),
+            )
+        return not kinds
 
     def _count(self, **amounts: int) -> None:
         with self._lock:
@@ -195,14 +214,17 @@ class PrefixCache:
             raise ValueError("cache must be empty: restore() fills a fresh cache")
         tokens = prompt_tokens(input_ids)
         usable = len(tokens) if max_tokens is None else max(0, min(len(tokens), max_tokens))
+        if not self._reusable(model):
+            usable = 0
         fingerprint = self.fingerprint(model, cache)
         keys = block_keys(fingerprint, tokens[:usable], self.block_size)
         blocks = self._fetch(keys, fingerprint) if keys else []
         feed = cache.load if isinstance(cache, KVCache) else cache.update  # score caches await no scores for it
+        devices = layer_devices(model) if blocks else []
         for layer in range(len(blocks[0]) if blocks else 0):
             keys_states = torch.cat([block[layer][0] for block in blocks], dim=-2)
             value_states = torch.cat([block[layer][1] for block in blocks], dim=-2)
-            feed(keys_states[None].to(model.device), value_states[None].to(model.device), layer)
+            feed(keys_states[None].to(devices[layer]), value_states[None].to(devices[layer]), layer)
         restored = len(blocks) * self.block_size
         self._count(lookups=1, hits=len(blocks), misses=len(keys) - len(blocks), tokens_reused=restored)
         return restored
@@ -227,6 +249,8 @@ class PrefixCache:
         if any(t.shape[0] != 1 for pair in layers for t in pair):
             raise ValueError("layers must hold one prompt (batch size 1)")
         tokens = prompt_tokens(input_ids)
+        if not self._reusable(model):
+            return 0
         covered = min(len(tokens), start + min((k.shape[-2] for k, _ in layers), default=0))
         fingerprint = self.fingerprint(model, cache)
         keys = block_keys(fingerprint, tokens[:covered], self.block_size)
@@ -326,7 +350,7 @@ class PrefixCache:
                 self._count(errors=1)
                 self._drop(key)
         if tensors is not None:
-            cache.load_held_state(tensors, model.device)
+            cache.load_held_state(tensors, layer_devices(model)[0])
         hit = tensors is not None
         self._count(lookups=1, hits=int(hit), misses=int(not hit), tokens_reused=len(tokens) if hit else 0)
         return hit

@@ -38,6 +38,7 @@ from hf_kvcache.caches.base import FULL_PRECISION, KVLayer, Storage
 from hf_kvcache.caches.quantized import QuantizedCache
 from hf_kvcache.caches.storage import FullPrecisionStore, KVStore, TensorMap
 from hf_kvcache.compat import CACHE_KWARG
+from hf_kvcache.devices import input_device
 from hf_kvcache.geometry import SHARED_KIND, LayerGeometry, model_geometry
 from hf_kvcache.quant.profile import METRICS, BitProfile, check_budget, check_choices, choose_bits
 from hf_kvcache.validation import check_choice, check_int
@@ -138,7 +139,7 @@ def chunked_log_probs(model: PreTrainedModel, input_ids: torch.Tensor, cache, ch
     """Feed `input_ids` (1, n) through `cache` `chunk` tokens at a time, as `evaluation_pass` does; yield, per
     chunk, the float32 log-probabilities [predicted tokens, vocabulary] of the tokens that follow it in the
     text (the last position of the text predicts nothing), and those tokens' ids."""
-    input_ids = input_ids.to(model.device)
+    input_ids = input_ids.to(input_device(model))
     for start in range(0, input_ids.shape[1], chunk):
         logits = model(input_ids[:, start : start + chunk], **{CACHE_KWARG: cache}, use_cache=True).logits[0]
         targets = input_ids[0, start + 1 : start + chunk + 1]
