@@ -46,21 +46,15 @@ def recurrent_layer_class(kind: str) -> type | None:
     return None if issubclass(layer_class, cache_utils.CacheLayerMixin) else layer_class
 
 
-# Models that rotate neighbouring channel pairs (GPT-J style) rather than the two halves of the head.
-INTERLEAVED_ROPE_MODELS = (
-    "gptj",
-    "codegen",
-    "cohere",
-    "cohere2",
-    "glm",
-    "glm4",
-    "ernie4_5",
-    "ernie4_5_moe",
-    "helium",
-    "llama4",
-    "llama4_text",
-    "deepseek_v2",
-)
+# The RoPE pair layout is read from the model's own code: its modeling module's `rotate_half` (or GPT-J's
+# `rotate_every_two`), applied to a probe (`_pair_layout`). These families rotate without such a function
+# (complex multiplication, or an inline split), checked by the per-family shift test in tests/test_geometry.py.
+ROPE_LAYOUT_WITHOUT_ROTATE_FUNCTION = {
+    "llama4": "interleaved",
+    "llama4_text": "interleaved",
+    "deepseek_v2": "interleaved",
+    "gpt_oss": "half",
+}
 # Models whose RoPE predates `rope_parameters`: `rotary_dim` channels, base 10000 (GPT-J's sinusoids).
 ROTARY_DIM_MODELS = ("gptj", "codegen")
 # Models whose global (non-sliding) layers use no RoPE when the model also has sliding layers.
@@ -115,10 +109,12 @@ class LayerGeometry:
 
 @dataclass(frozen=True)
 class ModelGeometry:
-    """Every layer's `LayerGeometry`, in model order, and the model type they were read from."""
+    """Every layer's `LayerGeometry`, in model order, the model type they were read from, and the layers that
+    attend to another input (Mllama's `cross_attention_layers`)."""
 
     model_type: str
     layers: tuple[LayerGeometry, ...]
+    cross_attention_layers: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -149,6 +145,12 @@ class ModelGeometry:
 
     def refuse_unserved(self, cache_name: str) -> None:
         """Raise a ValueError naming the first layer whose kind no hf_kvcache cache can hold, and why."""
+        if self.cross_attention_layers:
+            raise ValueError(
+                f"{cache_name} cannot serve {self.model_type}: its cross-attention layers "
+                f"{list(self.cross_attention_layers)} keep another input's keys and values (an image's) in the cache, "
+                "and the model reads them from the cache's layers directly. Use transformers' DynamicCache for it."
+            )
         for layer in self.layers:
             if layer.is_attention or layer.kind == SHARED_KIND or layer.keeps_recurrent_state:
                 continue
@@ -186,7 +188,12 @@ def layers_without_per_token_kv(config: PreTrainedConfig) -> list[str]:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    return sorted({kind for kind in layer_types if kind not in (*ATTENTION_KINDS, SHARED_KIND)})
+    return sorted({kind for kind in layer_types if kind not in ATTENTION_KINDS and not _stores_nothing(kind)})
+
+
+def _stores_nothing(kind: str) -> bool:
+    """A layer kind transformers keeps no cache for (KV shared with another layer; older names "moe", "mlp")."""
+    return kind == SHARED_KIND or _TRANSFORMERS_LAYERS.get(kind) is getattr(cache_utils, "DummyLayer", None)
 
 
 def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -194,7 +201,8 @@ def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
         raise ValueError(f"config must be a transformers PreTrainedConfig, got {type(config).__name__}")
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f"config is an encoder-decoder config ({config.model_type}); hf_kvcache caches support decoder-only LMs"
+            f"config is an encoder-decoder config ({config.model_type}): hf_kvcache caches cannot serve it, they "
+            "serve decoder-only LMs"
         )
     text = config.get_text_config(decoder=True)
     missing = [] if hasattr(text, "num_hidden_layers") else ["num_hidden_layers"]
@@ -235,7 +243,8 @@ def _has_rope(text: PreTrainedConfig, index: int, kind: str, layer_types: list[s
         return bool(flags[index])
     if text.model_type in NOPE_GLOBAL_LAYER_MODELS and "sliding_attention" in layer_types:
         return kind == "sliding_attention" or bool(getattr(text, "force_rope", False))
-    return True
+    params = getattr(text, "rope_parameters", None) or {}
+    return not (kind in params and params[kind] is None)  # RoPE parameters per layer kind, none for this one (Ergo)
 
 
 def _positions(text: PreTrainedConfig) -> str:
@@ -266,8 +275,42 @@ def _rope(text: PreTrainedConfig, kind: str, rotated_dim: int, slot: str) -> tup
         inv_freq = inverse_frequencies(text, params, rotated_dim, layer_type)
     except (ValueError, KeyError, TypeError) as error:
         return None, f"its RoPE ({params.get('rope_type', 'default')}) could not be resolved: {error}"
-    layout = "interleaved" if text.model_type in INTERLEAVED_ROPE_MODELS else "half"
+    layout, problem = _pair_layout(text)
+    if layout is None:
+        return None, problem
     return Rope(inv_freq, layout=layout, slot=slot), None
+
+
+def _modeling_module(config: PreTrainedConfig) -> object | None:
+    """The modeling module beside the config's class (`...configuration_x` -> `...modeling_x`), if importable."""
+    name = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _pair_layout(text: PreTrainedConfig) -> tuple[str | None, str | None]:
+    """("half" | "interleaved", None) as the model's own rotate function pairs channels, or (None, why not)."""
+    module = _modeling_module(text)
+    rotate = getattr(module, "rotate_half", None) or getattr(module, "rotate_every_two", None)
+    if rotate is None:
+        if text.model_type in ROPE_LAYOUT_WITHOUT_ROTATE_FUNCTION:
+            return ROPE_LAYOUT_WITHOUT_ROTATE_FUNCTION[text.model_type], None
+        return None, (
+            f"its rotary code could not be read: the modeling module of {text.model_type} has no rotate_half or "
+            "rotate_every_two function, so the channel pairs its RoPE rotates are unknown"
+        )
+    probe = torch.arange(1.0, 9.0).view(1, 1, 1, 8)
+    rotated = rotate(probe.clone())
+    if torch.equal(rotated, torch.cat([-probe[..., 4:], probe[..., :4]], dim=-1)):
+        return "half", None
+    if torch.equal(rotated, torch.stack([-probe[..., 1::2], probe[..., 0::2]], dim=-1).flatten(-2)):
+        return "interleaved", None
+    return (
+        None,
+        f"its rotary code ({module.__name__}.{rotate.__name__}) pairs channels in a layout hf_kvcache does not know",
+    )
 
 
 def _kv_heads(text: PreTrainedConfig, layer: PreTrainedConfig) -> int:
@@ -300,6 +343,8 @@ def model_geometry(config: PreTrainedConfig) -> ModelGeometry:
     mla_latent = _caches_mla_latent(text)
     layers = []
     for index, (kind, kwargs, layer) in enumerate(zip(layer_types, layer_kwargs, _layer_configs(text))):
+        if _stores_nothing(kind):
+            kind = SHARED_KIND
         kv_heads, key_dim, value_dim, rotated_dim, slot = _channels(text, layer, mla_latent)
         rope, rope_problem, positions = None, None, "absolute"
         if has_rope:
@@ -322,4 +367,4 @@ def model_geometry(config: PreTrainedConfig) -> ModelGeometry:
                 layer_kwargs=dict(kwargs),
             )
         )
-    return ModelGeometry(text.model_type, tuple(layers))
+    return ModelGeometry(text.model_type, tuple(layers), tuple(getattr(text, "cross_attention_layers", None) or ()))

@@ -27,4 +27,5 @@ echo "import site; list(map(site.addsitedir, $PARENT_SITES))" > "$VENV_SITE/_hf_
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_geometry.py tests/test_compat.py tests/test_scoring.py \
   tests/caches/test_architectures.py tests/caches/test_assisted.py tests/caches/test_shared_cases.py \
+  tests/caches/test_hybrid.py tests/caches/test_deferred_stop.py \
   tests/caches/test_quantized.py tests/caches/test_sink.py tests/caches/test_window.py

@@ -38,6 +38,8 @@ MORE_FAMILIES = {
     "exaone4": lambda: transformers.Exaone4Config(**_GQA, **_MIXED),
     "olmo3": lambda: transformers.Olmo3Config(**_GQA, **_MIXED),
 }
+if hasattr(transformers, "ErgoConfig"):  # 5.25: interleaved pairs, a family no list here names (read from its code)
+    MORE_FAMILIES["ergo"] = lambda: transformers.ErgoConfig(**_GQA, head_dim=16, **_MIXED)
 
 
 @torch.no_grad()
@@ -73,6 +75,18 @@ def test_each_layers_rope_shift_equals_the_model_at_a_later_position(arch):
             slot = 0 if layer.rope.slot == "keys" else 1
             torch.testing.assert_close(layer.rope.shift(states[slot], delta), expected[slot], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(states[1 - slot], expected[1 - slot], atol=1e-6, rtol=1e-5)
+
+
+def test_rope_pair_layout_is_read_from_the_models_rotary_code(monkeypatch):
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    assert model_geometry(tiny_config("llama")).layers[0].rope.layout == "half"
+    assert model_geometry(tiny_config("cohere2-interleaved-nope")).layers[0].rope.layout == "interleaved"
+    monkeypatch.setattr(modeling_llama, "rotate_half", lambda x: torch.cat([x[..., 4:], -x[..., :4]], dim=-1))
+    layer = model_geometry(tiny_config("llama")).layers[0]
+    assert layer.rope is None and "pairs channels in a layout hf_kvcache does not know" in layer.rope_problem
+    with pytest.raises(ValueError, match="does not know"):
+        SinkCache(tiny_config("llama"), sink_tokens=2, window=8)
 
 
 def test_layer_facts_read_per_layer_from_the_config():
