@@ -11,6 +11,7 @@ import torch
 import transformers
 from conftest import tiny_config
 from helpers import random_ids
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from hf_kvcache import (
@@ -128,7 +129,13 @@ def test_prompt_lookup_decoding_rolls_back_the_recurrent_state(hybrid, cache_nam
     prompt = torch.cat([base, base, base, random_ids(model, 1, 3, seed=4)], dim=1)
     expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
     cache = CACHES[cache_name](model.config)
-    out = model.generate(prompt, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4, **{CACHE_KWARG: cache})
+    lookup = dict(max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4)
+    if Version(transformers.__version__) < Version("5.25") and getattr(model, "_is_stateful", False):
+        # before 5.25 transformers refuses assisted decoding of stateful models, DynamicCache included
+        with pytest.raises(ValueError, match="not supported with stateful models"):
+            model.generate(prompt, **lookup, **{CACHE_KWARG: cache})
+        return
+    out = model.generate(prompt, **lookup, **{CACHE_KWARG: cache})
     assert torch.equal(out, expected)
 
 
