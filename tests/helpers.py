@@ -4,6 +4,7 @@ import torch
 from conftest import make_tiny_model
 from transformers import DynamicCache
 
+from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.geometry import LayerGeometry
 
 
@@ -20,6 +21,15 @@ def chunked_logits(model, input_ids: torch.Tensor, cache, chunk: int, attention_
 @torch.no_grad()
 def dynamic_logits(model, input_ids: torch.Tensor, chunk: int, attention_mask=None) -> torch.Tensor:
     return chunked_logits(model, input_ids, DynamicCache(config=model.config), chunk, attention_mask)
+
+
+@torch.no_grad()
+def prefill_then_tokens(model, input_ids: torch.Tensor, cache, prefill: int = 8) -> torch.Tensor:
+    """A prefill of `prefill` tokens through `cache`, then one token at a time: every logit."""
+    logits = [model(input_ids[:, :prefill], **{CACHE_KWARG: cache}).logits]
+    steps = range(prefill, input_ids.shape[1])
+    logits += [model(input_ids[:, t : t + 1], **{CACHE_KWARG: cache}).logits for t in steps]
+    return torch.cat(logits, dim=1)
 
 
 def random_ids(model, batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 import transformers
+from helpers import prefill_then_tokens
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from hf_kvcache import HeavyHitterCache, QuantizedCache, SinkCache, SlidingWindowCache, enable_score_capture
-from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.scoring import ScoreCaptureError
 
 QUANTIZED_TOLERANCE = 0.05  # max |logit difference| at 8 bits (group 4, residual 4) on random tiny models
@@ -149,13 +149,6 @@ def _quiet():
             transformers.logging.set_verbosity(verbosity)
 
 
-@torch.no_grad()
-def _logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    logits = [model(ids[:, :8], **{CACHE_KWARG: cache}).logits]
-    logits += [model(ids[:, t : t + 1], **{CACHE_KWARG: cache}).logits for t in range(8, ids.shape[1])]
-    return torch.cat(logits, dim=1)
-
-
 def _tiny_model(model_type: str):
     """A tiny eager model of `model_type`, 12 token ids and DynamicCache's logits on them, or None if no shrunk
     config builds and runs (a limit of `shrunk`, not of the caches)."""
@@ -168,7 +161,7 @@ def _tiny_model(model_type: str):
         try:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-            return model, ids, _logits(model, ids, DynamicCache(config=model.config))
+            return model, ids, prefill_then_tokens(model, ids, DynamicCache(config=model.config))
         except Exception:  # any failure here is the shrunk config's
             continue
     return None
@@ -216,7 +209,7 @@ def model_type_row(model_type: str, run: bool = True) -> dict[str, Cell]:
                 continue
             model, ids, expected = tiny
             try:
-                actual = _logits(model, ids, cache)
+                actual = prefill_then_tokens(model, ids, cache)
             except (ValueError, ScoreCaptureError) as error:  # refused when the model first runs
                 row[kind] = Cell("refused", f"at the first forward: {_first_line(error)}")
                 continue

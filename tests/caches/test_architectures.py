@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import EAGER_ONLY, MATRIX, NO_ATTENTION_INTERFACE, tiny_config
 from eviction_reference import dense_on_kept
+from helpers import prefill_then_tokens as feed
 from helpers import random_ids
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -64,14 +65,6 @@ def widen_model_window(config) -> None:
 def model_from(config, attn: str):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
-
-
-@torch.no_grad()
-def feed(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """A prefill of 8 tokens, then one token at a time: every logit."""
-    logits = [model(ids[:, :8], **{CACHE_KWARG: cache}).logits]
-    logits += [model(ids[:, t : t + 1], **{CACHE_KWARG: cache}).logits for t in range(8, ids.shape[1])]
-    return torch.cat(logits, dim=1)
 
 
 @pytest.mark.parametrize(("arch", "cache_name", "attn"), CELLS)

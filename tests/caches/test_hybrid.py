@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_config
+from helpers import prefill_then_tokens as feed
 from helpers import random_ids
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -67,13 +68,6 @@ NO_ROPE = ("jamba",)  # its attention layers have no position encoding: sinks ca
 def model_of(name: str):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(HYBRIDS[name](), attn_implementation="eager").eval()
-
-
-@torch.no_grad()
-def feed(model, ids, cache) -> torch.Tensor:
-    logits = [model(ids[:, :8], **{CACHE_KWARG: cache}).logits]
-    logits += [model(ids[:, t : t + 1], **{CACHE_KWARG: cache}).logits for t in range(8, ids.shape[1])]
-    return torch.cat(logits, dim=1)
 
 
 def recurrent_bytes(cache) -> int:
