@@ -190,20 +190,13 @@ def prompt_parts(tokenizer, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def compresses_once(cache) -> bool:
-    """Whether `cache` takes the context through `compress_context` before the question.
-
-    A cache with that method does, unless its `compress_once` says otherwise; a cache with a `policy` (the
-    eviction caches, which offer `compress_context` to every policy) does only when `policy.compress_once`
-    is true (KVzip), as `EvictionCache.compress_context` reads it. The other policies (SnapKV's observation
-    window, ...) are measured as they are used, with the question in the prefill.
-    """
+    """Whether `cache` takes the context through `compress_context` before the question: a cache that says so
+    (`compresses_once`, as the eviction caches do from their policy's protocol: KVzip yes, SnapKV's
+    observation window and the others no, measured as they are used, with the question in the prefill), or
+    any other cache offering `compress_context`."""
     if not callable(getattr(cache, "compress_context", None)):
         return False
-    if getattr(cache, "compress_once", None) is not None:
-        return bool(cache.compress_once)
-    if getattr(cache, "policy", None) is not None:
-        return bool(getattr(cache.policy, "compress_once", False))
-    return True
+    return bool(getattr(cache, "compresses_once", True))
 
 
 def _forward(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from hf_kvcache.quant.calibration import calibrate_bit_profile
 from hf_kvcache.quant.profile import BitProfile
 from hf_kvcache.registry import build_cache, parse_cache_spec, register_cache
 from hf_kvcache.scoring import disable_score_capture, enable_score_capture, score_capture
+from hf_kvcache.version import __version__ as __version__
 
 __all__ = [
     "CACHE_KWARG",
@@ -50,4 +51,3 @@ __all__ = [
     "register_cache",
     "score_capture",
 ]
-__version__ = "0.1.0"

@@ -9,6 +9,7 @@ reads `config.head_dim` or a global RoPE.
 """
 
 import importlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -368,3 +369,23 @@ def model_geometry(config: PreTrainedConfig) -> ModelGeometry:
             )
         )
     return ModelGeometry(text.model_type, tuple(layers), tuple(getattr(text, "cross_attention_layers", None) or ()))
+
+
+def RopeRotator(config: PreTrainedConfig, layer_index: int = 0) -> Rope:
+    """Deprecated: the `Rope` of one layer. RoPE differs per layer (Gemma 3's local and global bases, NoPE
+    layers); use `hf_kvcache.geometry.model_geometry(config).layers[i].rope`.
+
+    Raises:
+        ValueError: the layer has no RoPE that can be shifted (the reason is named).
+    """
+    warnings.warn(
+        "RopeRotator(config) is deprecated: RoPE differs per layer; use "
+        "hf_kvcache.geometry.model_geometry(config).layers[i].rope",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    layer = model_geometry(config).layers[layer_index]
+    if layer.rope is None:
+        reason = layer.rope_problem or f"its positions are {layer.positions!r}, not rotary"
+        raise ValueError(f"{layer.describe()} has no RoPE to shift: {reason}")
+    return layer.rope

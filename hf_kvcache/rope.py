@@ -12,7 +12,6 @@ Source: RoFormer, Su et al. 2021, https://arxiv.org/abs/2104.09864 (rotation by 
 frequency, which composes additively, so a shift by `delta` is one more rotation by delta x frequency).
 """
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -72,25 +71,3 @@ def inverse_frequencies(
     kwargs = {"layer_type": layer_type} if layer_type else {}
     inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", **kwargs)
     return inv_freq.to(torch.float64)
-
-
-def RopeRotator(config: PreTrainedConfig, layer_index: int = 0) -> Rope:
-    """Deprecated: the `Rope` of one layer. RoPE differs per layer (Gemma 3's local and global bases, NoPE
-    layers); use `hf_kvcache.geometry.model_geometry(config).layers[i].rope`.
-
-    Raises:
-        ValueError: the layer has no RoPE that can be shifted (the reason is named).
-    """
-    from hf_kvcache.geometry import model_geometry  # geometry builds on this module
-
-    warnings.warn(
-        "RopeRotator(config) is deprecated: RoPE differs per layer; use "
-        "hf_kvcache.geometry.model_geometry(config).layers[i].rope",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    layer = model_geometry(config).layers[layer_index]
-    if layer.rope is None:
-        reason = layer.rope_problem or f"its positions are {layer.positions!r}, not rotary"
-        raise ValueError(f"{layer.describe()} has no RoPE to shift: {reason}")
-    return layer.rope

@@ -187,7 +187,7 @@ def test_cache_built_for_another_model_is_refused():
 
 
 def test_the_old_rope_rotator_name_returns_a_layers_rope_with_a_deprecation_warning():
-    from hf_kvcache.rope import RopeRotator
+    from hf_kvcache.geometry import RopeRotator
 
     config = tiny_config("gemma3-local-rope")
     with pytest.warns(DeprecationWarning, match="RoPE differs per layer"):

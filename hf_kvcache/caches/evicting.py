@@ -1,15 +1,5 @@
-"""The generic eviction cache: `(config, policy, storage)`, one `PolicyLayer` per full-attention layer.
-
-One eviction hook: a policy layer evicts after its forward's attention ran, when the capturing attention
-function (`hf_kvcache.scoring`, switched on by `enable_score_capture(model)`) hands it the attention
-call. The layer announces itself in `update`; the attention function first asks it for the mask
-(`attention_mask`: the padding of kept tokens, which transformers cannot know once tokens were evicted
-out of order), runs the model's own attention, then calls `observe`, which builds the policy's `Step`
-and keeps what the policy selects. Every policy goes through this hook, whether it reads attention
-(H2O, SnapKV) or only keys (Knorm), so padding is handled once, for all of them.
-
-Left-padded batches: each row keeps its own tokens; padding is never kept in place of a real token
-(only as filler when a row has fewer real tokens than the budget) and never attended.
+"""The generic eviction cache: `(config, policy, storage)`, one `PolicyLayer` (`caches/policy_layer.py`: the one
+eviction hook, padding) per full-attention layer, `RaggedPolicyLayer` for ragged policies (Ada-KV).
 
 Every head keeps the same number of tokens unless the policy is `ragged` (Ada-KV), so the kept tokens
 stay one dense tensor per layer; kept tokens keep the rotary positions they were computed with.
@@ -18,204 +8,24 @@ stay one dense tensor per layer; kept tokens keep the rotary positions they were
 import contextlib
 import copy
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_kvcache.caches import compress_once
 from hf_kvcache.caches.base import FULL_PRECISION, KVCache, KVLayer, Storage
-from hf_kvcache.caches.storage import TensorMap
+from hf_kvcache.caches.policy_layer import PolicyLayer
+from hf_kvcache.caches.ragged import RaggedPolicyLayer
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.geometry import LayerGeometry
-from hf_kvcache.policies.base import STORAGE_SETTINGS, EvictionPolicy, Needs, Step
+from hf_kvcache.policies.base import STORAGE_SETTINGS, EvictionPolicy, on_policy_registered
 from hf_kvcache.policies.h2o import H2O
-from hf_kvcache.policies.kvzip import RECONSTRUCTION_SCORES
 from hf_kvcache.policies.snapkv import SnapKV
 from hf_kvcache.policies.tova import TOVA
-from hf_kvcache.scoring import AttentionCall, announce_update, padding_of_new_tokens, with_stored_padding
-
-
-def refuse_rollback(layer: object) -> None:
-    raise ValueError(
-        f"{type(layer).__name__} cannot roll back (crop), so it cannot serve assisted or prompt-lookup decoding: "
-        "policy-based eviction keeps no record of the tokens it evicted, and which tokens it keeps depends on "
-        "the tokens a rollback would remove. Use QuantizedCache, SlidingWindowCache or SinkCache for assisted decoding."
-    )
-
-
-def gather_last(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """`tensor[b, h, indices[b, h, i]]` for [batch, heads, tokens] tensors; either side may have one head."""
-    heads = max(tensor.shape[1], indices.shape[1])
-    return tensor.expand(-1, heads, -1).gather(2, indices.expand(-1, heads, -1))
-
-
-class PolicyLayer(KVLayer):
-    """A full-attention layer whose kept tokens are chosen by `policy`, at most `budget` per KV head.
-
-    Besides the stored keys and values it holds, per stored token and KV head, whether the token is real
-    (bool) and the position it was seen at (int32); both count in `memory_bytes`.
-    """
-
-    is_croppable = False
-    tracks_padding = False  # `real`, per head, replaces the per-row record of KVLayer
-
-    def __init__(self, geometry: LayerGeometry, storage: Storage, policy: EvictionPolicy, budget: int, num_layers: int):
-        super().__init__(geometry, storage)
-        self.policy, self.budget, self.num_layers = policy, budget, num_layers
-        self.query_length = 0
-        self.real: torch.Tensor | None = None  # bool [batch, kv_heads, stored]
-        self.positions: torch.Tensor | None = None  # int32 [batch, kv_heads, stored]
-        self.state: dict[str, torch.Tensor] = {}  # the policy's per-token state, [batch, heads or 1, stored]
-        self.running: dict[str, torch.Tensor] = {}  # the policy's other state, batch first
-
-    def get_max_length(self) -> int:
-        return self.budget
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        self.query_length = key_states.shape[-2]
-        announce_update(self)
-        return keys, values
-
-    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super()._append(key_states, value_states)
-        batch, heads, count = key_states.shape[:3]
-        new_positions = torch.arange(self.seen_tokens - count, self.seen_tokens, device=key_states.device)
-        new_positions = new_positions.to(torch.int32).expand(batch, heads, -1)
-        new_real = torch.ones((batch, heads, count), dtype=torch.bool, device=key_states.device)
-        if self.real is None:
-            self.real, self.positions = new_real, new_positions.clone()
-        else:
-            self.real = torch.cat([self.real, new_real], dim=-1)
-            self.positions = torch.cat([self.positions, new_positions], dim=-1)
-
-    # --- called by the capturing attention function -----------------------------------------------
-    def attention_mask(self, attention_mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
-        """Record which of this forward's tokens are padding; return the mask with the true padding of
-        the stored tokens (see `scoring.with_stored_padding`)."""
-        new_real = padding_of_new_tokens(attention_mask, self.query_length)
-        if new_real is not None:
-            self.real[..., -self.query_length :] = new_real[:, None]
-        return with_stored_padding(attention_mask, self.real[..., : -self.query_length], query)
-
-    def observe(self, call: AttentionCall) -> None:
-        """Build the policy's `Step` from this forward's attention call, update its state, and evict."""
-        if self.reconstructing:
-            self.observe_reconstruction(call)
-            return
-        policy, stored = self.policy, self.stored_tokens
-        evict = policy.should_evict(self.query_length, stored, self.budget)
-        attention = queries = None
-        count = min(policy.scored_queries(self.query_length), self.query_length)
-        if policy.needs is Needs.LAST_QUERIES and not evict:
-            count = 0
-        if count and policy.needs in (Needs.LAST_QUERIES, Needs.EVERY_QUERY):
-            attention = self._per_cached_head(call.scores(count))
-        elif count and policy.needs is Needs.QUERY_STATES:
-            queries = call.query[:, :, -count:]
-        step = self._step(self.query_length, attention, queries, call.scaling)
-        policy.update_state(step)
-        if evict:
-            self.keep(policy.select(step, self.budget))
-
-    def _step(
-        self,
-        query_length: int,
-        attention: torch.Tensor | None = None,
-        queries: torch.Tensor | None = None,
-        scaling: float | None = None,
-    ) -> Step:
-        """The policy's view of what this layer holds after a forward of `query_length` tokens."""
-        return Step(
-            self.geometry,
-            self.num_layers,
-            query_length,
-            self.seen_tokens,
-            self.real,
-            self.positions,
-            self.state,
-            self.running,
-            self.body.read,
-            attention,
-            queries,
-            scaling,
-        )
-
-    def _per_cached_head(self, scores: torch.Tensor) -> torch.Tensor:
-        """Average attention over the attention heads that share a cached head (latent MLA caches hold one
-        shared latent for many attention KV heads), or over all heads when the policy is not per head."""
-        heads = self.geometry.kv_heads if self.policy.per_head else 1
-        return scores.unflatten(1, (heads, -1)).mean(dim=2)
-
-    def keep(self, indices: torch.Tensor) -> None:
-        """Keep, per batch row and KV head (or for all heads: [batch, 1, kept]), the tokens at `indices`."""
-        self.body.gather(indices)
-        self.real, self.positions = gather_last(self.real, indices), gather_last(self.positions, indices)
-        self.state.update({name: gather_last(value, indices) for name, value in self.state.items()})
-
-    def kept_positions(self) -> list[list[list[int]]]:
-        """Per batch row and KV head, the positions of the real tokens held (ascending)."""
-        if not self.is_initialized:
-            return []
-        return [
-            [positions[real].tolist() for positions, real in zip(row_positions, row_real)]
-            for row_positions, row_real in zip(self.positions, self.real)
-        ]
-
-    def padding_held(self) -> int:
-        """Padding tokens held (as filler, masked) over all rows and heads."""
-        return int((~self.real).sum()) if self.is_initialized else 0
-
-    # --- compress once (KVzip): score reconstructions of the held context, then keep the best --------
-    reconstructing = False  # set by `EvictionCache.scoring_reconstructions` around reconstruction forwards
-
-    def observe_reconstruction(self, call: AttentionCall) -> None:
-        """Instead of `observe` during a reconstruction forward: raise each held token's recorded score
-        (`state`, [batch, kv_heads, held]) to the highest attention this forward's queries gave it
-        (`policy.reconstruction_scores`); evict nothing. `forget_newest` then drops the forward's tokens."""
-        held = self.stored_tokens - self.query_length
-        received = self.policy.reconstruction_scores(call, held, self.geometry.kv_heads)
-        previous = self.state.get(RECONSTRUCTION_SCORES)
-        self.state[RECONSTRUCTION_SCORES] = received if previous is None else torch.maximum(previous, received)
-
-    def forget_newest(self, count: int) -> None:
-        """Drop the newest `count` tokens as if never seen (the tokens of a reconstruction forward)."""
-        self.body.drop_newest(count)
-        self.real, self.positions = self.real[..., :-count], self.positions[..., :-count]
-        self.seen_tokens -= count
-
-    def keep_reconstructed(self) -> None:
-        """Keep what the policy selects by the recorded reconstruction scores (all tokens when they fit the
-        budget), then drop the scores."""
-        if self.stored_tokens > self.budget:
-            self.keep(self.policy.select(self._step(query_length=0), self.budget))
-        self.state.pop(RECONSTRUCTION_SCORES, None)
-
-    # --- bookkeeping ------------------------------------------------------------------------------
-    def crop(self, tokens_to_remove: int, **kwargs) -> None:
-        refuse_rollback(self)
-
-    def activate_past_recording(self, **kwargs) -> None:
-        refuse_rollback(self)
-
-    def _map_batch(self, fn: TensorMap) -> None:
-        super()._map_batch(fn)
-        if self.real is not None:
-            self.real, self.positions = fn(self.real), fn(self.positions)
-        self.state.update({name: fn(value) for name, value in self.state.items()})
-        self.running.update({name: fn(value) for name, value in self.running.items()})
-
-    def reset(self) -> None:
-        super().reset()
-        self.query_length = 0
-        self.real = self.positions = None
-        self.state, self.running = {}, {}
-
-    def memory_bytes(self) -> int:
-        held = (self.real, self.positions, *self.state.values(), *self.running.values())
-        bookkeeping = sum(t.nbytes for t in held if t is not None)
-        return super().memory_bytes() + bookkeeping
+from hf_kvcache.registry import fields_as_parameters, register_cache, registered_caches
 
 
 class EvictionCache(KVCache):
@@ -255,11 +65,7 @@ class EvictionCache(KVCache):
     def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> PolicyLayer:
         num_layers = self.geometry.num_layers
         self.policy.check_layer(layer)
-        layer_type = PolicyLayer
-        if self.policy.ragged:
-            from hf_kvcache.caches.ragged import RaggedPolicyLayer  # it builds on PolicyLayer
-
-            layer_type = RaggedPolicyLayer
+        layer_type = RaggedPolicyLayer if self.policy.ragged else PolicyLayer
         return layer_type(layer, storage, self.policy, self.policy.layer_budget(layer.index, num_layers), num_layers)
 
     def __repr__(self) -> str:
@@ -276,16 +82,17 @@ class EvictionCache(KVCache):
         """Fill this empty cache with the context `context_ids` [batch, length] (left padding: 0 in
         `attention_mask`), compressed once; then `clone()` it for each question, fed from position `length`.
 
-        A compress-once policy (`policy.compress_once`, KVzip) compresses the context its own way (see
-        `KVzip.compress_context`; `tokenizer` tokenizes its reconstruction prompt). Any other policy gets the
-        context as one prompt forward, evicting as it does after any prompt; `tokenizer` is then unused.
+        A compress-once policy (`policies.base.CompressOncePolicy`, KVzip) is fed by its protocol (see
+        `hf_kvcache.caches.compress_once.compress_context`; `tokenizer` tokenizes its scoring prompt). Any
+        other policy gets the context as one prompt forward, evicting as it does after any prompt; `tokenizer`
+        is then unused.
         Positions count each row's real tokens from 0, as `generate` does.
 
         Raises:
             ValueError: a non-empty cache; for compress-once policies, see their `compress_context`.
         """
-        if getattr(self.policy, "compress_once", False):
-            self.policy.compress_context(self, model, context_ids, attention_mask, tokenizer)
+        if self.compresses_once:
+            compress_once.compress_context(self, model, context_ids, attention_mask, tokenizer)
             return
         if self.get_seq_length() != 0:
             raise ValueError("compress_context fills an empty cache: call cache.reset() or build a new one")
@@ -301,6 +108,15 @@ class EvictionCache(KVCache):
                 logits_to_keep=1,
                 **{CACHE_KWARG: self},
             )
+
+    @property
+    def compresses_once(self) -> bool:
+        """Whether the policy compresses a context once (then feed contexts through `compress_context`)."""
+        return compress_once.compresses_once(self)
+
+    def over_budget(self) -> bool:
+        """Whether some policy layer holds more tokens than its budget."""
+        return any(layer.stored_tokens > layer.budget for layer in self.layers if isinstance(layer, PolicyLayer))
 
     def clone(self) -> "EvictionCache":
         """An independent copy (every held tensor copied; config and policy shared): one per question, so that
@@ -344,7 +160,7 @@ class EvictionCache(KVCache):
     def compression_identity(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
         """What besides the model, the storage and the context determines what this cache holds after
         `compress_context`: the policy and, for compress-once policies, their reconstruction prompt's ids."""
-        if getattr(self.policy, "compress_once", False):
+        if self.compresses_once:
             return f"{self.policy!r}:prompt_ids={self.policy.prompt_ids(model, tokenizer)}"
         return repr(self.policy)
 
@@ -410,6 +226,26 @@ def policy_and_storage(
     policy = policy_type(**{name: value for name, value in settings.items() if name in policy_fields})
     storage = Storage(**{name: value for name, value in settings.items() if name in STORAGE_SETTINGS}, token_wise=True)
     return policy, storage
+
+
+def _policy_cache(policy_type: type[EvictionPolicy], config: PreTrainedConfig, **settings: object) -> EvictionCache:
+    return EvictionCache(config, *policy_and_storage(policy_type, settings))
+
+
+def _register_policy_spec(name: str, help: str, policy_type: type[EvictionPolicy]) -> None:
+    """Make a policy recorded by `register_policy` the cache spec `name` (refusing a name another cache holds)."""
+    existing = registered_caches().get(name)
+    registered = getattr(getattr(existing, "factory", None), "args", (None,))[0]
+    if existing is not None and getattr(registered, "__qualname__", None) != policy_type.__qualname__:
+        raise ValueError(
+            f"cache name {name!r} is already registered ({existing.help}); choose another name for "
+            f"{policy_type.__name__}"
+        )
+    parameters = {**fields_as_parameters(policy_type), **fields_as_parameters(Storage, list(STORAGE_SETTINGS))}
+    register_cache(name, functools.partial(_policy_cache, policy_type), help, parameters)
+
+
+on_policy_registered(_register_policy_spec)
 
 
 class PolicyCache(EvictionCache):

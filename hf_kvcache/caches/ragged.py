@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from hf_kvcache.caches.evicting import PolicyLayer
+from hf_kvcache.caches.policy_layer import PolicyLayer
 from hf_kvcache.caches.storage import KVStore, TensorMap
 from hf_kvcache.policies.base import Step
 from hf_kvcache.scoring import AttentionCall, announce_update, padding_of_new_tokens, with_stored_padding

@@ -2,7 +2,9 @@
 
 Perplexity is `exp(mean NLL)` over every token after the first, each predicted from all earlier tokens
 as the cache presents them. In chunk mode a step is C tokens (a chunk sees its own keys in full
-precision); in token mode it is one token (each token sees only the cache).
+precision); in token mode it is one token (each token sees only the cache). A cache whose policy compresses
+once (KVzip) is compressed after every step, by its own protocol (`caches.compress_once.compress_newest`),
+so its later steps are predicted from what it kept; the compression counts in the forward time.
 """
 
 import math
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
+from hf_kvcache.caches.compress_once import compress_newest, compresses_once
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.devices import input_device
 from hf_kvcache.eval.memory import cache_bytes
@@ -45,11 +48,17 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluation_pass(
-    model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, step: int, progress=None
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cache: Cache,
+    step: int,
+    progress=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> PassRecord:
     """Feed `input_ids` (1, n) through `cache` `step` tokens at a time.
 
-    `progress`, if given, is called with the number of tokens of each step (a tqdm `update`).
+    `progress`, if given, is called with the number of tokens of each step (a tqdm `update`). `tokenizer`
+    tokenizes a compress-once policy's scoring prompt (None: the tokenizer saved with the model).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, n), got {tuple(input_ids.shape)}")
@@ -61,11 +70,14 @@ def evaluation_pass(
     nlls, positions, bytes_held = [], [], []
     seconds = 0.0
     logits = None
+    compress = compresses_once(cache)
     for start in range(0, length, step):
         chunk = input_ids[:, start : start + step]
         _synchronize(device)
         began = time.perf_counter()
         logits = model(chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0]
+        if compress:
+            compress_newest(cache, model, input_ids[:, : start + chunk.shape[1]], chunk.shape[1], tokenizer)
         _synchronize(device)
         seconds += time.perf_counter() - began
         targets = input_ids[0, start + 1 : start + step + 1]  # logits at position p predict token p + 1

@@ -165,7 +165,7 @@ def evaluate(
     measured = []
     with state.split_between_processes(todo) as mine:
         for spec in mine:
-            result = _measure(model, spec, input_ids, step, mode, seed, bucket_size, decode_tokens, progress)
+            result = _measure(model, tokenizer, spec, input_ids, step, mode, seed, bucket_size, decode_tokens, progress)
             measured.append((state.process_index, str(input_device(model)), result))
             if on_result is not None:
                 on_result(result)
@@ -200,6 +200,7 @@ def evaluate(
 
 def _measure(
     model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
     spec: CacheSpec,
     input_ids: torch.Tensor,
     step: int,
@@ -215,12 +216,12 @@ def _measure(
     warmup = input_ids[:, : min(length, 2 * step if mode == "chunk" else 8)]
     cache = build_cache(spec, model.config)
     with score_capture(model, getattr(cache, "needs_score_capture", False)):
-        evaluation_pass(model, warmup, build_cache(spec, model.config), step)
+        evaluation_pass(model, warmup, build_cache(spec, model.config), step, tokenizer=tokenizer)
         with (
             PeakMemory(input_device(model)) as peak,
             tqdm(total=length, desc=spec.label, unit="tok", disable=not progress, leave=False) as bar,
         ):
-            record = evaluation_pass(model, input_ids, cache, step, progress=bar.update)
+            record = evaluation_pass(model, input_ids, cache, step, progress=bar.update, tokenizer=tokenizer)
             decode = decode_speed(model, cache, record.last_logits, decode_tokens)
     return CacheResult(
         cache=spec.label,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_kvcache.caches.compress_once import compresses_once
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.devices import input_device
 from hf_kvcache.eval.memory import cache_bytes
@@ -85,17 +86,33 @@ class _StepClock(LogitsProcessor):
         return scores
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> torch.Tensor:
-    """Token ids (1, n) of the sample: the prompt as a user turn of the chat template, followed by the
-    answer prefix, when the tokenizer has a template; else `sample.text` as raw text."""
+def _prompt_text(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[str, bool]:
+    """The text `prompt_ids` tokenizes and whether the tokenizer adds its special tokens to it."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": sample.prompt}], tokenize=False, add_generation_prompt=True
         )
-        ids = tokenizer(text + sample.answer_prefix, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(sample.text)["input_ids"]
-    return torch.tensor([ids], dtype=torch.long)
+        return text + sample.answer_prefix, False
+    return sample.text, True
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> torch.Tensor:
+    """Token ids (1, n) of the sample: the prompt as a user turn of the chat template, followed by the
+    answer prefix, when the tokenizer has a template; else `sample.text` as raw text."""
+    text, special = _prompt_text(tokenizer, sample)
+    return torch.tensor([tokenizer(text, add_special_tokens=special)["input_ids"]], dtype=torch.long)
+
+
+def context_length(tokenizer: PreTrainedTokenizerBase, sample: Sample, ids: torch.Tensor) -> int:
+    """How many of the sample's `prompt_ids` (1, n) belong to its context (`sample.context`, the prompt
+    before its question, with the chat template's opening): the tokens a compress-once cache compresses
+    before the question is fed. Counted as the ids the text up to the context's end shares with `ids`, at
+    least 1 and at most n - 1 (`generate` needs a token to feed)."""
+    text, special = _prompt_text(tokenizer, sample)
+    cut = text.index(sample.prompt) + len(sample.context)
+    context = tokenizer(text[:cut], add_special_tokens=special)["input_ids"]
+    shared = next((i for i, (a, b) in enumerate(zip(context, ids[0].tolist())) if a != b), len(context))
+    return min(max(shared, 1), ids.shape[1] - 1)
 
 
 @torch.no_grad()
@@ -112,7 +129,9 @@ def evaluate_task(
     Each sample: a new cache (`build_cache(spec, model.config)`), greedy `model.generate` of at most
     `max_new_tokens` tokens (default: the task's own answer budget, `TASKS[task].max_new_tokens`), the new
     tokens decoded and scored with `tasks.score`. Score-based caches get score capture enabled on the
-    model (outputs of other caches are unchanged by it).
+    model while they run (outputs of other caches are unchanged by it). A cache whose policy compresses once
+    (KVzip) takes the sample's context through `compress_context` first (`context_length`), then the
+    question and the answer through `generate`; its compression counts in `prefill_seconds`.
 
     A sample record holds: `task`, `index`, `seed`, `context_tokens` (prompt tokens fed, chat template
     included), `score`, `generated` (the first `GENERATED_CHARS` characters), `depths` (needle depths),
@@ -140,6 +159,8 @@ def evaluate_task(
         clock = _StepClock()
         with score_capture(model, getattr(cache, "needs_score_capture", False)):
             started = time.perf_counter()
+            if compresses_once(cache):  # the context first, by the policy's protocol; then the question
+                cache.compress_context(model, ids[:, : context_length(tokenizer, sample, ids)], tokenizer=tokenizer)
             output = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),

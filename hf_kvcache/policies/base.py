@@ -7,7 +7,6 @@ with the kept tokens (gathered with them, reordered with beams).
 """
 
 import enum
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -159,31 +158,71 @@ def keep_top(
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :budget].sort(dim=-1).values
 
 
+RECONSTRUCTION_SCORES = "reconstruction"  # per-token state of a compress-once policy while its context is scored
+
+
+@dataclass(frozen=True)
+class CompressOncePolicy(EvictionPolicy):
+    """A policy that compresses a context once, by scoring forwards run over it, and never evicts otherwise.
+
+    The cache runs the protocol (`hf_kvcache.caches.compress_once`): the context is prefilled in forwards of
+    `chunk_size` tokens; then, per chunk, one scoring forward of `prompt_ids()` followed by that chunk again,
+    after which its tokens are forgotten; each held token keeps the highest score (`reconstruction_scores`)
+    any scoring forward gave it; finally `select` keeps the best `budget` per head. Questions then run as
+    ordinary forwards, which never evict. A subclass gives `chunk_size` (a field), `prompt_ids` and
+    `reconstruction_scores`; tools feed it through `compress_context` (`compress_once` says so).
+    """
+
+    compress_once: ClassVar[bool] = True
+
+    def should_evict(self, query_length: int, stored: int, layer_budget: int) -> bool:
+        """Never during ordinary forwards: only the compression selects."""
+        return False
+
+    def score(self, step: Step) -> torch.Tensor:
+        """The highest score each stored token received from the scoring forwards [batch, kv_heads, stored]."""
+        return step.state[RECONSTRUCTION_SCORES]
+
+    def prompt_ids(self, model: object, tokenizer: object = None) -> list[int]:
+        """The token ids every scoring forward starts with (before the repeated chunk)."""
+        raise NotImplementedError(f"{type(self).__name__} must define prompt_ids(model, tokenizer)")
+
+    def reconstruction_scores(self, call: object, held: int, heads: int) -> torch.Tensor:
+        """float32 [batch, heads, held]: what one scoring forward's attention call (`scoring.AttentionCall`)
+        gives each of the `held` context tokens, for `heads` cached heads."""
+        raise NotImplementedError(f"{type(self).__name__} must define reconstruction_scores(call, held, heads)")
+
+
 STORAGE_SETTINGS = ("bits", "group_size", "residual_length", "rotate")  # what a cache spec may set of `Storage`
+
+
+PolicyListener = Callable[[str, str, type], None]
+_registered: list[tuple[str, str, type]] = []  # (name, help, policy type), in registration order
+_listeners: list[PolicyListener] = []
 
 
 def register_policy(name: str, help: str) -> Callable[[type], type]:
     """Class decorator: make the policy a cache spec, `name:field=value,...` (its fields plus the storage's
-    `bits`, `group_size`, `residual_length`, `rotate`), for `hf-kvcache eval --cache` and `build_cache`."""
-    from hf_kvcache.caches.base import Storage
-    from hf_kvcache.registry import fields_as_parameters, register_cache, registered_caches
+    `bits`, `group_size`, `residual_length`, `rotate`), for `hf-kvcache eval --cache` and `build_cache`.
+
+    The policy is only recorded here; the caches (`caches/evicting.py`, above this module) turn every recorded
+    policy into a spec (`on_policy_registered`).
+
+    Raises:
+        ValueError: `name` is already the name of another registered cache.
+    """
 
     def register(policy_type: type) -> type:
-        existing = registered_caches().get(name)
-        registered = getattr(getattr(existing, "factory", None), "args", (None,))[0]
-        if existing is not None and getattr(registered, "__qualname__", None) != policy_type.__qualname__:
-            raise ValueError(
-                f"cache name {name!r} is already registered ({existing.help}); choose another name for "
-                f"{policy_type.__name__}"
-            )
-        parameters = {**fields_as_parameters(policy_type), **fields_as_parameters(Storage, list(STORAGE_SETTINGS))}
-        register_cache(name, functools.partial(_policy_cache, policy_type), help, parameters)
+        for listener in _listeners:
+            listener(name, help, policy_type)
+        _registered.append((name, help, policy_type))
         return policy_type
 
     return register
 
 
-def _policy_cache(policy_type: type, config: object, **settings: object) -> object:
-    from hf_kvcache.caches.evicting import EvictionCache, policy_and_storage  # the caches import the policies
-
-    return EvictionCache(config, *policy_and_storage(policy_type, settings))
+def on_policy_registered(listener: PolicyListener) -> None:
+    """Call `listener(name, help, policy_type)` for every policy registered so far and every later one."""
+    _listeners.append(listener)
+    for registration in _registered:
+        listener(*registration)

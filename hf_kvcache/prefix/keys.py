@@ -15,6 +15,8 @@ import transformers
 from accelerate.utils import align_module_device, has_offloaded_params
 from transformers import PreTrainedModel
 
+from hf_kvcache.version import __version__
+
 # Bump when the stored layout changes: old entries then become unreachable misses.
 LAYOUT_VERSION = "hf_kvcache.prefix/3"
 _SAMPLES_PER_TENSOR = 1024
@@ -89,8 +91,6 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     1,024-element sample of every tensor (4.6 ms on the packaged model), which also catches most edits made
     through `.data`, which autograd does not count.
     """
-    from hf_kvcache import __version__
-
     identity = {
         "layout": LAYOUT_VERSION,
         "config": model.config.to_dict(),

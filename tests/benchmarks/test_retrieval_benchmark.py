@@ -10,7 +10,7 @@ from conftest import make_tiny_model, save_tiny_model_folder
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
 
-from hf_kvcache import CACHE_KWARG, registry
+from hf_kvcache import CACHE_KWARG, build_cache, registry
 from hf_kvcache.eval.task_eval import prompt_ids
 from hf_kvcache.eval.tasks import TASKS, generate_sample
 
@@ -49,17 +49,13 @@ class CompressOnceCache(DynamicCache):
         model(context_ids, **{CACHE_KWARG: self}, use_cache=True)
 
 
-def test_compress_once_is_the_cache_or_its_policy_flag(bench):
-    class Policy:  # like the eviction policies: no flag unless compress-once
-        pass
-
-    cache = CompressOnceCache(make_tiny_model("llama").config)
+def test_compress_once_is_the_cache_or_its_policy_protocol(bench):
+    config = make_tiny_model("llama").config
+    cache = CompressOnceCache(config)
     assert bench["compresses_once"](cache) and not bench["compresses_once"](DynamicCache())
-    cache.policy = Policy()
-    assert not bench["compresses_once"](cache)
-    cache.policy.compress_once = True
-    assert bench["compresses_once"](cache)
-    cache.compress_once = False  # the cache's own word comes first
+    assert bench["compresses_once"](build_cache("kvzip:budget=8", config))
+    assert not bench["compresses_once"](build_cache("snapkv:budget=64", config))  # offers compress_context, too
+    cache.compresses_once = False  # the cache's own word comes first
     assert not bench["compresses_once"](cache)
 
 
