@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import hf_kvcache
-from hf_kvcache import CACHE_KWARG, enable_score_capture, scoring
+from hf_kvcache import CACHE_KWARG, enable_score_capture
 from hf_kvcache.eval.data import bundled_text
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.eval.perplexity import evaluation_pass
@@ -287,7 +287,6 @@ def retrieval_rows(
 
 def failed_row(spec: str, template: str, budget: int | None, error: Exception) -> dict:
     """The row of a spec whose run raised: the error in one printed line, its traceback in the JSON."""
-    scoring._take_pending()  # a forward that failed midway can leave a score-based layer waiting for scores
     print(f"FAILED {spec}: {type(error).__name__}: {error}", flush=True)
     return {
         "cache": spec,

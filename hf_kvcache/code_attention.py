@@ -319,14 +319,20 @@ def placeholders(view: CodeView) -> tuple[torch.Tensor, torch.Tensor]:
     if previous is not None and not previous.consumed:
         raise CodeAttentionError(
             "a QuantizedCache layer returned placeholders for a code-reading attention, but the model's "
-            "attention never read them. Build the cache with attention='dequantize' for this model; if a "
-            "forward was interrupted midway, call `cache.reset()` and retry."
+            "attention never read them. Build the cache with attention='dequantize' for this model."
         )
     kv = view.head_keys.shape[2] + len(view.store) + view.new_keys.shape[2]
     shapes = [(*tensor.shape[:2], kv, tensor.shape[3]) for tensor in (view.new_keys, view.new_values)]
     keys, values = (view.new_keys.new_zeros(()).expand(shape) for shape in shapes)
     keys.code_view = view
     return keys, values
+
+
+def forward_begins() -> None:
+    """Called when a cache's forward builds its masks (before any layer updates): what a forward of this thread
+    that stopped between a layer's update and its attention (an exception, Ctrl-C) left behind (placeholders
+    never read, a probe never confirmed) is dropped, so that it cannot fail a later forward of any cache."""
+    _local.view = _local.probe = None
 
 
 def announce_real(layer: object, keys: torch.Tensor) -> None:

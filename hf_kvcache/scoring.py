@@ -44,9 +44,16 @@ def announce_update(layer: object) -> None:
             f"{type(layer).__name__} ({type(getattr(layer, 'policy', None)).__name__}) evicts after attention, but the "
             "attention of the previous layer never reported back: score capture is not active on this model. Call "
             "`hf_kvcache.enable_score_capture(model)` before using an eviction-policy cache (EvictionCache and its "
-            "presets, whatever the policy reads). If a forward failed midway, call `cache.reset()` and retry."
+            "presets, whatever the policy reads)."
         )
     _pending.layer = layer
+
+
+def forward_begins() -> None:
+    """Called when a cache's forward builds its masks (before any layer updates): a layer left waiting by a
+    forward of this thread that stopped between a layer's update and its attention (an exception, Ctrl-C)
+    is dropped, so that it cannot fail or be served by a later forward of any cache or model."""
+    _pending.layer = None
 
 
 def _take_pending() -> object | None:
