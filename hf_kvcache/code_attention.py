@@ -51,9 +51,9 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from hf_kvcache.caches.masking import install_mask_corrections
 from hf_kvcache.caches.storage import QuantizedStore
+from hf_kvcache.scoring import _allowed, attention_probabilities
 
 MAX_QUERY_LENGTH = 8  # queries up to this length (decode, small speculative chunks) read codes
-MASKED = torch.finfo(torch.float32).min  # like eager attention: a fully masked row stays finite
 
 _local = threading.local()
 
@@ -262,13 +262,14 @@ def code_attention(
         parts.append(_run(key_logits, compiled, rotated, *key_args, store.key_bits, store.key_group))
     parts.append(rows @ post_keys.mT)
     logits = torch.cat(parts, dim=-1)  # [B, H, group * L, kv]
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = _masked(logits, attention_mask, batch, heads, group, length)
-    if sinks is not None:
-        sink_logits = sinks.float().view(1, heads, group, 1, 1).expand(batch, heads, group, length, 1)
-        logits = torch.cat([logits, sink_logits.reshape(batch, heads, group * length, 1)], dim=-1)
-    probabilities = logits.softmax(dim=-1)
+    kv = logits.shape[-1]
+    allowed = (
+        None
+        if attention_mask is None and length == 1
+        else _allowed(attention_mask, slice(0, length), length, kv, query.device)
+    )
+    probabilities = attention_probabilities(logits.view(batch, heads, group, length, kv), allowed, softcap, sinks)
+    probabilities = probabilities.view(batch, heads, group * length, kv)
     head_count, post_count = head_keys.shape[2], post_keys.shape[2]
     output = probabilities[..., :head_count] @ head_values
     output = output + probabilities[..., head_count + quantized : head_count + quantized + post_count] @ post_values
@@ -286,24 +287,6 @@ def code_attention(
         output = output + (body if store.value_rotation is None else body @ store.value_rotation.float().mT)
     output = output.view(batch, heads, group, length, -1).reshape(batch, q_heads, length, -1)
     return output.transpose(1, 2).contiguous().to(query.dtype)
-
-
-def _masked(
-    logits: torch.Tensor, mask: torch.Tensor | None, batch: int, heads: int, group: int, length: int
-) -> torch.Tensor:
-    """`logits` [B, H, group * L, kv] with what `mask` forbids (None: the causal order of the new tokens) at
-    the float32 minimum, or the additive mask added."""
-    kv = logits.shape[-1]
-    if mask is None:
-        if length == 1:
-            return logits
-        position = torch.arange(length, device=logits.device)
-        mask = torch.ones(1, 1, length, kv, dtype=torch.bool, device=logits.device)
-        mask[..., kv - length :] = position[None, :] <= position[:, None]
-    mask = mask[..., -length:, :kv].unsqueeze(2)  # [B|1, 1, 1, L, kv]: shared by the query heads
-    grouped = logits.view(batch, heads, group, length, kv)
-    grouped = grouped.masked_fill(~mask, MASKED) if mask.dtype == torch.bool else grouped + mask.float()
-    return grouped.reshape(batch, heads, group * length, kv)
 
 
 # --- hand-over between the cache update and the attention call --------------------------------------------

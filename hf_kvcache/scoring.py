@@ -71,6 +71,53 @@ def _allowed(mask: torch.Tensor | None, rows: slice, q_length: int, kv_length: i
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+MASKED = torch.finfo(torch.float32).min  # what eager attention's additive mask leaves: a fully masked row stays finite
+
+
+def attention_probabilities(
+    logits: torch.Tensor,
+    allowed: torch.Tensor | None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    real_queries: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's own attention probabilities, as its eager attention computes them: the one softmax of score
+    capture, KVzip's reconstruction scores and code-reading decode.
+
+    `logits` float32 [batch, kv_heads, group, rows, kv]: scaled query-key products, query head `h * group + g`
+    at [h, g] (GQA). `allowed` bool [batch|1, 1|q_heads, rows, kv], True where a query may attend (None: all).
+    `softcap`: tanh capping of the logits before the mask (Gemma 2). `sinks` [q_heads]: learned logits that take
+    part in the softmax without a key (GPT-OSS; real tokens' probabilities then sum to less than one).
+    `real_queries` bool [batch, rows]: False (padding queries) gives a row of zeros. Forbidden logits are the
+    float32 minimum, as eager attention's additive mask leaves them. Returns float32 [batch, kv_heads, group,
+    rows, kv].
+    """
+    batch, kv_heads, group, rows, _ = logits.shape
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if allowed is not None:
+        allowed = allowed.unflatten(1, (kv_heads, group)) if allowed.shape[1] > 1 else allowed[:, :, None]
+        logits = logits.masked_fill(~allowed, MASKED)
+    if sinks is not None:
+        sink_logits = sinks.float().view(1, kv_heads, group, 1, 1).expand(batch, kv_heads, group, rows, 1)
+        probabilities = torch.cat([logits, sink_logits], dim=-1).softmax(dim=-1)[..., :-1]
+    else:
+        probabilities = logits.softmax(dim=-1)
+    if real_queries is not None:
+        probabilities = probabilities * real_queries[:, None, None, :, None]
+    return probabilities
+
+
+def grouped_logits(query: torch.Tensor, key: torch.Tensor, rows: slice, scaling: float | None) -> torch.Tensor:
+    """float32 [batch, kv_heads, group, rows, kv]: scaled logits of the queries in `rows` (query [batch, q_heads, q,
+    dim], key [batch, kv_heads, kv, dim]), grouped by the KV head they share."""
+    batch, q_heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    scaling = dim**-0.5 if scaling is None else scaling
+    queries = query[:, :, rows].float().reshape(batch, kv_heads, q_heads // kv_heads, -1, dim)
+    return (queries @ key.float()[:, :, None].transpose(-1, -2)) * scaling
+
+
 def attention_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -84,34 +131,20 @@ def attention_scores(
     """Softmax attention of the last `last_queries` queries, summed over them, averaged per KV head.
 
     query [batch, q_heads, q, dim], key [batch, kv_heads, kv, dim] -> float32 [batch, kv_heads, kv].
-    The probabilities are the model's own: `scaling`, `softcap` (tanh capping of the logits, Gemma 2) and
-    learned per-query-head `sinks` logits [q_heads] that take part in the softmax without a key (GPT-OSS;
-    the probabilities of real tokens then sum to less than one). Queries marked False in `real_queries`
-    [batch, q] (padding) count zero. Queries are scored `QUERY_CHUNK` at a
-    time, so the full attention matrix is never held.
+    The probabilities are the model's own (`attention_probabilities`: `scaling`, `softcap`, learned `sinks`).
+    Queries marked False in `real_queries` [batch, q] (padding) count zero. Queries are scored `QUERY_CHUNK`
+    at a time, so the full attention matrix is never held.
     """
-    batch, q_heads, q_length, dim = query.shape
+    batch, _, q_length, _ = query.shape
     kv_heads, kv_length = key.shape[1], key.shape[2]
-    group = q_heads // kv_heads
-    scaling = dim**-0.5 if scaling is None else scaling
-    keys = key.float()[:, :, None].transpose(-1, -2)  # [batch, kv_heads, 1, dim, kv]
     total = query.new_zeros((batch, kv_heads, kv_length), dtype=torch.float32)
     for start in range(q_length - last_queries, q_length, QUERY_CHUNK):
         rows = slice(start, min(start + QUERY_CHUNK, q_length))
-        queries = query[:, :, rows].float().reshape(batch, kv_heads, group, -1, dim)
-        logits = (queries @ keys) * scaling  # [batch, kv_heads, group, rows, kv]
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        allowed = _allowed(attention_mask, rows, q_length, kv_length, query.device)  # [batch|1, 1|q_heads, rows, kv]
-        allowed = allowed.unflatten(1, (kv_heads, group)) if allowed.shape[1] == q_heads else allowed[:, :, None]
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        if sinks is not None:
-            sink_logits = sinks.float().view(1, kv_heads, group, 1, 1).expand(*logits.shape[:-1], 1)
-            probabilities = torch.cat([logits, sink_logits], dim=-1).softmax(dim=-1)[..., :-1]
-        else:
-            probabilities = logits.softmax(dim=-1)
-        if real_queries is not None:  # a padding query may attend nothing at all: its row is NaN
-            probabilities = probabilities.nan_to_num(0.0) * real_queries[:, None, None, rows, None]
+        allowed = _allowed(attention_mask, rows, q_length, kv_length, query.device)
+        real = None if real_queries is None else real_queries[:, rows]
+        probabilities = attention_probabilities(
+            grouped_logits(query, key, rows, scaling), allowed, softcap, sinks, real
+        )
         total += probabilities.sum(dim=-2).mean(dim=2)
     return total
 

@@ -1,5 +1,6 @@
 """Score capture: the registered attention leaves outputs unchanged and computes exact chunked scores."""
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -49,6 +50,34 @@ def test_chunked_scores_equal_dense_scores(monkeypatch, last):
     assert torch.allclose(attention_scores(query, key, float_mask, None, last), expected, atol=1e-5)
     # each query's weights sum to one, so the totals count the queries
     assert torch.allclose(expected.sum(-1), torch.full((2, 3), float(last)), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2-softcap", "gpt-oss-sinks"])
+@pytest.mark.parametrize("boolean", [True, False])
+def test_attention_probabilities_are_the_models_eager_weights(arch, boolean):
+    """On a left-padded batch, with the model's own scaling, softcapping (Gemma 2) and learned sinks (GPT-OSS):
+    `attention_probabilities` equals the weights of the modeling file's `eager_attention_forward`, for every
+    real query, given a boolean or an additive mask; padding queries get zeros."""
+    module = make_tiny_model(arch, "eager").model.layers[0].self_attn
+    config = module.config
+    q_heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, module.head_dim
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, q_heads, 9, dim, generator=generator)
+    key, value = (torch.randn(2, kv_heads, 9, dim, generator=generator) for _ in range(2))
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[1, :3] = False  # row 1 is left-padded
+    allowed = (torch.arange(9)[None, :] <= torch.arange(9)[:, None])[None, None] & real[:, None, None, :]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    softcap, sinks = getattr(config, "attn_logit_softcapping", None), getattr(module, "sinks", None)
+    assert (sinks is not None) == (arch == "gpt-oss-sinks") and (softcap is not None) == (arch == "gemma2-softcap")
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    _, weights = eager(module, query, key, value, additive, scaling=module.scaling, dropout=0.0, softcap=softcap)
+    given = scoring._allowed(allowed if boolean else additive, slice(0, 9), 9, 9, "cpu")
+    logits = scoring.grouped_logits(query, key, slice(0, 9), module.scaling)
+    probabilities = scoring.attention_probabilities(logits, given, softcap, sinks, real_queries=real)
+    by_query = probabilities.flatten(1, 2).permute(0, 2, 1, 3)  # [batch, rows, q_heads, kv]
+    torch.testing.assert_close(by_query[real], weights.float().permute(0, 2, 1, 3)[real], atol=1e-6, rtol=1e-5)
+    assert by_query[~real].abs().sum() == 0
 
 
 def test_interfaces_registered_together():

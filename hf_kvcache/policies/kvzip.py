@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_kvcache.policies.base import CompressOncePolicy, Step, keep_top, register_policy
-from hf_kvcache.scoring import QUERY_CHUNK, AttentionCall, _allowed
+from hf_kvcache.scoring import QUERY_CHUNK, AttentionCall, _allowed, attention_probabilities, grouped_logits
 from hf_kvcache.validation import check_int
 
 DEFAULT_PROMPT = "\n\nRepeat the previous context exactly."
@@ -110,28 +110,16 @@ def max_attention(call: AttentionCall, context: int, heads: int) -> torch.Tensor
     `QUERY_CHUNK` at a time, so the whole attention matrix is never held.
     """
     query, key = call.query, call.key
-    batch, q_heads, q_length, dim = query.shape
+    batch, q_heads, q_length, _ = query.shape
     kv_heads, kv_length = key.shape[1], key.shape[2]
-    group = q_heads // kv_heads
-    scaling = dim**-0.5 if call.scaling is None else call.scaling
-    keys = key.float()[:, :, None].transpose(-1, -2)  # [batch, kv_heads, 1, dim, kv]
-    best = query.new_zeros((batch, kv_heads, group, context), dtype=torch.float32)
+    best = query.new_zeros((batch, kv_heads, q_heads // kv_heads, context), dtype=torch.float32)
     for start in range(0, q_length, QUERY_CHUNK):
         rows = slice(start, min(start + QUERY_CHUNK, q_length))
-        logits = (query[:, :, rows].float().reshape(batch, kv_heads, group, -1, dim) @ keys) * scaling
-        if call.softcap is not None:
-            logits = torch.tanh(logits / call.softcap) * call.softcap
         allowed = _allowed(call.attention_mask, rows, q_length, kv_length, query.device)
-        # One mask for all heads, or one per query head (heads whose stored padding differs).
-        allowed = allowed[:, :, None] if allowed.shape[1] == 1 else allowed.unflatten(1, (kv_heads, group))
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        if call.sinks is not None:
-            sink_logits = call.sinks.float().view(1, kv_heads, group, 1, 1).expand(*logits.shape[:-1], 1)
-            logits = torch.cat([logits, sink_logits], dim=-1)
-        probabilities = logits.softmax(dim=-1)[..., :context].nan_to_num(0.0)  # a query may attend nothing
-        if call.real_queries is not None:
-            probabilities = probabilities * call.real_queries[:, None, None, rows, None]
-        best = torch.maximum(best, probabilities.amax(dim=-2))
+        real = None if call.real_queries is None else call.real_queries[:, rows]
+        logits = grouped_logits(query, key, rows, call.scaling)
+        probabilities = attention_probabilities(logits, allowed, call.softcap, call.sinks, real)
+        best = torch.maximum(best, probabilities[..., :context].amax(dim=-2))
     return best.flatten(1, 2).unflatten(1, (heads, -1)).amax(dim=2)
 
 
