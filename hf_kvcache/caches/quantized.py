@@ -6,7 +6,7 @@ import os
 import torch
 from transformers import PreTrainedConfig
 
-from hf_kvcache import code_attention
+from hf_kvcache.caches import code_reading
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage
 from hf_kvcache.geometry import LayerGeometry, model_geometry
 from hf_kvcache.quant.packing import check_bits
@@ -19,7 +19,7 @@ ATTENTION_MODES = ("auto", "codes", "dequantize")
 
 class CodeReadingLayer(KVLayer):
     """A full-attention layer whose decode steps let attention read the quantized codes (see
-    `hf_kvcache.code_attention`): for a query of at most `MAX_QUERY_LENGTH` tokens under `sdpa`, `update`
+    `hf_kvcache.caches.code_reading`): for a query of at most `MAX_QUERY_LENGTH` tokens under `sdpa`, `update`
     appends the new tokens and returns placeholders instead of concatenating the whole cache in full
     precision. Otherwise (prefill, other attention implementations, before the model has shown that its
     attention receives the cache's tensors unchanged) it is a plain `KVLayer`.
@@ -30,7 +30,7 @@ class CodeReadingLayer(KVLayer):
         geometry: LayerGeometry,
         storage: Storage,
         head_tokens: int,
-        forward: code_attention.ForwardRecord,
+        forward: code_reading.ForwardRecord,
         compiled: bool,
     ):
         super().__init__(geometry, storage, head_tokens)
@@ -42,10 +42,10 @@ class CodeReadingLayer(KVLayer):
         named `sdpa` (still wrapped), in a layer whose model passed its returned tensors to the wrapper."""
         return (
             self.attention_confirmed
-            and key_states.shape[-2] <= code_attention.MAX_QUERY_LENGTH
+            and key_states.shape[-2] <= code_reading.MAX_QUERY_LENGTH
             and self.forward.implementation == "sdpa"
             and self.forward.seen == self.seen_tokens
-            and code_attention.installed()
+            and code_reading.installed()
         )
 
     def update(
@@ -54,10 +54,10 @@ class CodeReadingLayer(KVLayer):
         if not self.reads_codes(key_states):
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             if not self.attention_confirmed:
-                code_attention.announce_real(self, keys)
+                code_reading.announce_real(self, keys)
             return keys, values
         head_keys, head_values = self.head_states(self.seen_tokens - self.attended_tokens)
-        view = code_attention.CodeView(
+        view = code_reading.CodeView(
             head_keys,
             head_values,
             self.body.snapshot(),
@@ -70,7 +70,7 @@ class CodeReadingLayer(KVLayer):
         self._append(key_states, value_states)
         if not self.record_past:
             self.evict()
-        return code_attention.placeholders(view)
+        return code_reading.placeholders(view)
 
 
 class QuantizedCache(KVCache):
@@ -94,7 +94,7 @@ class QuantizedCache(KVCache):
         codebook: where the levels sit between a group's minimum and maximum: "uniform" (default: evenly
             spaced) or "normal" (at normal quantiles, denser near the middle; `hf_kvcache.quant.groupwise`).
         attention: how decode steps attend the quantized tokens. "codes": attention reads the packed codes
-            (`hf_kvcache.code_attention`: query-side folding of rotation, scales and minimums; no full-precision
+            (`hf_kvcache.caches.code_reading`: query-side folding of rotation, scales and minimums; no full-precision
             copy of the cache); "dequantize": every step dequantizes all blocks and concatenates the cache (the
             reference path); "auto" (default): "codes", the faster path at every length measured by
             `benchmarks/decode.py` (results/decode.json: 0.8-1.1x DynamicCache vs 0.2-0.6x on CPU). Codes are read only where certain to be exact: `sdpa`
@@ -143,7 +143,7 @@ class QuantizedCache(KVCache):
         self.sink_tokens = sink_tokens
         self.attention = attention
         self.compile_attention = compile_attention
-        self.forward_record = code_attention.ForwardRecord()
+        self.forward_record = code_reading.ForwardRecord()
         settings = dict(group_size=group_size, key_group_size=key_group_size, residual_length=residual_length)
         settings.update(sink_tokens=sink_tokens, rotate=rotate, key_outliers=key_outliers, codebook=codebook)
         self.profile = profile_for_cache(profile, len(model_geometry(config).layers), key_bits, settings)
@@ -159,7 +159,7 @@ class QuantizedCache(KVCache):
         )
         super().__init__(config, storage)
         if any(isinstance(layer, CodeReadingLayer) for layer in self.layers):
-            code_attention.install()
+            code_reading.install()
 
     def layer_storage(self, layer: LayerGeometry, storage: Storage) -> Storage:
         """`storage` (resolved for `layer`) at the profile's widths for this layer, when there is a profile."""
@@ -174,7 +174,7 @@ class QuantizedCache(KVCache):
     def full_attention_layer(self, layer: LayerGeometry, storage: Storage) -> KVLayer:
         storage = self.layer_storage(layer, storage)
         reads_codes = (
-            code_attention.plane_aligned(storage.bits, storage.group_size)
+            code_reading.plane_aligned(storage.bits, storage.group_size)
             and not storage.key_outliers
             and storage.codebook == "uniform"
         )
@@ -184,7 +184,7 @@ class QuantizedCache(KVCache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         sizes = super().get_mask_sizes(query_length, layer_idx)
-        code_attention.expect_mask(self.forward_record, self.mask_layer(layer_idx).get_seq_length())
+        code_reading.expect_mask(self.forward_record, self.mask_layer(layer_idx).get_seq_length())
         return sizes
 
 

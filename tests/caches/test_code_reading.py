@@ -1,4 +1,4 @@
-"""Code-reading decode attention (`hf_kvcache.code_attention`) against the dequantize-then-attend path.
+"""Code-reading decode attention (`hf_kvcache.caches.code_reading`) against the dequantize-then-attend path.
 
 Tolerance: in float32 the two paths differ only by summation order; logits of the code path are within
 1e-4 of the largest logit (relative) of the dequantize path (measured: below 1e-6), and generated tokens
@@ -16,7 +16,8 @@ from conftest import COMMON_CONFIG, make_tiny_model
 from helpers import left_padded_batch, random_ids
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_kvcache import QuantizedCache, code_attention
+from hf_kvcache import QuantizedCache
+from hf_kvcache.caches import code_reading
 from hf_kvcache.caches.quantized import CodeReadingLayer
 from hf_kvcache.quant import pack_codes
 
@@ -50,13 +51,13 @@ def cache_for(model, attention: str, **kwargs):
 def spy(monkeypatch):
     """Counts the calls of the code-reading attention."""
     calls = []
-    original = code_attention.code_attention
+    original = code_reading.code_attention
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(code_attention, "code_attention", counting)
+    monkeypatch.setattr(code_reading, "code_attention", counting)
     return calls
 
 
@@ -192,13 +193,19 @@ def test_eager_and_score_capture_models_never_read_codes(spy):
     assert not spy
 
 
+def test_the_former_module_name_is_the_same_module():
+    from hf_kvcache import code_attention
+
+    assert code_attention is code_reading and code_attention.CodeView is code_reading.CodeView
+
+
 def test_unread_placeholders_raise():
     model = MODELS["llama-gqa-head16"]()
     cache = cache_for(model, "codes")
     with torch.no_grad():
         decode_logits(model, cache, random_ids(model, 1, 20).to(DEVICE), 2)
     layer = cache.layers[0]
-    view = code_attention.CodeView(
+    view = code_reading.CodeView(
         layer.head.keys,
         layer.head.values,
         layer.body.snapshot(),
@@ -206,10 +213,10 @@ def test_unread_placeholders_raise():
         layer.head.values[:, :, :1],
         False,
     )
-    keys, _ = code_attention.placeholders(view)
+    keys, _ = code_reading.placeholders(view)
     assert keys.shape[2] == len(layer.head) + len(layer.body) + 1 and keys.code_view is view
-    with pytest.raises(code_attention.CodeAttentionError, match="never read them"):
-        code_attention.placeholders(view)
+    with pytest.raises(code_reading.CodeAttentionError, match="never read them"):
+        code_reading.placeholders(view)
     view.consumed = True
 
 
@@ -240,7 +247,7 @@ def test_kernel_with_softcap_sinks_and_padding_matches_reference(compiled, extra
         model(random_ids(model, 2, 50).to(DEVICE), cache=cache)
     layer = cache.layers[1]
     new_keys, new_values = torch.randn(2, 2, 2, 64, device=DEVICE), torch.randn(2, 2, 2, 64, device=DEVICE)
-    view = code_attention.CodeView(
+    view = code_reading.CodeView(
         layer.head.keys, layer.head.values, layer.body.snapshot(), new_keys, new_values, with_sinks, compiled
     )
     keys, values = view.materialize()
@@ -249,7 +256,7 @@ def test_kernel_with_softcap_sinks_and_padding_matches_reference(compiled, extra
     mask[0, :, :, :7] = False  # padding of the first row
     mask[:, :, 0, -1] = False  # causal among the two new tokens
     sinks = torch.randn(4, device=DEVICE) if with_sinks else None
-    actual = code_attention.code_attention(query, view, mask, 0.2, softcap, sinks, compiled=compiled)
+    actual = code_reading.code_attention(query, view, mask, 0.2, softcap, sinks, compiled=compiled)
     expected = reference_attention(query, keys, values, mask, 0.2, softcap, sinks)
     assert (actual.double() - expected).abs().max() < 1e-4
 
@@ -265,13 +272,13 @@ def test_compiled_kernels_equal_eager(bits):
     probabilities = torch.rand(batch, heads, rows, tokens).softmax(-1)
     value_scale, value_minimum = torch.rand(batch, heads, tokens, 2), torch.randn(batch, heads, tokens, 2)
     args = [
-        (code_attention.key_logits, (queries, codes, scale, minimum, bits, block)),
-        (code_attention.value_output, (probabilities, codes, value_scale, value_minimum, bits, 32)),
+        (code_reading.key_logits, (queries, codes, scale, minimum, bits, block)),
+        (code_reading.value_output, (probabilities, codes, value_scale, value_minimum, bits, 32)),
     ]
     for function, arguments in args:
         arguments = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in arguments]
         eager = function(*arguments, False)
-        compiled = code_attention._run(function, True, *arguments)
+        compiled = code_reading._run(function, True, *arguments)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
 
 
