@@ -30,7 +30,7 @@ class RaggedPolicyLayer(PolicyLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows: list[KVStore] = []
-        self.heads: list[torch.Tensor] = []  # per row: uint8 [tokens], the KV head of each held token
+        self.token_heads: list[torch.Tensor] = []  # per row: uint8 [tokens], the KV head of each held token
         self.row_positions: list[torch.Tensor] = []  # per row: int32 [tokens]
         self.row_real: list[torch.Tensor] = []  # per row: bool [tokens]
         self.slots: torch.Tensor | None = None  # int64 [batch, heads, slots]: row-store index of each slot, or -1
@@ -41,7 +41,7 @@ class RaggedPolicyLayer(PolicyLayer):
         template = key_states[:1, :1, :0], value_states[:1, :1, :0]
         self.rows = [self.storage.new_store(*template) for _ in range(key_states.shape[0])]
         empty = key_states.new_empty(0, dtype=torch.int32)
-        self.heads = [empty.to(torch.uint8) for _ in self.rows]
+        self.token_heads = [empty.to(torch.uint8) for _ in self.rows]
         self.row_positions = [empty for _ in self.rows]
         self.row_real = [empty.to(torch.bool) for _ in self.rows]
 
@@ -51,12 +51,12 @@ class RaggedPolicyLayer(PolicyLayer):
         """Slots per head in the dense layout: the most tokens any head of any row keeps."""
         if not self.is_initialized:
             return 0
-        counts = [torch.bincount(heads.long(), minlength=1).max() for heads in self.heads if len(heads)]
+        counts = [torch.bincount(heads.long(), minlength=1).max() for heads in self.token_heads if len(heads)]
         return int(max(counts, default=0))
 
     def held_tokens(self) -> torch.Tensor:
         """int64 [batch, kv_heads]: tokens each head really holds."""
-        return torch.stack([torch.bincount(h.long(), minlength=self.geometry.kv_heads) for h in self.heads])
+        return torch.stack([torch.bincount(h.long(), minlength=self.geometry.kv_heads) for h in self.token_heads])
 
     def _dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slots [batch, heads, longest] (row-store index or -1), and the held keys and values laid out on them."""
@@ -64,7 +64,7 @@ class RaggedPolicyLayer(PolicyLayer):
         slots = torch.full((len(self.rows), heads_count, longest), -1, dtype=torch.long, device=self.device)
         keys = self.head.keys.new_zeros((len(self.rows), heads_count, longest, self.geometry.key_dim))
         values = self.head.values.new_zeros((len(self.rows), heads_count, longest, self.geometry.value_dim))
-        for row, (store, heads) in enumerate(zip(self.rows, self.heads)):
+        for row, (store, heads) in enumerate(zip(self.rows, self.token_heads)):
             if not len(heads):
                 continue
             heads = heads.long()
@@ -87,14 +87,16 @@ class RaggedPolicyLayer(PolicyLayer):
         new_slots = (
             torch.arange(count, device=self.device)[None] * heads + torch.arange(heads, device=self.device)[:, None]
         )
-        held = torch.tensor([len(h) for h in self.heads], device=self.device)
+        held = torch.tensor([len(h) for h in self.token_heads], device=self.device)
         self.slots = torch.cat([self.slots, new_slots[None] + held[:, None, None]], dim=-1)
         self.seen_tokens += count
         for row in range(batch):  # time-major: the row store's order is arrival order within every head
             row_keys = key_states[row].transpose(0, 1).reshape(1, 1, heads * count, -1)
             row_values = value_states[row].transpose(0, 1).reshape(1, 1, heads * count, -1)
             self.rows[row].append(row_keys, row_values)
-            self.heads[row] = torch.cat([self.heads[row], torch.arange(heads, device=self.device).repeat(count).byte()])
+            self.token_heads[row] = torch.cat(
+                [self.token_heads[row], torch.arange(heads, device=self.device).repeat(count).byte()]
+            )
             positions = torch.arange(self.seen_tokens - count, self.seen_tokens, device=self.device, dtype=torch.int32)
             self.row_positions[row] = torch.cat([self.row_positions[row], positions.repeat_interleave(heads)])
             self.row_real[row] = torch.cat([self.row_real[row], self.row_real[row].new_ones(heads * count)])
@@ -152,14 +154,14 @@ class RaggedPolicyLayer(PolicyLayer):
         for row in range(len(self.rows)):
             kept = self.slots[row][keep[row]].sort().values
             self.rows[row].gather(kept[None, None])
-            self.heads[row], self.row_positions[row], self.row_real[row] = (
-                t[kept] for t in (self.heads[row], self.row_positions[row], self.row_real[row])
+            self.token_heads[row], self.row_positions[row], self.row_real[row] = (
+                t[kept] for t in (self.token_heads[row], self.row_positions[row], self.row_real[row])
             )
 
     def kept_positions(self) -> list[list[list[int]]]:
         return [
             [positions[(heads == head) & real].tolist() for head in range(self.geometry.kv_heads)]
-            for heads, positions, real in zip(self.heads, self.row_positions, self.row_real)
+            for heads, positions, real in zip(self.token_heads, self.row_positions, self.row_real)
         ]
 
     def padding_held(self) -> int:
@@ -171,15 +173,15 @@ class RaggedPolicyLayer(PolicyLayer):
             return
         rows = fn(torch.arange(len(self.rows), device=self.device)).tolist()  # which old row each new row is
         self.rows = [copy.copy(self.rows[row]) for row in rows]  # stores replace, never mutate, their tensors
-        for name in ("heads", "row_positions", "row_real"):
+        for name in ("token_heads", "row_positions", "row_real"):
             setattr(self, name, [getattr(self, name)[row] for row in rows])
         self.running.update({name: fn(value) for name, value in self.running.items()})
 
     def reset(self) -> None:
         super().reset()
-        self.rows, self.heads, self.row_positions, self.row_real = [], [], [], []
+        self.rows, self.token_heads, self.row_positions, self.row_real = [], [], [], []
         self.slots = self.call_states = None
 
     def memory_bytes(self) -> int:
-        records = [*self.heads, *self.row_positions, *self.row_real, *self.running.values()]
+        records = [*self.token_heads, *self.row_positions, *self.row_real, *self.running.values()]
         return sum(store.nbytes() for store in self.rows) + sum(t.nbytes for t in records)

@@ -26,7 +26,7 @@ class StoredBlock:
         return len(self.value)
 
 
-class EvictionPolicy:
+class BlockEvictionPolicy:
     """One backend's ranking of its blocks (an instance per backend: a policy may keep state)."""
 
     name: str
@@ -38,7 +38,7 @@ class EvictionPolicy:
         """Called with each victim."""
 
 
-class LRU(EvictionPolicy):
+class LRU(BlockEvictionPolicy):
     """Least recently used: the block served or written longest ago goes first."""
 
     name = "lru"
@@ -47,7 +47,7 @@ class LRU(EvictionPolicy):
         return block.last_use
 
 
-class LFU(EvictionPolicy):
+class LFU(BlockEvictionPolicy):
     """Least frequently used: fewest hits first (every block served counts), ties broken by recency."""
 
     name = "lfu"
@@ -56,7 +56,7 @@ class LFU(EvictionPolicy):
         return (block.hits, block.last_use)
 
 
-class SizeAware(EvictionPolicy):
+class SizeAware(BlockEvictionPolicy):
     """GreedyDual-Size-Frequency: priority = clock + (hits + 1) / bytes, so hits per byte decide, and the clock
     (raised to each victim's priority) ages out blocks that were popular long ago.
 
@@ -76,4 +76,5 @@ class SizeAware(EvictionPolicy):
         self.clock = max(self.clock, float(block.priority))
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {policy.name: policy for policy in (LRU, LFU, SizeAware)}
+EvictionPolicy = BlockEvictionPolicy  # the former name (token policies are `policies.EvictionPolicy`)
+POLICIES: dict[str, type[BlockEvictionPolicy]] = {policy.name: policy for policy in (LRU, LFU, SizeAware)}
