@@ -8,7 +8,7 @@ question (question, end of the chat turn, answer prefix):
 
 - a cache with a `compress_context(model, context_ids)` method ("compress once, reuse": KVzip-style,
   query-agnostic) gets the context through that method first (with `tokenizer=` when it takes one), then
-  the question is fed; of the eviction caches, only those whose policy says `compress_once` (see
+  the question is fed; of the eviction caches, only those whose policy compresses once (KVzip; see
   `compresses_once`);
 - every other cache gets context and question in one prefill.
 
@@ -16,7 +16,8 @@ Then `--new-tokens` tokens are decoded greedily and scored with `tasks.score` (t
 The bytes each cache holds after the prompt (`hf_kvcache.eval.memory.cache_bytes`) are averaged over samples.
 
 Perplexity: the first `--ppl-tokens` tokens of WikiText-2 (test) fed in chunks of `--chunk` tokens,
-each chunk seeing the cache plus its own keys; the budget is `--ppl-budget` of the evaluated tokens.
+each chunk seeing the cache plus its own keys (a compress-once cache is compressed after each chunk); the
+budget is `--ppl-budget` of the evaluated tokens. Score capture is on only while a cache that needs it runs.
 
 Specs are templates with `{budget}` (and `{window}` = budget - 4, for the sink cache); `dynamic` (the full
 cache) always runs first. A default spec whose cache name is not registered (a policy not yet added) is
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 
 import hf_kvcache
-from hf_kvcache import CACHE_KWARG, enable_score_capture
+from hf_kvcache import CACHE_KWARG, score_capture
 from hf_kvcache.eval.data import bundled_text
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.eval.perplexity import evaluation_pass
@@ -215,27 +216,26 @@ def answer_sample(
     Returns `generated` (text), `cache_bytes` (held after the prompt), `compressed_once` and `seconds`.
     """
     cache = build_cache(spec, model.config)
-    if getattr(cache, "needs_score_capture", False):
-        enable_score_capture(model)
     started = time.perf_counter()
     once = compresses_once(cache)
-    if once:
-        accepts = inspect.signature(cache.compress_context).parameters
-        extra = {"tokenizer": tokenizer} if "tokenizer" in accepts else {}  # KVzip's reconstruction prompt
-        cache.compress_context(model, context_ids.to(model.device), **extra)
-        logits = _forward(model, question_ids, cache, context_ids.shape[1])
-    else:
-        logits = _forward(model, torch.cat([context_ids, question_ids], dim=1), cache, 0)
-    held = cache_bytes(cache)
-    position = context_ids.shape[1] + question_ids.shape[1]
-    tokens: list[int] = []
-    while True:
-        token = logits.argmax(-1, keepdim=True)
-        tokens.append(int(token))
-        if len(tokens) == new_tokens or int(token) == tokenizer.eos_token_id:
-            break
-        logits = _forward(model, token, cache, position)
-        position += 1
+    with score_capture(model, getattr(cache, "needs_score_capture", False)):
+        if once:
+            accepts = inspect.signature(cache.compress_context).parameters
+            extra = {"tokenizer": tokenizer} if "tokenizer" in accepts else {}  # KVzip's reconstruction prompt
+            cache.compress_context(model, context_ids.to(model.device), **extra)
+            logits = _forward(model, question_ids, cache, context_ids.shape[1])
+        else:
+            logits = _forward(model, torch.cat([context_ids, question_ids], dim=1), cache, 0)
+        held = cache_bytes(cache)
+        position = context_ids.shape[1] + question_ids.shape[1]
+        tokens: list[int] = []
+        while True:
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            if len(tokens) == new_tokens or int(token) == tokenizer.eos_token_id:
+                break
+            logits = _forward(model, token, cache, position)
+            position += 1
     return {
         "generated": tokenizer.decode(tokens, skip_special_tokens=True),
         "cache_bytes": held,
@@ -309,15 +309,10 @@ def perplexity_rows(
     for template in templates:
         spec = format_spec(template, budget)
         cache = build_cache(spec, model.config)
-        if compresses_once(cache):  # it compresses a context before its questions: a text read in chunks has none
-            print(f"skipping {spec} in the perplexity pass: it compresses once, before questions", flush=True)
-            continue
-        if getattr(cache, "needs_score_capture", False):
-            enable_score_capture(model)
         started = time.perf_counter()
-        try:
-            with torch.no_grad():
-                record = evaluation_pass(model, ids, cache, chunk)
+        try:  # a compress-once cache is compressed after every chunk (`evaluation_pass`)
+            with torch.no_grad(), score_capture(model, getattr(cache, "needs_score_capture", False)):
+                record = evaluation_pass(model, ids, cache, chunk, tokenizer=tokenizer)
         except Exception as error:  # as in retrieval_rows
             rows.append(failed_row(spec, template, budget, error))
             continue
