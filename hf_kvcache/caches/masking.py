@@ -15,7 +15,11 @@ so that the layer announced by `KVCache.get_mask_sizes` can correct two assumpti
   chunk size are attended, which holds for a cache that keeps whole chunks but not for a smaller window,
   whose keys can still straddle a chunk boundary. For a chunked layer the mask is always built.
 
-Masks for any other cache or model pass through unchanged.
+Masks for any other cache or model pass through unchanged. The other mask functions transformers ships
+(flash attention, flex attention) get the same config check; where a correction would change the mask (true
+padding of kept tokens, a chunked layer whose kept keys do not start at position 0) they refuse the forward,
+naming the implementation, before any attention runs: their masks are built in ways this module does not
+verify (flash drops padding by index, flex compiles a block mask, neither runs on this project's CPU CI).
 """
 
 import threading
@@ -33,7 +37,9 @@ def announce(layer: object, kv_offset: int, cache: object = None) -> None:
     _announced.request = (layer, kv_offset, cache)
 
 
-def _corrected(mask_function: Callable) -> Callable:
+def _corrected(mask_function: Callable, implementation: str) -> Callable:
+    corrects = implementation in _WRAPPED_IMPLEMENTATIONS
+
     def mask_with_corrections(*args, attention_mask=None, kv_offset=0, **kwargs):
         layer, expected_offset, cache = getattr(_announced, "request", None) or (None, None, None)
         _announced.request = None
@@ -45,19 +51,33 @@ def _corrected(mask_function: Callable) -> Callable:
             if record_padding:
                 record_padding(attention_mask if isinstance(attention_mask, torch.Tensor) else None)
             relabel = getattr(layer, "relabel_padding_mask", None)
+            chunked = getattr(getattr(layer, "geometry", None), "kind", None) == "chunked_attention"
             if relabel and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-                attention_mask = relabel(attention_mask, kv_offset)
-            if getattr(getattr(layer, "geometry", None), "kind", None) == "chunked_attention":
+                relabelled = relabel(attention_mask, kv_offset)
+                if not corrects and not torch.equal(relabelled, attention_mask):
+                    _refuse(cache, implementation, "its kept tokens' padding is not where their labels say")
+                attention_mask = relabelled
+            if chunked and corrects:
                 kwargs["allow_is_causal_skip"] = False
+            elif chunked and kv_offset > 0:
+                _refuse(cache, implementation, "a chunked-attention layer keeps keys that do not start a chunk")
         return mask_function(*args, attention_mask=attention_mask, kv_offset=kv_offset, **kwargs)
 
     mask_with_corrections.wrapped = mask_function
     return mask_with_corrections
 
 
+def _refuse(cache: object, implementation: str, reason: str) -> None:
+    raise ValueError(
+        f"{type(cache).__name__} cannot serve attn_implementation={implementation!r} here: {reason}, and only the "
+        "sdpa and eager mask functions take the correction. Load the model with attn_implementation='sdpa' "
+        "(or 'eager')."
+    )
+
+
 def install_mask_corrections() -> None:
-    """Wrap the sdpa and eager mask functions once (idempotent)."""
-    for name in _WRAPPED_IMPLEMENTATIONS:
-        current = AttentionMaskInterface._global_mapping[name]
-        if not hasattr(current, "wrapped"):
-            AttentionMaskInterface.register(name, _corrected(current))
+    """Wrap every mask function transformers ships (idempotent): sdpa and eager correct, the others refuse
+    where a correction would be needed. hf_kvcache's own entries (score capture) call the wrapped ones."""
+    for name, current in list(AttentionMaskInterface._global_mapping.items()):
+        if not hasattr(current, "wrapped") and not name.startswith("hf_kvcache_"):
+            AttentionMaskInterface.register(name, _corrected(current, name))

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from conftest import ROPE_ARCHITECTURES
+from conftest import ROPE_ARCHITECTURES, make_tiny_model
 from eviction_reference import dense_on_kept
 from helpers import chunked_logits, dynamic_logits, left_padded_batch, random_ids
 from transformers import DynamicCache, GPT2Config
+from transformers.masking_utils import AttentionMaskInterface
 
-from hf_kvcache import SinkCache
+from hf_kvcache import CACHE_KWARG, SinkCache
 from hf_kvcache.geometry import model_geometry
 
 SINKS, WINDOW = 2, 10
@@ -233,3 +234,24 @@ def test_real_model_streams_with_flat_memory(real_model):
     model.generate(**prompt, past_key_values=cache, max_new_tokens=300, min_new_tokens=300, logits_processor=[Probe()])
     assert cache.get_seq_length() == prompt.input_ids.shape[1] + 299
     assert cache.stored_tokens == 64 and len(set(sizes[100:])) == 1
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
+def test_mask_functions_that_cannot_take_the_padding_correction_refuse_naming_themselves(implementation):
+    """Sinks of a left-padded row are not at their labels: flash and flex masks (no CPU kernels to verify them
+    here) refuse such a forward at mask time; without padding they are served as they are."""
+    model = make_tiny_model("llama")
+    mask_function = AttentionMaskInterface._global_mapping[implementation]
+    for lengths, refused in (([6, 20], True), ([20, 20], False)):
+        ids, mask = left_padded_batch(model, lengths)
+        cache = SinkCache(model.config, sink_tokens=2, window=8)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **{CACHE_KWARG: cache})
+        kv_length, kv_offset = cache.get_mask_sizes(1, 0)  # the next decode step's mask, as transformers asks
+        arguments = dict(batch_size=2, q_length=1, kv_length=kv_length, kv_offset=kv_offset, config=model.config)
+        next_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if refused:
+            with pytest.raises(ValueError, match=f"attn_implementation='{implementation}'.*padding"):
+                mask_function(**arguments, attention_mask=next_mask)
+        else:
+            mask_function(**arguments, attention_mask=next_mask)
