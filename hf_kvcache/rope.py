@@ -71,3 +71,12 @@ def inverse_frequencies(
     kwargs = {"layer_type": layer_type} if layer_type else {}
     inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", **kwargs)
     return inv_freq.to(torch.float64)
+
+
+def __getattr__(name: str) -> object:
+    """`RopeRotator`, deprecated and now in `hf_kvcache.geometry`, is still found here."""
+    if name == "RopeRotator":
+        from hf_kvcache import geometry  # only for the deprecated name: geometry builds on this module
+
+        return geometry.RopeRotator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """The package's import graph has no cycle: every import statement of every module (local and TYPE_CHECKING
-imports included) is an edge, and the strongly connected components are all single modules."""
+imports included) is an edge, and the strongly connected components are all single modules. Imports inside a
+module's own `__getattr__` (PEP 562: where a deprecated name is still found after it moved) are not edges."""
 
 import ast
 from pathlib import Path
@@ -19,7 +20,11 @@ def import_graph() -> dict[str, set[str]]:
     graph = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        tree.body = [
+            node for node in tree.body if not (isinstance(node, ast.FunctionDef) and node.name == "__getattr__")
+        ]
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):

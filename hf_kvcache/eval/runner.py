@@ -165,7 +165,7 @@ def evaluate(
     measured = []
     with state.split_between_processes(todo) as mine:
         for spec in mine:
-            result = _measure(model, tokenizer, spec, input_ids, step, mode, seed, bucket_size, decode_tokens, progress)
+            result = _measure(model, spec, input_ids, step, mode, seed, bucket_size, decode_tokens, progress, tokenizer)
             measured.append((state.process_index, str(input_device(model)), result))
             if on_result is not None:
                 on_result(result)
@@ -200,7 +200,6 @@ def evaluate(
 
 def _measure(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase | None,
     spec: CacheSpec,
     input_ids: torch.Tensor,
     step: int,
@@ -209,8 +208,10 @@ def _measure(
     bucket_size: int,
     decode_tokens: int,
     progress: bool,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> CacheResult:
-    """One cache spec over the whole text: a short warm-up pass, then the measured pass and decoding."""
+    """One cache spec over the whole text: a short warm-up pass, then the measured pass and decoding
+    (`tokenizer`: for a compress-once policy's scoring prompt)."""
     length = input_ids.shape[1]
     torch.manual_seed(seed)
     warmup = input_ids[:, : min(length, 2 * step if mode == "chunk" else 8)]
