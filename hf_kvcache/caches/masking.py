@@ -28,8 +28,10 @@ from collections.abc import Callable
 import torch
 from transformers.masking_utils import AttentionMaskInterface
 
+from hf_kvcache.scoring import CAPTURE_PREFIX
+
 _announced = threading.local()
-_WRAPPED_IMPLEMENTATIONS = ("sdpa", "eager")
+CORRECTING_IMPLEMENTATIONS = ("sdpa", "eager")  # mask functions that take the corrections
 
 
 def announce(layer: object, kv_offset: int, cache: object = None) -> None:
@@ -38,7 +40,7 @@ def announce(layer: object, kv_offset: int, cache: object = None) -> None:
 
 
 def _corrected(mask_function: Callable, implementation: str) -> Callable:
-    corrects = implementation in _WRAPPED_IMPLEMENTATIONS
+    corrects = implementation in CORRECTING_IMPLEMENTATIONS
 
     def mask_with_corrections(*args, attention_mask=None, kv_offset=0, **kwargs):
         layer, expected_offset, cache = getattr(_announced, "request", None) or (None, None, None)
@@ -79,5 +81,5 @@ def install_mask_corrections() -> None:
     """Wrap every mask function transformers ships (idempotent): sdpa and eager correct, the others refuse
     where a correction would be needed. hf_kvcache's own entries (score capture) call the wrapped ones."""
     for name, current in list(AttentionMaskInterface._global_mapping.items()):
-        if not hasattr(current, "wrapped") and not name.startswith("hf_kvcache_"):
+        if not hasattr(current, "wrapped") and not name.startswith(CAPTURE_PREFIX):
             AttentionMaskInterface.register(name, _corrected(current, name))
