@@ -201,16 +201,27 @@ def make_tiny_model(arch: str, attn_implementation: str = "sdpa", seed: int = 0,
     return model.eval()
 
 
-def save_tiny_model_folder(folder: Path) -> Path:
-    """A tiny random Llama with a 256-symbol byte-level tokenizer, saved as a local model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def byte_tokenizer(chat_template: str | None = None):
+    """One token per byte: the 256-symbol vocabulary of the tiny test models, in sorted order.
+
+    `ByteLevel.alphabet()` comes back in a different order in every process; unsorted, the ids of a text
+    (and whether a tiny model happens to emit its EOS id 2) would change from run to run."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    make_tiny_model("llama").save_pretrained(folder)
-    vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    tokenizer.decoder = decoders.ByteLevel()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    wrapped.chat_template = chat_template
+    return wrapped
+
+
+def save_tiny_model_folder(folder: Path) -> Path:
+    """A tiny random Llama with a 256-symbol byte-level tokenizer, saved as a local model folder."""
+    make_tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, save_tiny_model_folder
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
+from conftest import byte_tokenizer, make_tiny_model, save_tiny_model_folder
+from transformers import AutoTokenizer, DynamicCache
 
 from hf_kvcache import CACHE_KWARG, build_cache, registry
 from hf_kvcache.eval.task_eval import prompt_ids
@@ -24,17 +23,6 @@ CHAT_TEMPLATE = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>
 def bench() -> dict:
     """The benchmark script's namespace (it is a script, not a module of the package)."""
     return runpy.run_path(str(SCRIPT), run_name="retrieval_benchmark")
-
-
-def byte_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """One token per byte: the 256-symbol vocabulary of the tiny test models."""
-    vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer)  # no EOS: decoding never stops early
-    wrapped.chat_template = chat_template
-    return wrapped
 
 
 class CompressOnceCache(DynamicCache):

@@ -5,9 +5,8 @@ from collections import Counter
 from itertools import pairwise
 
 import pytest
-from conftest import make_tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from conftest import byte_tokenizer, make_tiny_model
+from transformers import AutoTokenizer
 
 from hf_kvcache.eval import tasks
 from hf_kvcache.eval.task_eval import TaskResult, evaluate_task
@@ -28,14 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LENGTHS = {"bytes": [(800, 0), (2500, 3)], "smollm2": [(400, 1), (2048, 0)]}
 # A prompt falls short of its target by less than one haystack word (plus a token at a needle's seam).
 TOLERANCE = {"bytes": 24, "smollm2": 8}
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 256-symbol byte-level tokenizer: one token per byte, the vocabulary of the tiny test models."""
-    vocab = {symbol: index for index, symbol in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
 
 
 @pytest.fixture(scope="module", params=["bytes", "smollm2"])

@@ -5,10 +5,9 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import byte_tokenizer, make_tiny_model
 from helpers import left_padded_batch, random_ids, sharp_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import DynamicCache, PreTrainedTokenizerFast
+from transformers import DynamicCache
 
 from hf_kvcache import EvictionCache, Storage, build_cache, enable_score_capture
 from hf_kvcache.caches.base import FULL_PRECISION
@@ -19,14 +18,6 @@ from hf_kvcache.scoring import ScoreCaptureError
 
 PROMPT = [40, 41, 42]  # reconstruction prompt ids for the tiny models (they have no tokenizer)
 QUANTIZED = Storage(bits=4, token_wise=True, residual_length=4)
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte: the 256-symbol vocabulary of the tiny test models."""
-    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
 
 
 class PromptIds:
