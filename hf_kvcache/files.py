@@ -1,0 +1,49 @@
+"""Reading files the library did not write in this process (store blocks, bit profiles, partial results) as
+untrusted input: only regular files are opened, never blocking on a FIFO or a device, and never read past a
+size cap, so a planted `/dev/zero` link, a FIFO or a huge sparse file is refused instead of hanging the
+request or exhausting memory.
+"""
+
+import os
+import stat
+from pathlib import Path
+
+
+class UnsafeFile(ValueError):
+    """A file that must not be read: not a regular file, a link where none is allowed, or over its size cap."""
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str, follow_links: bool = True) -> bytes:
+    """The bytes of the regular file at `path`, at most `max_bytes` of them.
+
+    `what` names the file's role in errors (e.g. "bit profile"). `follow_links=False` refuses a symbolic link
+    itself (a store folder's entries are never links, so one is planted).
+
+    Raises:
+        FileNotFoundError / PermissionError / OSError: the file cannot be opened (the message names it).
+        UnsafeFile: a link with `follow_links=False`, not a regular file (FIFO, device, folder), or larger than
+            `max_bytes`.
+    """
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        handle = os.open(path, flags)
+    except OSError as error:
+        if not follow_links and path.is_symlink():
+            raise UnsafeFile(f"{what} {path} is a symbolic link; only regular files are read") from None
+        raise type(error)(error.errno, f"{what} {path}: {error.strerror}") from None
+    try:
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):
+            raise UnsafeFile(f"{what} {path} is not a regular file; only regular files are read")
+        if status.st_size > max_bytes:
+            raise UnsafeFile(f"{what} {path} holds {status.st_size} bytes, more than the {max_bytes} accepted")
+        with os.fdopen(handle, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        os.close(handle)
+    if len(data) > max_bytes:  # grew while being read
+        raise UnsafeFile(f"{what} {path} holds more than the {max_bytes} bytes accepted")
+    return data
