@@ -183,28 +183,132 @@ class EvictionCache(KVCache):
             tensors |= {f"{index}.{name}": t for name, t in parts.items()}
         return tensors
 
-    def load_held_state(self, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+    def load_held_state(
+        self,
+        tensors: dict[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        seen_tokens: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         """Hold exactly what `held_state` of a cache with the same config, policy and storage returned, on
-        `device`. Raises ValueError unless this cache is empty."""
+        `device`.
+
+        The tensors may come from a shared store, so all of them are checked before anything is held: one
+        entry per KV layer of this cache and only the parts such a layer holds; keys and values of the
+        layer's geometry (KV heads, key and value channels), floating point (`dtype`, when given) and
+        finite; one batch size; a seen count at least the tokens held (equal to `seen_tokens`, when given)
+        and at most the policy's budget held; positions in [0, seen); padding records of the stores' sizes.
+
+        Raises:
+            ValueError: this cache is not empty, or the tensors do not fit it (the message says what).
+        """
         if self.get_seq_length() != 0:
             raise ValueError("load_held_state fills an empty cache: call cache.reset() or build a new one")
         by_layer: dict[int, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             index, _, part = name.partition(".")
+            if not index.isdecimal() or not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"held state entry {name!r} is not named <layer>.<part> or is not a tensor")
             by_layer.setdefault(int(index), {})[part] = tensor.to(device)
-        for index, parts in sorted(by_layer.items()):
-            layer = self.layers[index]
-            head = _named(parts, "head")
-            layer.head, layer.body = (
-                FULL_PRECISION.store_from_state(head),
-                layer.storage.store_from_state(_named(parts, "body")),
+        expected = [index for index, layer in enumerate(self.layers) if isinstance(layer, KVLayer)]
+        if sorted(by_layer) != expected:
+            raise ValueError(
+                f"held state holds layers {sorted(by_layer)[:8]}, this cache's KV layers are {expected[:8]}"
             )
-            layer.dtype, layer.device = head["keys"].dtype, head["keys"].device
-            layer.seen_tokens, layer.is_initialized = int(parts["seen"]), True
-            layer.head_real, layer.body_real = parts.get("head_real"), parts.get("body_real")
+        checked = {
+            index: _checked_layer(self.layers[index], parts, seen_tokens, dtype) for index, parts in by_layer.items()
+        }
+        if len({held["batch"] for held in checked.values()}) > 1:
+            raise ValueError("held state layers have different batch sizes")
+        for index, held in checked.items():
+            layer = self.layers[index]
+            layer.head, layer.body = held["head"], held["body"]
+            layer.dtype, layer.device = layer.head.keys.dtype, layer.head.keys.device
+            layer.seen_tokens, layer.is_initialized = held["seen"], True
+            layer.head_real, layer.body_real = held["head_real"], held["body_real"]
             if isinstance(layer, PolicyLayer):
-                layer.real, layer.positions = parts["real"], parts["positions"]
-                layer.state, layer.running = _named(parts, "state"), _named(parts, "running")
+                layer.real, layer.positions = held["real"], held["positions"]
+                layer.state, layer.running = held["state"], held["running"]
+
+
+def _checked_layer(
+    layer: KVLayer, parts: dict[str, torch.Tensor], seen_tokens: int | None, dtype: torch.dtype | None
+) -> dict:
+    """What `load_held_state` sets on `layer` from its `parts`, after checking them all (ValueError naming the
+    layer and the part otherwise)."""
+    where = layer.geometry.describe()
+    policy = isinstance(layer, PolicyLayer)
+    allowed = {"seen", "head_real", "body_real", *(("real", "positions") if policy else ())}
+    head_names = {f"head.{name}" for name in FULL_PRECISION.store_type.tensor_names}
+    body_names = {f"body.{name}" for name in layer.storage.store_type.tensor_names}
+    groups = ("state.", "running.") if policy else ()
+    unknown = [name for name in sorted(set(parts) - allowed - head_names - body_names) if not name.startswith(groups)]
+    missing = sorted({"seen", *head_names, *body_names, *(("real", "positions") if policy else ())} - set(parts))
+    if unknown or missing:
+        raise ValueError(f"{where}: held state has unexpected parts {unknown} or lacks {missing}")
+    try:
+        head, body = (
+            FULL_PRECISION.store_from_state(_named(parts, "head")),
+            layer.storage.store_from_state(_named(parts, "body")),
+        )
+        reads = [head.read(), body.read()]
+    except Exception as error:  # forged codes or statistics that do not fit together
+        raise ValueError(f"{where}: held stores cannot be read back: {error}") from None
+    geometry = layer.geometry
+    batch = head.keys.shape[0]
+    for store, (keys, values) in zip(("head", "body"), reads):
+        for name, tensor, channels in (("keys", keys, geometry.key_dim), ("values", values, geometry.value_dim)):
+            shape = (batch, geometry.kv_heads, tensor.shape[-2], channels)
+            if tensor.dim() != 4 or tuple(tensor.shape) != shape or not tensor.is_floating_point():
+                raise ValueError(f"{where}: held {store} {name} are {tensor.dtype} {tuple(tensor.shape)}, not {shape}")
+            if dtype is not None and tensor.dtype != dtype:
+                raise ValueError(f"{where}: held {store} {name} are {tensor.dtype}, the model's are {dtype}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{where}: held {store} {name} hold values that are not finite")
+    stored = len(head) + len(body)
+    seen = parts["seen"]
+    if seen.shape != (1,) or seen.is_floating_point() or seen.dtype == torch.bool:
+        raise ValueError(f"{where}: the seen count is {seen.dtype} {tuple(seen.shape)}, not one integer")
+    seen = int(seen)
+    if seen < stored or (seen_tokens is not None and seen != seen_tokens):
+        raise ValueError(f"{where}: seen count {seen} for {stored} tokens held, a context of {seen_tokens}")
+    held = {"head": head, "body": body, "seen": seen, "batch": batch}
+    for name, store in (("head_real", head), ("body_real", body)):
+        record = parts.get(name)
+        if record is not None and (
+            record.dtype != torch.bool or tuple(record.shape) not in {(batch, len(store)), (1, len(store))}
+        ):
+            raise ValueError(f"{where}: padding record {name} is {record.dtype} {tuple(record.shape)}")
+        held[name] = record
+    if policy:
+        per_token = (batch, geometry.kv_heads, stored)
+        real, positions = parts["real"], parts["positions"]
+        if real.dtype != torch.bool or tuple(real.shape) != per_token:
+            raise ValueError(
+                f"{where}: the real-token record is {real.dtype} {tuple(real.shape)}, not bool {per_token}"
+            )
+        if positions.dtype != torch.int32 or tuple(positions.shape) != per_token:
+            raise ValueError(
+                f"{where}: positions are {positions.dtype} {tuple(positions.shape)}, not int32 {per_token}"
+            )
+        if positions.numel() and not (int(positions.min()) >= 0 and int(positions.max()) < seen):
+            raise ValueError(f"{where}: positions outside [0, {seen})")
+        if stored > layer.budget:
+            raise ValueError(f"{where}: {stored} tokens held, more than the budget of {layer.budget}")
+        held |= {"real": real, "positions": positions}
+        for group in ("state", "running"):
+            named = _named(parts, group)
+            for name, tensor in named.items():
+                if (
+                    tensor.dim() == 0
+                    or tensor.shape[0] not in (batch, 1)
+                    or (group == "state" and tensor.shape[-1] != stored)
+                ):
+                    raise ValueError(f"{where}: policy {group} {name!r} is shaped {tuple(tensor.shape)}")
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(f"{where}: policy {group} {name!r} holds values that are not finite")
+            held[group] = named
+    return held
 
 
 def _named(parts: dict[str, torch.Tensor], group: str) -> dict[str, torch.Tensor]:

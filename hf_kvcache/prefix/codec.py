@@ -1,15 +1,23 @@
-"""Serialization of one block: every layer's keys and values as safetensors, with a sha256 checksum.
+"""Serialization of one block: every layer's keys and values as safetensors, with a sha256 checksum or, for a
+store with a secret, an HMAC-SHA256 (RFC 2104) keyed by it.
 
 A block holds, per layer, the state of a `KVStore` (`caches/storage.py`) that was given the block's
 tokens: full-precision keys and values, or, with `BlockFormat(bits=...)`, `QuantizedCache`'s KIVI
 codes (keys per channel over blocks of `group_size` tokens, values per token over groups of channels,
 after the rotation) with their scales and minimums. Tensors are named `<layer>.<store tensor>`. The
 safetensors metadata holds the block's key, the model fingerprint, the layout version, the format and
-a sha256 over all of these and every tensor's name, dtype, shape and bytes. `decode_block` refuses
-(with `CorruptBlock`) anything truncated, altered, stale or written for another key, model or format.
+a sha256 over all of these and every tensor's name, dtype, shape and bytes (`hmac_sha256`, keyed, with a
+secret). `decode_block` refuses (with `CorruptBlock`) anything truncated, altered, stale, written for another key,
+model or format, unauthenticated under a secret, or (given the restoring model's `BlockShape`) of another
+geometry or dtype, or holding a value that is not finite.
+
+An unkeyed checksum only detects damage: anyone who can write to the store can compute it. A keyed one also
+detects entries written without the secret, and a store's keys and fingerprints are derived with it, so
+they cannot be computed from the model and the prompt either.
 """
 
 import hashlib
+import hmac
 import json
 import struct
 from collections import defaultdict
@@ -29,6 +37,43 @@ _METADATA_START = '{"__metadata__":'
 
 class CorruptBlock(ValueError):
     """A stored block that must not be used: truncated, altered, stale, or for another key or model."""
+
+
+class Unauthenticated(CorruptBlock):
+    """An entry without a valid MAC under the store's secret: written without it, or altered."""
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a block restored into one model must hold: per layer `(kv_heads, key_dim, value_dim)`, and `dtype`
+    (the model's). Read from `geometry.model_geometry`, so layers of different sizes are checked each."""
+
+    layers: tuple[tuple[int, int, int], ...]
+    dtype: torch.dtype
+
+    def max_bytes(self, tokens: int) -> int:
+        """The most bytes an entry of `tokens` tokens can take in any `BlockFormat`: 4x its full-precision
+        tensors (8-bit codes with group_size 1 carry two statistics per element) plus 1 MiB of header."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        elements = sum(heads * tokens * (key_dim + value_dim) for heads, key_dim, value_dim in self.layers)
+        return 4 * max(itemsize, 2) * elements + (1 << 20)
+
+    def check(self, layers: BlockKV, tokens: int) -> None:
+        """Raise `CorruptBlock` unless `layers` are this shape's, of `tokens` tokens, in its dtype and finite."""
+        if len(layers) != len(self.layers):
+            raise CorruptBlock(f"holds {len(layers)} layers, the model caches {len(self.layers)}")
+        for index, ((keys, values), (heads, key_dim, value_dim)) in enumerate(zip(layers, self.layers)):
+            for name, tensor, expected in (
+                ("keys", keys, (heads, tokens, key_dim)),
+                ("values", values, (heads, tokens, value_dim)),
+            ):
+                if tuple(tensor.shape) != expected or tensor.dtype != self.dtype:
+                    raise CorruptBlock(
+                        f"layer {index} {name} are {tensor.dtype} {tuple(tensor.shape)}; the model's are "
+                        f"{self.dtype} {expected}"
+                    )
+                if not torch.isfinite(tensor).all():
+                    raise CorruptBlock(f"layer {index} {name} hold values that are not finite")
 
 
 @dataclass(frozen=True)
@@ -102,8 +147,13 @@ class BlockFormat:
         return layers
 
 
-def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+def _signature_field(secret: bytes | None) -> str:
+    return "sha256" if secret is None else "hmac_sha256"
+
+
+def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor], secret: bytes | None = None) -> str:
+    digest = hashlib.sha256() if secret is None else hmac.new(secret, digestmod=hashlib.sha256)
+    digest.update(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -111,8 +161,26 @@ def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def encode_block(key: str, fingerprint: str, layers: BlockKV, block_format: BlockFormat = BlockFormat()) -> bytes:
-    """Serialize one block; `layers[i]` is layer i's `(keys, values)`, each `(kv_heads, tokens, channels)`."""
+def _check_signature(
+    meta: dict[str, str], signed: dict[str, str], tensors: dict[str, torch.Tensor], secret: bytes | None
+) -> None:
+    found = meta.get(_signature_field(secret))
+    if secret is None:
+        if found != _checksum(signed, tensors):
+            raise CorruptBlock("checksum mismatch")
+    elif not isinstance(found, str) or not hmac.compare_digest(found, _checksum(signed, tensors, secret)):
+        raise Unauthenticated("no valid MAC under the store's secret")
+
+
+def encode_block(
+    key: str,
+    fingerprint: str,
+    layers: BlockKV,
+    block_format: BlockFormat = BlockFormat(),
+    secret: bytes | None = None,
+) -> bytes:
+    """Serialize one block; `layers[i]` is layer i's `(keys, values)`, each `(kv_heads, tokens, channels)`.
+    `secret`: sign it with an HMAC under this key instead of a plain checksum."""
     tensors = {}
     for index, (keys, values) in enumerate(layers):
         state = block_format.pack(*(t.detach().to("cpu")[None] for t in (keys, values)))
@@ -120,7 +188,7 @@ def encode_block(key: str, fingerprint: str, layers: BlockKV, block_format: Bloc
     tokens = layers[0][0].shape[-2] if layers else 0
     meta = {"layout": LAYOUT_VERSION, "key": key, "fingerprint": fingerprint, "layers": str(len(layers))}
     meta |= {"tokens": str(tokens), "format": block_format.describe()}
-    return save(tensors, metadata={**meta, "sha256": _checksum(meta, tensors)})
+    return save(tensors, metadata={**meta, _signature_field(secret): _checksum(meta, tensors, secret)})
 
 
 def block_metadata(data: bytes) -> dict[str, str]:
@@ -152,17 +220,22 @@ def _check_identity(meta: dict[str, str], expected: dict[str, str]) -> None:
             raise CorruptBlock(f"stale or foreign entry: {field}={meta.get(field)!r}, expected {value!r}")
 
 
-def encode_tensors(key: str, fingerprint: str, kind: str, tensors: dict[str, torch.Tensor]) -> bytes:
+def encode_tensors(
+    key: str, fingerprint: str, kind: str, tensors: dict[str, torch.Tensor], secret: bytes | None = None
+) -> bytes:
     """Serialize named tensors of any shapes and dtypes (e.g. a compressed cache's `held_state`) as one entry,
-    with the same identity metadata and checksum as a block; `kind` names what they are (a block's format)."""
+    with the same identity metadata and checksum (or MAC) as a block; `kind` names what they are (a block's
+    format)."""
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     meta = {"layout": LAYOUT_VERSION, "key": key, "fingerprint": fingerprint, "format": kind}
-    return save(tensors, metadata={**meta, "sha256": _checksum(meta, tensors)})
+    return save(tensors, metadata={**meta, _signature_field(secret): _checksum(meta, tensors, secret)})
 
 
-def decode_tensors(data: bytes, key: str, fingerprint: str, kind: str) -> dict[str, torch.Tensor]:
-    """The tensors `encode_tensors` wrote, after checking the entry's identity, kind and checksum (`CorruptBlock`
-    otherwise)."""
+def decode_tensors(
+    data: bytes, key: str, fingerprint: str, kind: str, secret: bytes | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors `encode_tensors` wrote, after checking the entry's identity, kind and checksum or MAC
+    (`CorruptBlock` otherwise; `Unauthenticated` for a missing or wrong MAC)."""
     expected = {"layout": LAYOUT_VERSION, "key": key, "fingerprint": fingerprint, "format": kind}
     meta = block_metadata(data)
     _check_identity(meta, expected)
@@ -170,16 +243,22 @@ def decode_tensors(data: bytes, key: str, fingerprint: str, kind: str) -> dict[s
         tensors = load(data)
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise CorruptBlock(f"unreadable tensors: {error}") from None
-    if meta.get("sha256") != _checksum(expected, tensors):
-        raise CorruptBlock("checksum mismatch")
+    _check_signature(meta, expected, tensors, secret)
     return tensors
 
 
 def decode_block(
-    data: bytes, key: str, fingerprint: str, block_size: int, block_format: BlockFormat = BlockFormat()
+    data: bytes,
+    key: str,
+    fingerprint: str,
+    block_size: int,
+    block_format: BlockFormat = BlockFormat(),
+    secret: bytes | None = None,
+    shape: BlockShape | None = None,
 ) -> BlockKV:
     """The `(keys, values)` of every layer (dequantized for a quantized format), after checking the block's
-    identity, format, checksum and token count."""
+    identity, format, checksum or MAC (with `secret`) and token count, and, given the restoring model's `shape`,
+    every layer's geometry, dtype and finiteness. Raises `CorruptBlock` (`Unauthenticated` for the MAC)."""
     meta = block_metadata(data)
     expected = {
         "layout": LAYOUT_VERSION,
@@ -195,19 +274,20 @@ def decode_block(
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise CorruptBlock(f"unreadable tensors: {error}") from None
     signed = {field: meta[field] for field in ("layout", "key", "fingerprint", "layers", "tokens", "format")}
-    if meta.get("sha256") != _checksum(signed, tensors):
-        raise CorruptBlock("checksum mismatch")
+    _check_signature(meta, signed, tensors, secret)
     states: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for name, tensor in tensors.items():
         index, _, field = name.partition(".")
         states[index][field] = tensor
-    if layers == 0 or sorted(states) != sorted(map(str, range(layers))):
+    if layers <= 0 or len(states) != layers or sorted(states) != sorted(map(str, range(layers))):
         raise CorruptBlock(f"expected tensors for {layers} layers, found layers {sorted(states)}")
     try:
         blocks = block_format.unpack_layers([states[str(index)] for index in range(layers)], block_size)
-    except Exception as error:  # signed by our encoder but unreadable: a layout this version cannot read
+    except Exception as error:  # signed, but unreadable: a layout this version cannot read, or a forgery
         raise CorruptBlock(f"layers cannot be read back: {error}") from None
     for index, (keys, values) in enumerate(blocks):
         if keys.shape[-2] != block_size or values.shape[-2] != block_size:
             raise CorruptBlock(f"layer {index} holds {keys.shape[-2]} tokens, not {block_size}")
+    if shape is not None:
+        shape.check(blocks, block_size)
     return blocks

@@ -1,7 +1,9 @@
 """`PrefixCache`: restore the longest stored prefix of a prompt into a cache, and save new blocks."""
 
 import hashlib
+import hmac
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,12 +15,14 @@ from transformers.cache_utils import Cache
 from hf_kvcache.caches.base import KVCache
 from hf_kvcache.caches.evicting import EvictionCache
 from hf_kvcache.devices import layer_devices
-from hf_kvcache.geometry import layers_without_per_token_kv
+from hf_kvcache.geometry import SHARED_KIND, layers_without_per_token_kv, model_geometry
 from hf_kvcache.prefix.backend import Backend, BackendError
 from hf_kvcache.prefix.codec import (
     BlockFormat,
     BlockKV,
+    BlockShape,
     CorruptBlock,
+    Unauthenticated,
     decode_block,
     decode_tensors,
     encode_block,
@@ -32,8 +36,33 @@ from hf_kvcache.validation import check_int
 logger = logging.getLogger(__name__)
 
 COMPRESSED_KIND = "compressed cache"  # the format of entries holding a compressed context's held tensors
+SECRET_VARIABLE = "HF_KVCACHE_STORE_SECRET"  # the environment variable a store's secret is read from
 
-_COUNTERS = ("lookups", "hits", "misses", "tokens_reused", "blocks_saved", "bytes_stored", "errors")
+_COUNTERS = ("lookups", "hits", "misses", "tokens_reused", "blocks_saved", "bytes_stored", "errors", "unauthenticated")
+
+
+def store_secret(secret: str | bytes | None) -> bytes | None:
+    """The secret as bytes: `secret`, else the `HF_KVCACHE_STORE_SECRET` environment variable, else None.
+
+    Raises:
+        ValueError: an empty secret, or one that is not a string or bytes.
+    """
+    if secret is None:
+        secret = os.environ.get(SECRET_VARIABLE) or None
+        if secret is None:
+            return None
+    if not isinstance(secret, str | bytes) or not secret:  # the value itself is not echoed: it is a secret
+        raise ValueError(
+            f"secret of type {type(secret).__name__} and length {len(secret) if isinstance(secret, str | bytes) else 0}"
+            f" is not accepted; accepted: a non-empty str or bytes, or None to read ${SECRET_VARIABLE}"
+        )
+    return secret.encode() if isinstance(secret, str) else bytes(secret)
+
+
+def block_shape(model: PreTrainedModel) -> BlockShape:
+    """The geometry and dtype every block restored into `model` must have: its layers that cache KV."""
+    layers = [layer for layer in model_geometry(model.config).layers if layer.kind != SHARED_KIND]
+    return BlockShape(tuple((layer.kv_heads, layer.key_dim, layer.value_dim) for layer in layers), model.dtype)
 
 
 def prompt_tokens(input_ids: torch.Tensor | Sequence[int]) -> list[int]:
@@ -63,6 +92,10 @@ class PrefixCache:
         prefetch_blocks: blocks per backend request while restoring; the next request runs in a background
             thread while the blocks just received are checked and decoded, so a long prefix's transfer
             overlaps its decoding. 0 fetches the whole prefix in one request.
+        secret: a key (str or bytes) that signs every entry with an HMAC-SHA256 and derives the store's keys
+            and fingerprints, so that only holders of the secret can write entries this store serves, or
+            compute which key holds which prompt. None reads `$HF_KVCACHE_STORE_SECRET`; unset, entries carry
+            a plain checksum, which detects damage but not forgery (see the README on sharing a store).
 
     Blocks are keyed by the model, the cache's class and settings, and the format: a block is never
     restored into another configuration. Models with layers that hold more than per-token attention KV
@@ -70,10 +103,16 @@ class PrefixCache:
     by recomputing: nothing is restored or saved for them (a warning says so once per store), since a
     restore of KV alone would leave those layers without the prefix's state.
 
+    Every entry read back is untrusted: besides its identity and checksum (or MAC), a block must have the
+    restoring model's geometry (layers, KV heads, head sizes), dtype and finite values, and be no larger than
+    that geometry allows; a compressed context must fit the cache and the context it is restored for.
+    Anything else is a miss, and the entry is deleted.
+
     Counters (see `stats()`): `lookups` prompts looked up; `hits` and `misses` blocks of those prompts
     found or not (of the whole blocks a lookup could use); `tokens_reused`; `blocks_saved` and
     `bytes_stored` written by this object; `errors` corrupt entries and backend failures (each a
-    miss with a logged warning, never an exception).
+    miss with a logged warning, never an exception); `unauthenticated` of those errors, entries without a
+    valid MAC under the secret (warned about once per store).
 
     Raises:
         ValueError: a backend that is not a prefix backend, or a parameter out of range (named).
@@ -86,6 +125,7 @@ class PrefixCache:
         bits: int | None = None,
         group_size: int = 64,
         prefetch_blocks: int = 4,
+        secret: str | bytes | None = None,
     ):
         if not isinstance(backend, Backend):
             raise ValueError(
@@ -98,11 +138,18 @@ class PrefixCache:
         self.block_size = block_size
         self.block_format = BlockFormat(bits, group_size)
         self.prefetch_blocks = prefetch_blocks
+        self._secret = store_secret(secret)
         self.backend_stats = LevelStats(backend)
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
         self._warned_unreusable: set[str] = set()
+        self._warned_unauthenticated = False
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether entries are signed and checked with a secret."""
+        return self._secret is not None
 
     def _reusable(self, model: PreTrainedModel) -> bool:
         """Whether restored KV alone reproduces the prefix for this model (see the class docstring)."""
@@ -149,9 +196,10 @@ class PrefixCache:
             if not complete:
                 return
 
-    def _fetch(self, keys: list[str], fingerprint: str) -> list[BlockKV]:
+    def _fetch(self, keys: list[str], fingerprint: str, shape: BlockShape) -> list[BlockKV]:
         """Decoded blocks for the longest run of valid entries at the start of `keys`."""
         blocks: list[BlockKV] = []
+        max_bytes = shape.max_bytes(self.block_size)
         for chunk, values in self._requests(keys):
             if isinstance(values, BackendError):
                 self._unavailable("recomputing", values)
@@ -159,27 +207,46 @@ class PrefixCache:
             self._available()
             for key, data in zip(chunk, values):
                 try:
-                    block = decode_block(data, key, fingerprint, self.block_size, self.block_format)
-                    if blocks and [t.shape for pair in block for t in pair] != [
-                        t.shape for pair in blocks[0] for t in pair
-                    ]:
-                        raise CorruptBlock("tensor shapes differ from the blocks before it")
+                    if len(data) > max_bytes:
+                        raise CorruptBlock(f"{len(data)} bytes, more than a block of this model can take ({max_bytes})")
+                    block = decode_block(
+                        data, key, fingerprint, self.block_size, self.block_format, self._secret, shape
+                    )
                 except CorruptBlock as error:
-                    logger.warning("prefix store entry %s… is unusable (%s); recomputing it", key[:16], error)
-                    self._count(errors=1)
-                    self._drop(key)
+                    self._unusable(key, error)
                     return blocks
                 blocks.append(block)
             if len(values) < len(chunk):
                 break
         return blocks
 
+    def _unusable(self, key: str, error: CorruptBlock) -> None:
+        """Count, log and delete an entry that must not be served."""
+        unauthenticated = isinstance(error, Unauthenticated)
+        self._count(errors=1, unauthenticated=int(unauthenticated))
+        if not unauthenticated:
+            logger.warning("prefix store entry %s… is unusable (%s); recomputing it", key[:16], error)
+        elif not self._warned_unauthenticated:
+            self._warned_unauthenticated = True
+            logger.warning(
+                "prefix store entry %s… has no valid MAC under this store's secret: written without the secret "
+                "or altered; it and any like it are recomputed and deleted (counted in stats()['unauthenticated'])",
+                key[:16],
+            )
+        self._drop(key)
+
+    def _digest(self, identity: str) -> str:
+        """sha256 of `identity`, keyed by the secret when the store has one (so keys cannot be computed)."""
+        if self._secret is None:
+            return hashlib.sha256(identity.encode()).hexdigest()
+        return hmac.new(self._secret, identity.encode(), hashlib.sha256).hexdigest()
+
     def fingerprint(self, model: PreTrainedModel, cache: Cache | None) -> str:
         """The model's fingerprint combined with the cache's signature and the block format: KV computed after a
         restore through a quantizing or evicting cache differs from full-precision KV, and a block is read
         in the format it was written in, so each configuration has its own keys."""
         identity = f"{model_fingerprint(model)}:{cache_signature(cache)}:{self.block_format.describe()}"
-        return hashlib.sha256(identity.encode()).hexdigest()
+        return self._digest(identity)
 
     def _drop(self, key: str) -> None:
         try:
@@ -218,7 +285,7 @@ class PrefixCache:
             usable = 0
         fingerprint = self.fingerprint(model, cache)
         keys = block_keys(fingerprint, tokens[:usable], self.block_size)
-        blocks = self._fetch(keys, fingerprint) if keys else []
+        blocks = self._fetch(keys, fingerprint, block_shape(model)) if keys else []
         feed = cache.load if isinstance(cache, KVCache) else cache.update  # score caches await no scores for it
         devices = layer_devices(model) if blocks else []
         for layer in range(len(blocks[0]) if blocks else 0):
@@ -258,7 +325,7 @@ class PrefixCache:
         for index in range(start // self.block_size, len(keys)):
             begin, end = index * self.block_size - start, (index + 1) * self.block_size - start
             block = [(k[0, :, begin:end], v[0, :, begin:end]) for k, v in layers]
-            data = encode_block(keys[index], fingerprint, block, self.block_format)
+            data = encode_block(keys[index], fingerprint, block, self.block_format, self._secret)
             try:
                 stored = self.backend.put(keys[index], data, keys[index - 1] if index else None)
             except BackendError as error:
@@ -280,7 +347,7 @@ class PrefixCache:
         cache_identity = f"{type(cache).__module__}.{type(cache).__qualname__}:{cache.storage!r}"
         compression = cache.compression_identity(model, tokenizer)
         identity = f"{model_fingerprint(model)}:{COMPRESSED_KIND}:{cache_identity}:{compression}"
-        fingerprint = hashlib.sha256(identity.encode()).hexdigest()
+        fingerprint = self._digest(identity)
         return block_keys(fingerprint, tokens, len(tokens))[0], fingerprint
 
     def save_compressed(
@@ -305,7 +372,7 @@ class PrefixCache:
                 "right after compress_context, before any question"
             )
         key, fingerprint = self._compressed_key(model, tokens, cache, tokenizer)
-        data = encode_tensors(key, fingerprint, COMPRESSED_KIND, cache.held_state())
+        data = encode_tensors(key, fingerprint, COMPRESSED_KIND, cache.held_state(), self._secret)
         try:
             stored = self.backend.put(key, data)
         except BackendError as error:
@@ -341,17 +408,16 @@ class PrefixCache:
             found = []
         else:
             self._available()
-        tensors = None
+        hit = False
         if found:
             try:
-                tensors = decode_tensors(found[0], key, fingerprint, COMPRESSED_KIND)
+                tensors = decode_tensors(found[0], key, fingerprint, COMPRESSED_KIND, self._secret)
+                cache.load_held_state(tensors, layer_devices(model)[0], seen_tokens=len(tokens), dtype=model.dtype)
+                hit = True
             except CorruptBlock as error:
-                logger.warning("prefix store entry %s… is unusable (%s); recomputing it", key[:16], error)
-                self._count(errors=1)
-                self._drop(key)
-        if tensors is not None:
-            cache.load_held_state(tensors, layer_devices(model)[0])
-        hit = tensors is not None
+                self._unusable(key, error)
+            except ValueError as error:  # load_held_state refused it: it does not fit this cache and context
+                self._unusable(key, CorruptBlock(str(error)))
         self._count(lookups=1, hits=int(hit), misses=int(not hit), tokens_reused=len(tokens) if hit else 0)
         return hit
 
