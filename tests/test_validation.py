@@ -103,7 +103,10 @@ CONSTRUCTORS = {
     "PyramidKV": (PyramidKV, {"budget": POSITIVE, "beta": POSITIVE}),
     "MemoryBackend": (MemoryBackend, {"max_bytes": OPTIONAL_POSITIVE}),
     "DiskBackend": (lambda **kw: DiskBackend(**{"path": "/nonexistent-parent/never-created", **kw}), {"path": TEXT}),
-    "PrefixCache": (lambda **kw: PrefixCache(MemoryBackend(), **kw), {"block_size": POSITIVE}),
+    "PrefixCache": (
+        lambda **kw: PrefixCache(MemoryBackend(), **kw),
+        {"block_size": POSITIVE, "prefetch_blocks": NON_NEGATIVE, "secret": Kind((str, bytes), optional=True)},
+    ),
     "RedisBackend": (
         RedisBackend,
         {

@@ -52,9 +52,10 @@ def store_secret(secret: str | bytes | None) -> bytes | None:
         if secret is None:
             return None
     if not isinstance(secret, str | bytes) or not secret:  # the value itself is not echoed: it is a secret
+        length = len(secret) if isinstance(secret, str | bytes) else "-"
         raise ValueError(
-            f"secret of type {type(secret).__name__} and length {len(secret) if isinstance(secret, str | bytes) else 0}"
-            f" is not accepted; accepted: a non-empty str or bytes, or None to read ${SECRET_VARIABLE}"
+            f"secret=<a {type(secret).__name__} of length {length}> is not accepted; accepted: a non-empty str or "
+            f"bytes, or None to read ${SECRET_VARIABLE}"
         )
     return secret.encode() if isinstance(secret, str) else bytes(secret)
 
