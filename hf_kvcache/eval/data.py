@@ -6,6 +6,8 @@ first `max_tokens` token ids. The hub is tried only when it looks reachable (no 
 """
 
 import gzip
+import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -33,11 +35,18 @@ BUNDLED_NOTE = {
 
 @dataclass(frozen=True)
 class Text:
-    """A text to evaluate on: the dataset asked for, where the text came from, and the text itself."""
+    """A text to evaluate on: the dataset asked for, where the text came from, the text itself, and `sha256`:
+    the hash of the file's bytes for a local file (else of the text), so that `--resume` never reuses results
+    measured on a file since edited in place."""
 
     dataset: str
     source: str
     text: str
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            object.__setattr__(self, "sha256", hashlib.sha256(self.text.encode("utf-8")).hexdigest())
 
 
 def _from_hub(dataset: str) -> tuple[str, str]:
@@ -56,21 +65,25 @@ def bundled_text(dataset: str) -> str:
         return gzip.decompress(handle.read()).decode("utf-8")
 
 
-def _read_utf8(path: Path) -> str:
+def _read_utf8(path: Path, data: bytes) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"dataset file {path} is not UTF-8 text: byte {error.start} ({error.reason})") from None
 
 
-def _from_file(path: Path) -> str:
+def _from_file(path: Path) -> tuple[str, str]:
+    """The text of a local file and the sha256 of the bytes it was parsed from (read once: the hash is of
+    the very bytes evaluated, even if the file changes meanwhile)."""
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if path.suffix == ".txt":
-        return _read_utf8(path)
+        return _read_utf8(path, data), digest
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        for number, line in enumerate(_read_utf8(path, data).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -80,13 +93,13 @@ def _from_file(path: Path) -> str:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{path}:{number}: each JSON line needs a string 'text' field")
             texts.append(record["text"])
-        return "\n".join(texts)
+        return "\n".join(texts), digest
     import pyarrow.parquet as parquet
 
-    table = parquet.read_table(path)
+    table = parquet.read_table(io.BytesIO(data))
     if "text" not in table.column_names:
         raise ValueError(f"{path}: no 'text' column; columns are: {', '.join(table.column_names)}")
-    return "\n".join(value for value in table.column("text").to_pylist() if value)
+    return "\n".join(value for value in table.column("text").to_pylist() if value), digest
 
 
 def load_text(dataset: str, use_hub: bool | None = None) -> Text:
@@ -110,10 +123,10 @@ def load_text(dataset: str, use_hub: bool | None = None) -> Text:
             f"--dataset {dataset!r} is neither a known dataset ({', '.join(NAMED_DATASETS)}) nor a file "
             f"ending in {', '.join(FILE_SUFFIXES)}"
         )
-    text = _from_file(path)
+    text, digest = _from_file(path)
     if not text.strip():
         raise ValueError(f"dataset file {path} holds no text")
-    return Text(str(path), f"local file {path} ({path.suffix[1:]})", text)
+    return Text(str(path), f"local file {path} ({path.suffix[1:]})", text, digest)
 
 
 def tokenize_text(

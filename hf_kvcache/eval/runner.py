@@ -1,5 +1,6 @@
 """`evaluate`: run every cache spec over the same tokens and collect their figures."""
 
+import hashlib
 import importlib.metadata
 import platform
 from collections.abc import Callable, Mapping, Sequence
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -17,6 +18,7 @@ from hf_kvcache.eval.memory import PeakMemory
 from hf_kvcache.eval.perplexity import bucket_perplexity, decode_speed, evaluation_pass
 from hf_kvcache.eval.results import CacheResult, EvalResults
 from hf_kvcache.models import DEFAULT_MODEL_NAME, load_model
+from hf_kvcache.prefix.keys import model_fingerprint
 from hf_kvcache.registry import CacheSpec, build_cache, parse_cache_spec
 from hf_kvcache.scoring import score_capture
 
@@ -83,6 +85,31 @@ def prepare_model(
     return model, tokenizer, model_name
 
 
+Reuse = Mapping | Callable[[dict], Mapping] | None
+
+
+def tokens_digest(input_ids: torch.Tensor) -> str:
+    """sha256 of token ids (as int64): what a result was measured on, whatever the tokenizer."""
+    return hashlib.sha256(input_ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def reusable_results(done: Reuse, state: PartialState, identity: Callable[[], dict]) -> dict:
+    """The results `done` says need not be measured again. `done` may be a mapping, or a callable given the
+    run's `identity()` (the model's weight fingerprint and the inputs' hashes, known only once the model and
+    data are loaded) that binds where results are saved and returns those of that identity. With several
+    processes the main process's identity and results are shared with all, so every process agrees on
+    what is left to measure."""
+    if not callable(done):
+        return dict(done or {})
+    if state.num_processes == 1:
+        return dict(done(identity()))
+    shared = [identity() if state.is_main_process else None]
+    broadcast_object_list(shared)
+    found = [dict(done(shared[0]))]  # every process: the callable binds where results are saved
+    broadcast_object_list(found)
+    return found[0]
+
+
 def needs_capture(spec: CacheSpec, model: PreTrainedModel) -> bool:
     """Whether the cache of `spec` evicts by attention scores (then the model captures them while it runs)."""
     return getattr(build_cache(spec, model.config), "needs_score_capture", False)
@@ -105,7 +132,7 @@ def evaluate(
     use_hub: bool | None = None,
     progress: bool = True,
     device_map: str | None = None,
-    done: Mapping[str, CacheResult] | None = None,
+    done: Mapping[str, CacheResult] | Callable[[dict], Mapping[str, CacheResult]] | None = None,
     on_result: Callable[[CacheResult], None] | None = None,
 ) -> EvalResults:
     """Measure perplexity, cache bytes, peak memory and speed of each cache spec on the same tokens.
@@ -129,7 +156,10 @@ def evaluate(
         bucket_size: predicted tokens per perplexity bucket (default: max_tokens / 8, at most 256).
         decode_tokens: greedy decode steps after the text, timed for decode tokens/s.
         use_hub: None tries the hub when reachable, False uses the bundled copies.
-        done: results already measured (by label), e.g. from an interrupted run: not measured again.
+        done: results already measured (by label), e.g. from an interrupted run: not measured again; or a
+            callable given the run's identity (`model_weights`: `model_fingerprint(model)`, `dataset_sha256`:
+            the dataset file's bytes, `tokens_sha256`: the token ids evaluated) that returns them, so that only
+            results of the same weights and text are reused (see `reusable_results`).
         on_result: called with each result as soon as it is measured (to save it).
 
     Raises:
@@ -143,12 +173,10 @@ def evaluate(
     if not isinstance(decode_tokens, int) or decode_tokens < 1:
         raise ValueError(f"decode_tokens={decode_tokens!r} must be an integer >= 1")
     specs = parse_specs(caches)
-    done = dict(done or {})
     # One process unless started by `accelerate launch` / torchrun; without a GPU the processes share out the
     # work on the CPU (gloo), which accelerate only does when told so.
     state = process_state(device)
-    if input_ids is None:
-        text = load_text(dataset, use_hub)
+    text = load_text(dataset, use_hub) if input_ids is None else None
     model, tokenizer, model_name = prepare_model(model, tokenizer, specs, state, device, dtype, device_map)
     if input_ids is None:
         if tokenizer is None:
@@ -160,6 +188,16 @@ def evaluate(
     length = input_ids.shape[1]
     step = chunk_size if mode == "chunk" else 1
     bucket_size = bucket_size or max(1, min(256, (length - 1) // 8))
+    sha256 = text.sha256 if text is not None else None
+    done = reusable_results(
+        done,
+        state,
+        lambda: {
+            "model_weights": model_fingerprint(model),
+            "dataset_sha256": sha256,
+            "tokens_sha256": tokens_digest(input_ids),
+        },
+    )
 
     todo = [spec for spec in specs if spec.label not in done]
     measured = []

@@ -10,7 +10,7 @@ processes and the per-sample records joined again with `TaskResult.from_samples`
 """
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +20,7 @@ from hf_kvcache.caches.compress_once import compresses_once
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.devices import input_device
 from hf_kvcache.eval.memory import cache_bytes
+from hf_kvcache.eval.results import check_close, exact_fields, record_int, record_list, record_number
 from hf_kvcache.eval.tasks import TASKS, Sample, score
 from hf_kvcache.registry import CacheSpec, build_cache, parse_cache_spec
 from hf_kvcache.scoring import score_capture
@@ -70,6 +71,78 @@ class TaskResult:
             mean_cache_bytes=sum(record["cache_bytes"] for record in sample_results) / count,
             decode_tokens_per_s=decode_tokens / decode_seconds if decode_tokens and decode_seconds > 0 else None,
         )
+
+    @classmethod
+    def from_record(cls, record: object, label: str, settings: Mapping) -> "TaskResult":
+        """The result a partial file holds, every sample record checked (types and ranges, against `settings`:
+        `tasks`, `samples`, `seed`, `max_new_tokens`) and the figures recomputed from them: a tampered
+        accuracy, byte count or relabelled spec is refused, never reported as measured.
+
+        Raises:
+            ValueError: the first field that is missing, of the wrong type, out of range or inconsistent.
+        """
+        fields = exact_fields(cls, record)
+        task, spec = fields["task"], fields["spec"]
+        if not isinstance(task, str) or not isinstance(spec, str) or label != f"{task}/{spec}":
+            raise ValueError(f"task={task!r}, spec={spec!r} but the file is that of {label!r}")
+        if task not in TASKS or task not in settings.get("tasks", [task]):
+            raise ValueError(f"task={task!r} is not a task of this run")
+        if fields["cache"] != parse_cache_spec(spec).name:
+            raise ValueError(f"cache={fields['cache']!r} is not the strategy of spec {spec!r}")
+        samples = record_list("samples", fields["samples"], settings.get("samples"))
+        budget = settings.get("max_new_tokens") or TASKS[task].max_new_tokens
+        for position, sample in enumerate(samples):
+            _check_sample(sample, position, task, settings.get("seed"), budget)
+        if not samples:
+            raise ValueError("samples: no sample record; accepted: at least one")
+        rebuilt = cls.from_samples(fields["cache"], spec, task, samples)
+        record_number("accuracy", fields["accuracy"], 0.0)
+        check_close("accuracy", fields["accuracy"], rebuilt.accuracy)
+        record_number("mean_cache_bytes", fields["mean_cache_bytes"], 0.0)
+        check_close("mean_cache_bytes", fields["mean_cache_bytes"], rebuilt.mean_cache_bytes)
+        speed = fields["decode_tokens_per_s"]
+        if rebuilt.decode_tokens_per_s is None or speed is None:
+            if speed is not rebuilt.decode_tokens_per_s:
+                raise ValueError(f"decode_tokens_per_s={speed!r} is not what the samples give")
+        else:
+            check_close(
+                "decode_tokens_per_s", record_number("decode_tokens_per_s", speed, 0.0), rebuilt.decode_tokens_per_s
+            )
+        return rebuilt
+
+
+_SAMPLE_FIELDS = {
+    "task", "index", "seed", "context_tokens", "score", "generated", "depths", "cache_bytes", "new_tokens",
+    "seconds", "prefill_seconds", "decode_tokens", "decode_seconds",
+}  # fmt: skip
+
+
+def _check_sample(sample: object, position: int, task: str, seed: object, budget: int) -> None:
+    """One sample record of `evaluate_task`, in place `position` of the sorted records."""
+    where = f"samples[{position}]"
+    if not isinstance(sample, dict) or set(sample) != _SAMPLE_FIELDS:
+        raise ValueError(f"{where}: accepted: an object with the fields {', '.join(sorted(_SAMPLE_FIELDS))}")
+    if sample["task"] != task or sample["index"] != position or (seed is not None and sample["seed"] != seed):
+        raise ValueError(f"{where}: task/index/seed {sample['task']!r}/{sample['index']!r}/{sample['seed']!r}")
+    record_int(f"{where}.index", sample["index"], 0)
+    record_int(f"{where}.context_tokens", sample["context_tokens"], 1)
+    record_number(f"{where}.score", sample["score"], 0.0)
+    if sample["score"] > 1:
+        raise ValueError(f"{where}.score={sample['score']!r}: accepted: a number in [0, 1]")
+    if not isinstance(sample["generated"], str) or len(sample["generated"]) > GENERATED_CHARS:
+        raise ValueError(f"{where}.generated: accepted: a string of at most {GENERATED_CHARS} characters")
+    for depth in record_list(f"{where}.depths", sample["depths"]):
+        if not (record_number(f"{where}.depths", depth, 0.0) <= 1):
+            raise ValueError(f"{where}.depths: {depth!r}; accepted: numbers in [0, 1]")
+    record_int(f"{where}.cache_bytes", sample["cache_bytes"], 0)
+    new_tokens = record_int(f"{where}.new_tokens", sample["new_tokens"], 0)
+    if new_tokens > budget:
+        raise ValueError(f"{where}.new_tokens={new_tokens!r}: accepted: at most the answer budget {budget}")
+    decode_tokens = record_int(f"{where}.decode_tokens", sample["decode_tokens"], 0)
+    if decode_tokens > max(new_tokens - 1, 0):
+        raise ValueError(f"{where}.decode_tokens={decode_tokens!r}: accepted: at most new_tokens - 1")
+    for name in ("seconds", "prefill_seconds", "decode_seconds"):
+        record_number(f"{where}.{name}", sample[name], 0.0)
 
 
 class _StepClock(LogitsProcessor):

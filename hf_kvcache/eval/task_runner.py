@@ -2,6 +2,7 @@
 out among processes."""
 
 import csv
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -12,9 +13,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_kvcache.devices import input_device
-from hf_kvcache.eval.runner import library_versions, parse_specs, prepare_model, process_state
-from hf_kvcache.eval.task_eval import TaskResult, evaluate_task
+from hf_kvcache.eval.runner import library_versions, parse_specs, prepare_model, process_state, reusable_results
+from hf_kvcache.eval.task_eval import TaskResult, evaluate_task, prompt_ids
 from hf_kvcache.eval.tasks import TASKS, generate_samples
+from hf_kvcache.prefix.keys import model_fingerprint
 from hf_kvcache.registry import CacheSpec
 from hf_kvcache.report import format_table
 from hf_kvcache.validation import check_choice, check_int
@@ -66,6 +68,17 @@ class TaskRun:
                 writer.writerow({**row, "cache": r.spec, "samples": len(r.samples)})
 
 
+def prompts_digest(tokenizer: PreTrainedTokenizerBase, samples_of: Mapping[str, Sequence]) -> str:
+    """sha256 of every sample's prompt ids and expected answers: what a task result was measured on (the book,
+    the generator and the tokenizer with its chat template all show in it)."""
+    digest = hashlib.sha256()
+    for task, task_samples in samples_of.items():
+        for sample in task_samples:
+            ids = prompt_ids(tokenizer, sample)[0].tolist()
+            digest.update(json.dumps([task, sample.index, ids, list(sample.answers)]).encode())
+    return digest.hexdigest()
+
+
 def evaluate_tasks(
     caches: Sequence[str | CacheSpec],
     tasks: Sequence[str],
@@ -79,7 +92,7 @@ def evaluate_tasks(
     dtype: str | None = None,
     device_map: str | None = None,
     progress: bool = True,
-    done: Mapping[str, TaskResult] | None = None,
+    done: Mapping[str, TaskResult] | Callable[[dict], Mapping[str, TaskResult]] | None = None,
     on_result: Callable[[str, TaskResult], None] | None = None,
 ) -> TaskRun:
     """Accuracy of every cache spec on every task, with the bytes each cache held and its decode speed.
@@ -92,7 +105,9 @@ def evaluate_tasks(
         caches: cache specs; tasks: names of `eval.tasks.TASKS`.
         context_tokens: prompt length in tokens; samples: samples per task; seed: the samples' seed.
         max_new_tokens: answer budget (default: each task's own).
-        done: results already measured, by `"<task>/<cache label>"` (not measured again);
+        done: results already measured, by `"<task>/<cache label>"` (not measured again), or a callable given
+            the run's identity (`model_weights`: `model_fingerprint(model)`, `prompts_sha256`: the samples'
+            prompt ids and answers) that returns them (see `runner.reusable_results`);
         on_result: called with that label and each result as soon as it is measured.
 
     Raises:
@@ -103,14 +118,19 @@ def evaluate_tasks(
     check_int("context_tokens", context_tokens, minimum=1)
     check_int("samples", samples, minimum=1)
     specs = parse_specs(caches)
-    done = dict(done or {})
     state = process_state(device)
     model, tokenizer, model_name = prepare_model(model, tokenizer, specs, state, device, dtype, device_map)
     if tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer for the tasks' prompts")
+    samples_of = {task: generate_samples(task, tokenizer, context_tokens, samples, seed) for task in tasks}
+    done = reusable_results(
+        done,
+        state,
+        lambda: {"model_weights": model_fingerprint(model), "prompts_sha256": prompts_digest(tokenizer, samples_of)},
+    )
     results, mine_by_label = [], {}
     for task in tasks:
-        task_samples = generate_samples(task, tokenizer, context_tokens, samples, seed)
+        task_samples = samples_of[task]
         for spec in specs:
             label = f"{task}/{spec.label}"
             if label in done:
