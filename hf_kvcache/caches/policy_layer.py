@@ -17,7 +17,7 @@ import torch
 from hf_kvcache.caches.base import KVLayer, Storage
 from hf_kvcache.caches.storage import TensorMap
 from hf_kvcache.geometry import LayerGeometry
-from hf_kvcache.policies.base import RECONSTRUCTION_SCORES, EvictionPolicy, Needs, Step
+from hf_kvcache.policies.base import RECONSTRUCTION_SCORES, EvictionPolicy, Needs, Step, selected_indices
 from hf_kvcache.scoring import AttentionCall, announce_update, padding_of_new_tokens, with_stored_padding
 
 
@@ -85,7 +85,12 @@ class PolicyLayer(KVLayer):
         return with_stored_padding(attention_mask, self.real[..., : -self.query_length], query)
 
     def observe(self, call: AttentionCall) -> None:
-        """Build the policy's `Step` from this forward's attention call, update its state, and evict."""
+        """Build the policy's `Step` from this forward's attention call, update its state, and evict.
+
+        Raises:
+            PolicyOutputError: the policy's selection or scores cannot be kept (duplicate, unordered, out of
+                range or too many indices, non-finite scores: `policies.base.selected_indices`), naming it.
+        """
         if self.reconstructing:
             self.observe_reconstruction(call)
             return
@@ -102,7 +107,7 @@ class PolicyLayer(KVLayer):
         step = self._step(self.query_length, attention, queries, call.scaling)
         policy.update_state(step)
         if evict:
-            self.keep(policy.select(step, self.budget))
+            self.keep(selected_indices(policy, step, self.budget))  # checked: a PolicyOutputError names it
 
     def _step(
         self,
@@ -174,7 +179,7 @@ class PolicyLayer(KVLayer):
         """Keep what the policy selects by the recorded reconstruction scores (all tokens when they fit the
         budget), then drop the scores."""
         if self.stored_tokens > self.budget:
-            self.keep(self.policy.select(self._step(query_length=0), self.budget))
+            self.keep(selected_indices(self.policy, self._step(query_length=0), self.budget))
         self.state.pop(RECONSTRUCTION_SCORES, None)
 
     # --- bookkeeping ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from hf_kvcache.caches.policy_layer import PolicyLayer
 from hf_kvcache.caches.storage import KVStore, TensorMap
-from hf_kvcache.policies.base import Step
+from hf_kvcache.policies.base import Step, selected_mask
 from hf_kvcache.scoring import AttentionCall, announce_update, padding_of_new_tokens, with_stored_padding
 
 
@@ -147,7 +147,7 @@ class RaggedPolicyLayer(PolicyLayer):
             self._per_cached_head(call.scores(count)),
             scaling=call.scaling,
         )
-        self.keep_mask(policy.select(step, self.budget) & real)
+        self.keep_mask(selected_mask(policy, step, self.budget))  # checked, real tokens only
 
     def keep_mask(self, keep: torch.Tensor) -> None:
         """Keep, per row, the held tokens whose slots are True in `keep` [batch, heads, slots]."""

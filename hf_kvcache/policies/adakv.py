@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_kvcache.policies.base import Step, register_policy
+from hf_kvcache.policies.base import Step, check_scores, register_policy
 from hf_kvcache.policies.snapkv import SnapKV
 from hf_kvcache.validation import check_number
 
@@ -42,7 +42,7 @@ class AdaKV(SnapKV):
     def select(self, step: Step, budget: int) -> torch.Tensor:
         """bool [batch, heads, stored]: `budget x heads` tokens per row, at least the guaranteed share per head."""
         window = self.scored_queries(step.query_length)
-        scores = self.score(step).float().masked_fill(~step.real, float("-inf"))
+        scores = check_scores(step, self.score(step)).masked_fill(~step.real, float("-inf"))
         scores[..., step.stored - window :] = float("inf")  # the observation window (real: it ends the prompt)
         batch, heads, stored = scores.shape
         guaranteed = max(window, min(budget, round(self.safeguard * budget)))

@@ -124,7 +124,9 @@ class EvictionPolicy:
         raise NotImplementedError(f"{type(self).__name__} must define score(step) (or select(step, budget))")
 
     def select(self, step: Step, budget: int) -> torch.Tensor:
-        """Indices [batch, heads or 1, budget] (ascending) of the stored tokens to keep."""
+        """Indices [batch, heads or 1, at most budget] (strictly ascending) of the stored tokens to keep; a
+        `ragged` policy returns a bool mask [batch, heads or 1, stored] instead. The caches check the result
+        (`selected_indices`, `selected_mask`)."""
         return keep_top(step, self.score(step), budget, per_head=self.per_head)
 
 
@@ -136,14 +138,13 @@ def keep_top(
 
     Returns ascending indices [batch, heads, budget] ([batch, 1, budget] when not `per_head`). Ties go to the
     earlier token.
+
+    Raises:
+        PolicyOutputError: `scores` not a floating tensor [batch, heads or 1, stored], or not finite at a real
+            token (`check_scores`).
     """
     stored = step.stored
-    if scores.dim() != 3 or scores.shape[-1] != stored or scores.shape[1] not in (1, step.real.shape[1]):
-        raise ValueError(
-            f"a policy's scores must be [batch, heads or 1, stored] = [{step.real.shape[0]}, {step.real.shape[1]} "
-            f"or 1, {stored}], got {tuple(scores.shape)}"
-        )
-    scores = scores.float()
+    scores = check_scores(step, scores)
     if not per_head:
         scores = scores.mean(dim=1, keepdim=True)
     real = step.real if per_head else step.real[:, :1]  # every head keeps the same tokens: one row's padding
@@ -156,6 +157,136 @@ def keep_top(
     scores = scores.masked_fill(forced & real, float("inf"))
     # A stable sort breaks ties by position (the earlier token wins), the same in a padded row as alone.
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :budget].sort(dim=-1).values
+
+
+class PolicyOutputError(ValueError):
+    """What a policy's `score` or `select` returned cannot be kept: the message names the policy (when a cache
+    asked it), what it returned and what is accepted."""
+
+
+def _shown(tensor: torch.Tensor, limit: int = 12) -> str:
+    """A short text of a 1-D tensor's first `limit` values."""
+    values = tensor.flatten()[:limit].tolist()
+    return f"[{', '.join(map(str, values))}{', ...' if tensor.numel() > limit else ''}]"
+
+
+def check_scores(step: Step, scores: object) -> torch.Tensor:
+    """`scores` as float32 [batch, heads or 1, stored], checked: a floating (or integer) tensor of that shape,
+    finite (no NaN, no infinity) at every real token; padding is masked anyway. One pass over the scores.
+
+    Raises:
+        PolicyOutputError: another type, dtype or shape, or a non-finite score at a real token (the first named).
+    """
+    batch, heads, stored = step.real.shape
+    if not isinstance(scores, torch.Tensor) or scores.dtype in (torch.bool, torch.complex64, torch.complex128):
+        kind = f"a {scores.dtype} tensor" if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise PolicyOutputError(f"a policy's scores must be a real-valued torch.Tensor, got {kind}")
+    if scores.dim() != 3 or scores.shape[0] != batch or scores.shape[-1] != stored or scores.shape[1] not in (1, heads):
+        raise PolicyOutputError(
+            f"a policy's scores must be [batch, heads or 1, stored] = [{batch}, {heads} or 1, {stored}], got "
+            f"{tuple(scores.shape)}"
+        )
+    scores = scores.float()
+    bad = ~torch.isfinite(scores) & step.real
+    if bad.any():
+        b, h, i = (int(x) for x in bad.nonzero()[0])
+        raise PolicyOutputError(
+            f"a policy's scores must be finite at every real token (higher = keep; padding is never kept), got "
+            f"{scores[b, min(h, scores.shape[1] - 1), i].item()} for stored token {i} of batch row {b}, head {h} "
+            f"({int(bad.sum())} non-finite scores in all)"
+        )
+    return scores
+
+
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _named(policy: "EvictionPolicy", error: PolicyOutputError) -> PolicyOutputError:
+    return PolicyOutputError(f"{type(policy).__name__}.select(step, budget): {error}")
+
+
+def selected_indices(policy: "EvictionPolicy", step: Step, budget: int) -> torch.Tensor:
+    """`policy.select(step, budget)`, checked, as int64: what a dense policy layer keeps.
+
+    Accepted: an integer tensor [batch, heads or 1, kept] with kept <= budget, each row strictly ascending
+    (distinct: no token attended twice; in order: the storage's newest tokens stay last) and within
+    0 .. stored - 1. One comparison pass over the indices (they are sorted already); never fixed silently.
+
+    Raises:
+        PolicyOutputError: anything else, naming the policy class, what it returned and what is accepted;
+            also bad scores found by `keep_top` (`check_scores`).
+    """
+    try:
+        indices = policy.select(step, budget)
+    except PolicyOutputError as error:
+        raise _named(policy, error) from None
+    batch, heads, stored = step.real.shape
+    accepted = (
+        f"accepted: an integer tensor [batch, heads or 1, at most budget] = [{batch}, {heads} or 1, <= {budget}] "
+        f"of strictly ascending indices into the {stored} stored tokens (0 .. {stored - 1})"
+    )
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in INTEGER_DTYPES:
+        kind = f"a {indices.dtype} tensor" if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise _named(policy, PolicyOutputError(f"returned {kind}; {accepted}"))
+    shape = tuple(indices.shape)
+    if len(shape) != 3 or shape[0] != batch or shape[1] not in (1, heads) or shape[2] > budget:
+        raise _named(policy, PolicyOutputError(f"returned indices of shape {shape}; {accepted}"))
+    if indices.numel():
+        indices = indices.long()
+        steps = indices.diff(dim=-1)
+        if bool((indices[..., 0] < 0).any() | (indices[..., -1] >= stored).any() | (steps <= 0).any()):
+            raise _named(policy, PolicyOutputError(f"{_first_bad_row(indices, steps, stored)}; {accepted}"))
+    return indices.long()
+
+
+def _first_bad_row(indices: torch.Tensor, steps: torch.Tensor, stored: int) -> str:
+    """What is wrong with the first bad row of `indices` (only called once a row is known to be bad)."""
+    for b, row_heads in enumerate(indices):
+        for h, row in enumerate(row_heads):
+            where = f"batch row {b}, head {h}: {_shown(row)}"
+            outside = row[(row < 0) | (row >= stored)]
+            if len(outside):
+                return f"returned index {int(outside[0])} outside 0 .. {stored - 1} (at {where})"
+            if (steps[b, h] == 0).any() or len(row.unique()) != len(row):
+                repeated = row.sort().values
+                twice = repeated[1:][repeated[1:] == repeated[:-1]]
+                return f"returned index {int(twice[0])} more than once (at {where})"
+            if (steps[b, h] < 0).any():
+                return f"returned indices not in ascending order (at {where}; sort them: indices.sort(-1).values)"
+    return "returned bad indices"
+
+
+def selected_mask(policy: "EvictionPolicy", step: Step, budget: int) -> torch.Tensor:
+    """`policy.select(step, budget)` of a `ragged` policy, checked, restricted to real tokens: what a ragged
+    layer keeps, bool [batch, heads, stored].
+
+    Accepted: a bool tensor [batch, heads or 1, stored] keeping at most budget x heads real tokens per batch
+    row (the layer's budget, shared among its heads). One sum over the mask.
+
+    Raises:
+        PolicyOutputError: anything else, naming the policy class, what it returned and what is accepted.
+    """
+    try:
+        mask = policy.select(step, budget)
+    except PolicyOutputError as error:
+        raise _named(policy, error) from None
+    batch, heads, stored = step.real.shape
+    accepted = (
+        f"accepted: a bool mask [batch, heads or 1, stored] = [{batch}, {heads} or 1, {stored}] keeping at most "
+        f"budget x heads = {budget * heads} real tokens per batch row"
+    )
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        kind = f"a {mask.dtype} tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise _named(policy, PolicyOutputError(f"returned {kind}; {accepted}"))
+    shape = tuple(mask.shape)
+    if len(shape) != 3 or shape[0] != batch or shape[1] not in (1, heads) or shape[2] != stored:
+        raise _named(policy, PolicyOutputError(f"returned a mask of shape {shape}; {accepted}"))
+    mask = mask & step.real
+    kept = mask.sum(dim=(1, 2))
+    if bool((kept > budget * heads).any()):
+        row = int((kept > budget * heads).nonzero()[0])
+        raise _named(policy, PolicyOutputError(f"kept {int(kept[row])} tokens in batch row {row}; {accepted}"))
+    return mask
 
 
 RECONSTRUCTION_SCORES = "reconstruction"  # per-token state of a compress-once policy while its context is scored
