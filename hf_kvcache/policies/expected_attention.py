@@ -8,6 +8,11 @@ from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, keep_top, register_policy
 from hf_kvcache.validation import check_int
 
+# Bounds of the fields: the averaged rotations take n_future_positions x rotary_dim / 2 float64 values at every
+# scoring (128K positions: 64 MiB at head size 128), and the query window is held in every layer.
+MAX_FUTURE_POSITIONS = 131072
+MAX_QUERY_WINDOW = 4096
+
 
 @register_policy("expected-attention", "Expected Attention: keys future queries (Gaussian) are expected to attend")
 @dataclass(frozen=True)
@@ -44,7 +49,11 @@ class ExpectedAttention(EvictionPolicy):
             observation window: the buffer is held in every layer and counts in the bytes); held, before
             RoPE, in `step.running` ("queries" [batch, q_heads, <= query_window, head_dim] in the queries' dtype,
             "queries_real" bool [batch, <= query_window]).
-        n_future_positions: future positions whose RoPE rotations are averaged (kvpress's default, 512).
+            At most `MAX_QUERY_WINDOW` (4096): the window's query vectors (all query heads) are held in
+            every layer beside the kept keys, and every scoring reads them all.
+        n_future_positions: future positions whose RoPE rotations are averaged (kvpress's default, 512); at
+            most `MAX_FUTURE_POSITIONS` (131072, a 128K-token continuation), since every scoring builds their
+            rotation angles.
         recent: newest tokens always kept (kvpress's ExpectedAttentionPress scores them like the others; here
             they are kept, as H2O keeps its recent tokens).
         sink_tokens: each row's first real tokens always kept (kvpress's `n_sink`, 4); recent + sink_tokens must
@@ -63,8 +72,14 @@ class ExpectedAttention(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("query_window", self.query_window, minimum=1)
-        check_int("n_future_positions", self.n_future_positions, minimum=1)
+        check_int("query_window", self.query_window, 1, MAX_QUERY_WINDOW, hint="the query statistics' window")
+        check_int(
+            "n_future_positions",
+            self.n_future_positions,
+            1,
+            MAX_FUTURE_POSITIONS,
+            hint="future positions whose rotations are averaged; each scoring builds all of them",
+        )
         self.check_within_budget(recent=self.recent, sink_tokens=self.sink_tokens)
         self.check_within_budget(**{"recent + sink_tokens": self.recent + self.sink_tokens})
 

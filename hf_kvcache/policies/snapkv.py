@@ -8,6 +8,7 @@ from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, keep_top, regi
 from hf_kvcache.validation import check_choice, check_int
 
 POOLINGS = ("max", "avg")
+MAX_KERNEL_SIZE = 1023  # the paper pools over 5 or 7; the pooling costs kernel_size per stored token
 
 
 @register_policy("snapkv", "SnapKV: compress each prompt by observation-window attention")
@@ -25,7 +26,11 @@ class SnapKV(EvictionPolicy):
         budget: tokens kept per layer and KV head after a prompt is compressed.
         per_head: each KV head keeps its own tokens (True) or all heads keep the same tokens (False).
         observation_window: the prompt's last tokens whose queries vote (and which are always kept).
-        kernel_size: odd width of the pooling over positions, which keeps neighbours of important tokens.
+        kernel_size: odd width of the pooling over positions, which keeps neighbours of important tokens
+            (at most `MAX_KERNEL_SIZE`, 1023: each eviction pools kernel_size scores per stored token).
+
+    Raises:
+        ValueError: a field out of range (named, with what is accepted).
         pooling: "max" or "avg" (the SnapKV code's default is "avg" with kernel 5; "max" with kernel 7
             found most pass keys on SmolLM2, see README).
     """
@@ -39,9 +44,9 @@ class SnapKV(EvictionPolicy):
         super().__post_init__()
         check_int("observation_window", self.observation_window, minimum=1)
         self.check_within_budget(observation_window=self.observation_window)
-        check_int("kernel_size", self.kernel_size, minimum=1)
+        check_int("kernel_size", self.kernel_size, 1, MAX_KERNEL_SIZE, hint="an odd pooling width")
         if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={self.kernel_size!r} must be an odd integer >= 1")
+            raise ValueError(f"kernel_size={self.kernel_size!r} must be an odd integer between 1 and {MAX_KERNEL_SIZE}")
         check_choice("pooling", self.pooling, POOLINGS)
 
     def scored_queries(self, query_length: int) -> int:

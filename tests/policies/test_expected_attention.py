@@ -216,8 +216,10 @@ def test_a_layer_caching_other_keys_than_the_queries_meet_is_refused():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"query_window": 0}, "query_window=0 must be an integer >= 1"),
-        ({"n_future_positions": 1.5}, "n_future_positions=1.5 must be an integer >= 1"),
+        ({"query_window": 0}, "query_window=0 must be an integer between 1 and 4096"),
+        ({"query_window": 4097}, "query_window=4097 must be an integer between 1 and 4096"),
+        ({"n_future_positions": 1.5}, "n_future_positions=1.5 must be an integer between 1 and 131072"),
+        ({"n_future_positions": 10**12}, "n_future_positions=1000000000000 must be an integer between 1 and 131072"),
         ({"recent": 9}, "recent=9 must be an integer between 0 and budget=8"),
         ({"sink_tokens": -1}, "sink_tokens=-1 must be an integer between 0 and budget=8"),
         ({"recent": 5, "sink_tokens": 4}, r"recent \+ sink_tokens=9 must be an integer between 0 and budget=8"),
@@ -227,3 +229,12 @@ def test_a_layer_caching_other_keys_than_the_queries_meet_is_refused():
 def test_bad_parameters_are_refused_by_name(settings, message):
     with pytest.raises(ValueError, match=message):
         ExpectedAttention(budget=8, **settings)
+
+
+def test_the_largest_accepted_values_still_score():
+    """At the bounds the policy works (a few tokens, a 128K-position rotation average)."""
+    policy = ExpectedAttention(budget=4, query_window=4096, n_future_positions=131072, recent=0, sink_tokens=0)
+    rope = Rope(10000.0 ** -(torch.arange(8, dtype=torch.float64) / 8))
+    keys, queries = torch.randn(1, 2, 6, 16), torch.randn(1, 4, 6, 16)
+    result = scores(policy, geometry(16, rope), keys, queries)
+    assert result.shape == (1, 2, 6) and torch.isfinite(result).all()

@@ -89,8 +89,10 @@ def test_invalid_arguments():
         SnapKVCache(config, budget=16, observation_window=17)
     with pytest.raises(ValueError, match="observation_window"):
         SnapKVCache(config, budget=16, observation_window=0)
-    with pytest.raises(ValueError, match="kernel_size"):
+    with pytest.raises(ValueError, match="kernel_size=4 must be an odd integer between 1 and 1023"):
         SnapKVCache(config, budget=16, observation_window=4, kernel_size=4)
+    with pytest.raises(ValueError, match=r"kernel_size=1000000001 must be an integer between 1 and 1023"):
+        SnapKVCache(config, budget=16, observation_window=4, kernel_size=10**9 + 1)  # 10 s per eviction before
     with pytest.raises(ValueError, match=r"pooling='median'.*max, avg"):
         SnapKVCache(config, budget=16, observation_window=4, pooling="median")
     with pytest.raises(ValueError, match=r"bits=6.*2, 3, 4, 8"):
