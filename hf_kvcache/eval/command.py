@@ -1,14 +1,15 @@
 """`hf-kvcache eval`: the evaluation tool on the command line (table, results.json/csv, PNG plots)."""
 
 import argparse
+import logging
 import os
-import subprocess
-import sys
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import transformers
 
-from hf_kvcache.eval.results import CacheResult, PartialResults
+from hf_kvcache.eval.results import PARTIAL_MAX_BYTES, CacheResult, PartialResults
 from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
 from hf_kvcache.eval.tasks import TASKS
 from hf_kvcache.models import model_folder_or_name
@@ -67,10 +68,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         + ": accuracy on prompts of --context-tokens built offline from a bundled book (RULER-style); "
         "retrieval: all of them",
     )
-    parser.add_argument("--context-tokens", type=int, default=2048, help="task prompt length in tokens (default: 2048)")
-    parser.add_argument("--samples", type=int, default=10, help="samples per task (default: 10)")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="answer budget per task sample (default: the task's own)"
+        "--context-tokens", type=int, default=None, help="task prompt length in tokens (default: 2048; tasks only)"
+    )
+    parser.add_argument("--samples", type=int, default=None, help="samples per task (default: 10; tasks only)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer budget per task sample (default: the task's own; tasks only)",
     )
     parser.add_argument(
         "--dataset",
@@ -101,7 +107,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(long-context: token)",
     )
     parser.add_argument(
-        "--chunk-size", type=int, default=64, help="tokens per chunk in chunk mode (default: 64); e.g. --chunk-size 128"
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="tokens per chunk in chunk mode (default: 64; not with --mode token); e.g. --chunk-size 128",
     )
     parser.add_argument(
         "--cache",
@@ -129,7 +138,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--decode-tokens",
         type=int,
-        default=16,
+        default=None,
         help="greedy decode steps after the text, timed for decode tokens/s (default: 16)",
     )
     parser.add_argument(
@@ -142,39 +151,86 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="share the caches out among N processes started through accelerate (one per GPU when there are GPUs, "
-        "else on the CPU); the same as `accelerate launch --multi_gpu --num_processes N -m hf_kvcache.cli eval ...`",
+        "else on the CPU; at most the GPUs, or the CPU cores, of this machine); the same as "
+        "`accelerate launch --multi_gpu --num_processes N -m hf_kvcache.cli eval ...`",
     )
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="reuse the caches an interrupted run with the same settings already measured (each is saved in "
-        "--output/partial/ as soon as it is measured)",
+        help="reuse the caches an interrupted run with the same settings, the same model weights and the same "
+        "dataset bytes already measured (each is saved in --output/partial/ as soon as it is measured; a saved "
+        "result that fails its checks is skipped with a warning and measured again)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (also transformers' own)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, parser=parser)
 
 
 TASK_DEFAULTS: dict[str, dict] = {
-    "perplexity": {"dataset": "wikitext2", "mode": "chunk", "max_tokens": 2048, "cache": list(DEFAULT_CACHES)},
+    "perplexity": {
+        "dataset": "wikitext2",
+        "mode": "chunk",
+        "max_tokens": 2048,
+        "chunk_size": 64,
+        "decode_tokens": 16,
+        "cache": list(DEFAULT_CACHES),
+    },
     "long-context": {
         "dataset": "pg19",
         "mode": "token",
         "max_tokens": 16384,
         "segment_tokens": 2048,
+        "chunk_size": 64,
+        "decode_tokens": 16,
         "cache": ["dynamic", "sink:sink_tokens=4,window=1020", "window:window=1024"],
     },
 }
 
 
 RETRIEVAL_CACHES = ["dynamic", "window:window=256", "snapkv:budget=256", "quantized:bits=2"]
+RETRIEVAL_DEFAULTS = {"context_tokens": 2048, "samples": 10, "cache": RETRIEVAL_CACHES}
+PERPLEXITY_OPTIONS = ("dataset", "max_tokens", "segment_tokens", "mode", "chunk_size", "decode_tokens")
+TASK_OPTIONS = ("context_tokens", "samples", "max_new_tokens")
 
 
 def apply_task_defaults(args: argparse.Namespace) -> None:
     """Fill the options the user left out with the task's defaults."""
-    defaults = TASK_DEFAULTS.get(args.task, {"cache": RETRIEVAL_CACHES})
+    defaults = TASK_DEFAULTS.get(args.task, RETRIEVAL_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+
+
+def refuse(args: argparse.Namespace, message: str) -> None:
+    """argparse's own refusal (usage, then one error line, exit status 2) when run from the command line."""
+    parser = getattr(args, "parser", None)
+    if parser is None:
+        raise ValueError(message)
+    parser.error(message)
+
+
+def refuse_options_of_other_modes(args: argparse.Namespace) -> None:
+    """An option the chosen task never reads is refused, not ignored: the user meant something by it."""
+    perplexity = args.task in TASK_DEFAULTS
+    retrieval = "the retrieval tasks (--task " + ", ".join([*TASKS, "retrieval"]) + ")"
+    foreign, owner = (TASK_OPTIONS, retrieval) if perplexity else (PERPLEXITY_OPTIONS, "--task perplexity/long-context")
+    for name in foreign:
+        if getattr(args, name, None) is not None:
+            option = "--" + name.replace("_", "-")
+            refuse(args, f"{option} does not apply to --task {args.task}; it is an option of {owner}")
+    mode = args.mode or TASK_DEFAULTS.get(args.task, {}).get("mode")
+    if perplexity and mode == "token" and args.chunk_size is not None:
+        refuse(
+            args, f"--chunk-size does not apply to --mode token (--task {args.task}); it is an option of --mode chunk"
+        )
+
+
+def process_limit(device: str | None) -> tuple[int, str]:
+    """How many evaluation processes this machine runs, and why: one per GPU, else one per CPU core."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count(), "the GPUs of this machine, one process each"
+    return os.cpu_count() or 1, "the CPU cores of this machine, os.cpu_count()"
 
 
 def writable_folder(folder: str) -> Path:
@@ -188,26 +244,75 @@ def writable_folder(folder: str) -> Path:
 
 
 def relaunch(args: argparse.Namespace, argv: list[str]) -> None:
-    """Run this same command in `args.num_processes` processes through accelerate's launcher."""
+    """Run this same command in `args.num_processes` processes through accelerate's launcher (in this process,
+    so that a worker's death is one line naming it, not the launcher's 40-line traceback).
+
+    Raises:
+        RuntimeError: a worker died (which one, its pid, and its signal or exit status).
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     from hf_kvcache.prefix.redis_server import free_port
 
     forwarded = [value for value in argv if not value.startswith("--num-processes")]
     if "--num-processes" in argv:  # the value was a separate word
         index = argv.index("--num-processes")
         forwarded = argv[:index] + argv[index + 2 :]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
-    command += ["--num_processes", str(args.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", str(free_port()), "-m", "hf_kvcache.cli", *forwarded]
-    done = subprocess.run(command, check=False)
-    if done.returncode:
-        raise RuntimeError(f"{args.num_processes} evaluation processes: exit status {done.returncode}")
+    command = ["--multi_gpu", "--num_machines", "1", "--num_processes", str(args.num_processes)]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    command += ["-m", "hf_kvcache.cli", *forwarded]
+    launch = launch_command_parser().parse_args(command)
+    try:
+        with quiet_launcher_logs():
+            launch_command(launch)
+    except ChildFailedError as error:
+        raise RuntimeError(describe_failure(error, args.num_processes)) from None
+    except SystemExit as exit_:  # the launcher's own exit on a signal (130: Ctrl-C)
+        if exit_.code:
+            raise RuntimeError(f"{args.num_processes} evaluation processes stopped: exit status {exit_.code}") from None
+
+
+@contextmanager
+def quiet_launcher_logs():
+    """torch elastic logs each worker's end ("Sending process ... SIGTERM", "failed (exitcode ...)"); the one
+    line of `describe_failure` says it instead."""
+    import torch.distributed.run  # noqa: F401  (creates the elastic loggers, each with its own level)
+
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch.")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def describe_failure(error, num_processes: int) -> str:
+    """One line for torch elastic's ChildFailedError: the worker that failed first (not one the launcher
+    stopped with SIGTERM afterwards), its pid, and its signal or exit status."""
+    failures = sorted(error.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    causes = [item for item in failures if item[1].exitcode != -signal.SIGTERM] or failures
+    rank, failure = causes[0]
+    how = (
+        f"was killed by signal {failure.signal_name()}"
+        if failure.exitcode < 0
+        else f"exited with status {failure.exitcode}"
+    )
+    stopped = len(error.failures) - 1
+    others = f"; the launcher stopped {stopped} other(s)" if stopped else ""
+    return f"evaluation process {rank} of {num_processes} (pid {failure.pid}) {how}{others}"
 
 
 def run(args: argparse.Namespace) -> None:
     import torch
     from accelerate import PartialState
 
-    check_int("--num-processes", args.num_processes, minimum=1)
+    refuse_options_of_other_modes(args)
+    limit, why = process_limit(args.device)
+    check_int("--num-processes", args.num_processes, minimum=1, maximum=limit, maximum_name=f"{limit} ({why})")
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         relaunch(args, args.argv)
         return
@@ -235,10 +340,9 @@ def run(args: argparse.Namespace) -> None:
             "segment_tokens",
         )
     }
-    partial = PartialResults(output / "partial", settings)
-    done = partial.load(CacheResult) if args.resume else {}
-    if done:
-        print(f"resuming: {len(done)} cache(s) already measured ({', '.join(done)})")
+    # A result holds about 60 bytes per token (NLLs, step positions, bytes held): the cap leaves 4x room.
+    partial = Resumable(output / "partial", settings, CacheResult, args.resume and state.is_main_process)
+    partial.max_bytes = 2**20 + 256 * args.max_tokens
     results = evaluate(
         caches=args.cache,
         model=model,
@@ -253,7 +357,7 @@ def run(args: argparse.Namespace) -> None:
         bucket_size=args.segment_tokens,
         progress=not args.no_progress and state.is_local_main_process,
         device_map=args.device_map,
-        done=done,
+        done=partial,
         on_result=lambda result: partial.save(result.cache, result),
     )
     if not state.is_main_process:
@@ -284,8 +388,10 @@ def run_tasks(args: argparse.Namespace, model: str | None, output: Path, state) 
     settings = {
         name: getattr(args, name) for name in ("model", "context_tokens", "samples", "seed", "max_new_tokens", "dtype")
     }
-    partial = PartialResults(output / "partial", {**settings, "tasks": tasks})
-    done = partial.load(TaskResult) if args.resume else {}
+    partial = Resumable(
+        output / "partial", {**settings, "tasks": tasks}, TaskResult, args.resume and state.is_main_process
+    )
+    partial.max_bytes = 2**20 + 16 * 2**10 * args.samples  # a sample record is under 4 KiB
     run = evaluate_tasks(
         args.cache,
         tasks,
@@ -298,7 +404,7 @@ def run_tasks(args: argparse.Namespace, model: str | None, output: Path, state) 
         dtype=args.dtype,
         device_map=args.device_map,
         progress=not args.no_progress and state.is_local_main_process,
-        done=done,
+        done=partial,
         on_result=partial.save,
     )
     if not state.is_main_process:
@@ -330,3 +436,26 @@ def run_tasks(args: argparse.Namespace, model: str | None, output: Path, state) 
     print(run.table())
     written = [output / "results.json", output / "results.csv", *figures, report]
     print(f"\nwrote {', '.join(str(path) for path in written)}")
+
+
+class Resumable:
+    """Where a run's results are saved and what `--resume` may reuse, both decided once the run knows its
+    identity (the model's weight fingerprint, the data's hashes: see `runner.reusable_results`), so that a
+    dataset edited in place or a model folder re-saved with other weights is measured again."""
+
+    def __init__(self, folder: Path, settings: dict, kind: type, resume: bool):
+        self.folder, self.settings, self.kind, self.resume = folder, settings, kind, resume
+        self.max_bytes = PARTIAL_MAX_BYTES
+        self.partial: PartialResults | None = None
+
+    def __call__(self, identity: dict) -> dict:
+        self.partial = PartialResults(self.folder, {**self.settings, **identity}, self.max_bytes)
+        found = self.partial.load(self.kind) if self.resume else {}
+        if found:
+            print(f"resuming: {len(found)} result(s) already measured ({', '.join(found)})")
+        return found
+
+    def save(self, label: str, result: object) -> None:
+        if self.partial is None:
+            raise RuntimeError("a result was measured before the run's identity was known")
+        self.partial.save(label, result)

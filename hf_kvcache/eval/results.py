@@ -307,6 +307,7 @@ class PartialResults:
                 label, result = self._read(path, kind)
             except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
                 reason = " ".join(str(error).split()) or type(error).__name__
+                reason = reason if len(reason) <= 300 else reason[:300] + "…"  # a planted value can be huge
                 logger.warning("skipping partial result %s: %s; its cache is measured again", path, reason)
                 continue
             found[label] = result
