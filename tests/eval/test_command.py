@@ -26,7 +26,7 @@ def test_cli_runs_without_deprecation_warnings(tiny_model_dir, tmp_path):
     """`hf-kvcache eval` as a user runs it, with every FutureWarning (transformers' deprecations) an error."""
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
-    argv = ["eval", "--model", str(tiny_model_dir), "--dataset", str(text), "--max-tokens", "48", "--chunk-size", "16"]
+    argv = ["eval", "--model", str(tiny_model_dir), "--dataset", str(text), "--max-tokens", "48"]
     argv += ["--cache", "dynamic", "--cache", "sink:sink_tokens=2,window=16", "--mode", "token", "--no-progress"]
     argv += ["--decode-tokens", "2", "--output", str(tmp_path / "out")]
     command = [sys.executable, "-W", "error::FutureWarning", "-m", "hf_kvcache.cli", *argv]

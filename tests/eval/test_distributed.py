@@ -2,6 +2,7 @@
 as it is measured, and --resume measures only what is missing."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -117,4 +118,22 @@ def test_device_map_loads_a_model_over_the_available_devices(workdir):
 
 def test_bad_process_count_is_one_line(workdir, capsys):
     assert main(eval_args(workdir, workdir / "bad", "--num-processes", "0")) == 2
-    assert "--num-processes=0 must be an integer >= 1" in capsys.readouterr().err
+    assert "--num-processes=0 must be an integer between 1 and " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("death", "how"),
+    [("os.kill(os.getpid(), signal.SIGKILL)", "was killed by signal SIGKILL"), ("os._exit(3)", "exited with status 3")],
+)
+def test_a_dead_worker_is_one_line_naming_it_and_how(workdir, tmp_path, death, how):
+    """A worker killed (the OOM killer, a user) or exiting on its own: one line naming which one and how, not
+    the launcher's 40-line traceback. Worker 1 dies as it starts (a sitecustomize that only it runs)."""
+    (tmp_path / "sitecustomize.py").write_text(
+        f'import os, signal\nif os.environ.get("LOCAL_RANK") == "1":\n    {death}\n', encoding="utf-8"
+    )
+    command = [sys.executable, "-m", "hf_kvcache.cli", *eval_args(workdir, tmp_path / "out", "--num-processes", "2")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("hf-kvcache eval: error: evaluation process 1 of 2 (pid ") and how in lines[0]
