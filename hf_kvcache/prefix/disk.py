@@ -1,15 +1,27 @@
 """Directory backend: one safetensors file per block, atomic writes, LRU by access time, survives restarts."""
 
 import contextlib
+import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hf_kvcache.prefix.backend import HEADER_PEEK, Backend, BackendError, check_max_bytes
+from hf_kvcache.files import UnsafeFile, read_regular_file
+from hf_kvcache.prefix.backend import (
+    ENTRY_CAP,
+    HEADER_PEEK,
+    Backend,
+    BackendError,
+    check_max_bytes,
+    refuse_oversized,
+)
+
+logger = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 _TEMP_PREFIX = ".tmp-"
@@ -20,8 +32,44 @@ _CHAIN_STEP_NS = 1000  # a block's stamp is this much older than its parent's
 
 
 def _stamp(path: Path, mtime_ns: int) -> None:
-    with contextlib.suppress(OSError):  # evicted by another process meanwhile: nothing to stamp
-        os.utime(path, ns=(mtime_ns, mtime_ns))
+    with contextlib.suppress(OSError, NotImplementedError):  # evicted by another process meanwhile: nothing to stamp
+        os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=os.utime not in os.supports_follow_symlinks)
+
+
+def _peek(path: Path) -> bytes | None:
+    """The first HEADER_PEEK bytes of the regular file at `path`; b"" for anything else (a link, a FIFO, a
+    device, a folder: never followed nor opened, so never blocking) or a file that cannot be read; None when
+    it is gone."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return b""
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):  # replaced between the two looks
+            return b""
+        with os.fdopen(handle, "rb", closefd=False) as file:
+            return file.read(HEADER_PEEK)
+    except OSError:
+        return b""
+    finally:
+        os.close(handle)
+
+
+def _remove_entry(path: Path) -> None:
+    """Delete the entry at `path` itself (a link, not its target; an empty folder planted there too)."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            os.rmdir(path)
+        else:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        logger.warning("cannot delete prefix store entry %s: %s", path, error.strerror or error)
 
 
 class DiskBackend(Backend):
@@ -33,6 +81,12 @@ class DiskBackend(Backend):
     a block is stamped a microsecond before its parent, on reads and writes, so a prompt's later
     blocks go before the ones they extend. (A file damaged some other way,
     for example by a crash before the data reached the disk, fails the store's checksum: a miss.)
+
+    Entries are read as untrusted files: only regular files, never through a link, never more than the
+    caller's `max_bytes` (nor this store's `max_bytes`, nor `ENTRY_CAP`). A link, FIFO, device or folder
+    planted under a block's name, or a file over the cap, is a miss with a warning and is deleted (the path
+    itself, never what a link points to). A leftover temporary file that cannot be deleted is warned about
+    once and left alone.
     """
 
     def __init__(self, path: str | os.PathLike, max_bytes: int | None = 10 << 30):
@@ -44,6 +98,7 @@ class DiskBackend(Backend):
         self.max_bytes = max_bytes
         self._evictions = 0
         self._lock = threading.Lock()
+        self._warned_stuck_temp = False
         self._bytes = self.nbytes()  # an upper bound between scans: a full scan decides what to evict
 
     def file(self, key: str) -> Path:
@@ -51,13 +106,17 @@ class DiskBackend(Backend):
             raise ValueError(f"key={key!r} must be a lowercase hex digest")
         return self.path / key[:2] / f"{key}{SUFFIX}"
 
-    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None, max_bytes: int | None = None) -> list[bytes]:
+        cap = min(limit for limit in (max_bytes, self.max_bytes, ENTRY_CAP) if limit is not None)
         found = []
         for key in keys:
             path = self.file(key)
             try:
-                found.append(path.read_bytes())
-            except FileNotFoundError:
+                found.append(read_regular_file(path, cap, "prefix store entry", follow_links=False))
+            except (FileNotFoundError, NotADirectoryError):  # NotADirectory: a file planted as the key's folder
+                break
+            except UnsafeFile as error:
+                self._refuse(key, path, error, cap)
                 break
             except OSError as error:
                 raise BackendError(f"cannot read {path}: {error}") from error
@@ -66,12 +125,25 @@ class DiskBackend(Backend):
             _stamp(self.file(key), newest - depth * _CHAIN_STEP_NS)
         return found
 
+    @staticmethod
+    def _refuse(key: str, path: Path, error: UnsafeFile, cap: int) -> None:
+        """Log and delete an entry that is not a regular file, or is larger than `cap`."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            info = None
+        if info is not None and stat.S_ISREG(info.st_mode) and info.st_size > cap:
+            refuse_oversized(key, info.st_size, cap)
+        else:
+            logger.warning("prefix store entry %s… is unusable (%s); deleting it", key[:16], error)
+        _remove_entry(path)
+
     def _below(self, parent: str | None) -> int | None:
         """A stamp one step older than `parent`'s, or None without a parent file to go by."""
         if parent is None:
             return None
         try:
-            return self.file(parent).stat().st_mtime_ns - _CHAIN_STEP_NS
+            return os.lstat(self.file(parent)).st_mtime_ns - _CHAIN_STEP_NS
         except OSError:
             return None
 
@@ -107,26 +179,46 @@ class DiskBackend(Backend):
             raise BackendError(f"cannot delete {path}: {error}") from error
 
     def _files(self) -> list[tuple[float, int, Path]]:
-        """(access stamp, size, path) of every block file; drops temporary files left by dead writers. Only
+        """(access stamp, size, path) of every block entry; drops temporary files left by dead writers. Only
         `<key[:2]>/<key>.safetensors` names are the store's: other files in the folder are never counted,
-        evicted or cleared."""
+        evicted or cleared. Nothing is followed or opened: a folder that is a link is skipped, and an entry
+        that is not a regular file (a link, a FIFO) is listed with 0 bytes, so that eviction and `clear`
+        remove it (the entry itself) and `inventory` lists it as unreadable."""
         entries = []
         now = time.time()
-        for path in self.path.glob(f"??/*{SUFFIX}"):
-            key = path.name.removesuffix(SUFFIX)
-            block = _KEY.match(key) is not None and path.parent.name == key[:2]
-            temporary = path.name.startswith(_TEMP_PREFIX) and _FOLDER.match(path.parent.name) is not None
-            if not (block or temporary):
+        for folder in _scan(self.path):
+            if not (_FOLDER.match(folder.name) and _is_folder(folder)):
                 continue
-            try:
-                info = path.stat()
-            except FileNotFoundError:
-                continue
-            if block:
-                entries.append((info.st_mtime, info.st_size, path))
-            elif now - info.st_mtime > _ABANDONED_TEMP_SECONDS:
-                path.unlink(missing_ok=True)
+            for entry in _scan(folder.path):
+                name = entry.name
+                if not name.endswith(SUFFIX):
+                    continue
+                key = name.removesuffix(SUFFIX)
+                block = _KEY.match(key) is not None and folder.name == key[:2]
+                if not (block or name.startswith(_TEMP_PREFIX)):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:  # deleted meanwhile, or unreadable: not counted
+                    continue
+                path = Path(entry.path)
+                if block:
+                    entries.append((info.st_mtime, info.st_size if stat.S_ISREG(info.st_mode) else 0, path))
+                elif now - info.st_mtime > _ABANDONED_TEMP_SECONDS:
+                    self._drop_temporary(path)
         return entries
+
+    def _drop_temporary(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:  # a read-only folder: warn once, never fail the request or the listing
+            if not self._warned_stuck_temp:
+                self._warned_stuck_temp = True
+                logger.warning(
+                    "cannot delete the abandoned temporary file %s (%s); leaving it and any like it in place",
+                    path,
+                    error.strerror or error,
+                )
 
     def _evict(self, newest: Path) -> None:
         """Delete the least recently used files until the store fits `max_bytes`. Files that cannot be deleted
@@ -153,18 +245,23 @@ class DiskBackend(Backend):
             raise BackendError(f"over max_bytes={self.max_bytes} and {len(stuck)} files cannot be deleted ({stuck[0]})")
 
     def inventory(self) -> Iterator[tuple[str, int, bytes]]:
+        """Every block entry; one that is not a regular file (or cannot be read) comes with an empty head,
+        which reads as unreadable."""
         for _, size, path in self._files():
-            try:
-                with path.open("rb") as handle:
-                    yield path.name.removesuffix(SUFFIX), size, handle.read(HEADER_PEEK)
-            except FileNotFoundError:  # evicted meanwhile
-                continue
+            head = _peek(path)
+            if head is not None:  # else evicted meanwhile
+                yield path.name.removesuffix(SUFFIX), size, head
 
     def clear(self) -> int:
         count = 0
         for _, _, path in self._files():
             try:
-                path.unlink(missing_ok=True)
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    os.rmdir(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
             except OSError as error:
                 raise BackendError(f"cannot delete {path}: {error}") from error
             count += 1
@@ -179,3 +276,19 @@ class DiskBackend(Backend):
 
     def __repr__(self) -> str:
         return f"DiskBackend(path={str(self.path)!r}, max_bytes={self.max_bytes})"
+
+
+def _scan(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """The entries of `folder`; none when it is gone or unreadable."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False

@@ -4,7 +4,7 @@ import heapq
 import threading
 from collections.abc import Iterator, Sequence
 
-from hf_kvcache.prefix.backend import HEADER_PEEK, Backend, check_max_bytes
+from hf_kvcache.prefix.backend import HEADER_PEEK, Backend, check_max_bytes, refuse_oversized
 from hf_kvcache.prefix.eviction import POLICIES, StoredBlock
 from hf_kvcache.validation import check_choice
 
@@ -44,12 +44,16 @@ class MemoryBackend(Backend):
         block.last_use = self._operations
         block.priority = self.policy.priority(block)
 
-    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None, max_bytes: int | None = None) -> list[bytes]:
         found = []
         with self._lock:
             for key in keys:
                 block = self._blocks.get(key)
                 if block is None:
+                    break
+                if max_bytes is not None and block.size > max_bytes:
+                    refuse_oversized(key, block.size, max_bytes)
+                    self._remove(key, keep_children=False)
                     break
                 found.append(block)
             for block in reversed(found):  # a chain's first block ends up the most recently used
