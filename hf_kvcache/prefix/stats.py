@@ -26,14 +26,18 @@ class LevelStats:
         self.writes = self.bytes_written = self.promotions = self.errors = 0
         self._latency_total = 0.0
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self._outage = False
+        self._failing: set[str] = set()  # kinds of operation failing now ("read", "write", ...)
         self._lock = threading.Lock()
 
-    def timed_fetch(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
-        """`backend.get_prefix(keys, parent)`, counted and timed; a `BackendError` is counted and raised."""
+    def timed_fetch(self, keys: Sequence[str], parent: str | None = None, max_bytes: int | None = None) -> list[bytes]:
+        """`backend.get_prefix(keys, parent, max_bytes)`, counted and timed; a `BackendError` is counted and
+        raised."""
         start = time.perf_counter()
         try:
-            values = self.backend.get_prefix(keys, parent)
+            if max_bytes is None:  # a backend written before `max_bytes` existed still works without one
+                values = self.backend.get_prefix(keys, parent)
+            else:
+                values = self.backend.get_prefix(keys, parent, max_bytes=max_bytes)
         except BackendError:
             self.count(errors=1)
             raise
@@ -52,17 +56,30 @@ class LevelStats:
             for name, amount in amounts.items():
                 setattr(self, name, getattr(self, name) + amount)
 
-    def went_down(self) -> bool:
-        """Record a failure; True when it starts an outage (so the caller warns once per outage)."""
+    def went_down(self, operation: str = "access") -> bool:
+        """Record a failure of `operation` (e.g. "read", "write"); True when it starts an outage (nothing was
+        failing before), so the caller warns once per outage.
+
+        Operations are tracked apart so that a half outage (a full disk or a read-only level: reads succeed,
+        writes fail) is one outage, not one per request: a successful read does not end a write outage."""
         with self._lock:
-            first, self._outage = not self._outage, True
+            first = not self._failing
+            self._failing.add(operation)
         return first
 
-    def came_back(self) -> bool:
-        """Record a success; True when it ends an outage."""
+    def came_back(self, operation: str = "access") -> bool:
+        """Record a success of `operation`; True when it ends an outage (the last failing operation works
+        again), so the caller logs the recovery once."""
         with self._lock:
-            recovered, self._outage = self._outage, False
-        return recovered
+            was_failing = operation in self._failing
+            self._failing.discard(operation)
+            return was_failing and not self._failing
+
+    @property
+    def down(self) -> bool:
+        """Whether some operation is failing now."""
+        with self._lock:
+            return bool(self._failing)
 
     def summary(self, include_backend: bool = True) -> dict[str, int | float | str | None]:
         """Counters, the hit rate, fetch latency in milliseconds (mean, p50, p95, p99; None before the first

@@ -54,15 +54,23 @@ class TieredBackend(Backend):
         if len(failures) == len(self.levels):
             raise BackendError(f"every level failed: {'; '.join(map(str, failures))}")
 
-    def _failed(self, index: int, error: BackendError) -> None:
-        if self.level_stats[index].went_down():
-            logger.warning("prefix store level %d (%r) unavailable, skipping it: %s", index, self.levels[index], error)
+    def _failed(self, index: int, error: BackendError, operation: str) -> None:
+        """Warn when this failure starts an outage of the level (not for every failing request)."""
+        if self.level_stats[index].went_down(operation):
+            logger.warning(
+                "prefix store level %d (%r) unavailable for %ss, skipping it: %s",
+                index,
+                self.levels[index],
+                operation,
+                error,
+            )
 
-    def _succeeded(self, index: int) -> None:
-        if self.level_stats[index].came_back():
+    def _succeeded(self, index: int, operation: str) -> None:
+        """Log the recovery when this success ends the level's outage (every failing operation works again)."""
+        if self.level_stats[index].came_back(operation):
             logger.warning("prefix store level %d (%r) is reachable again", index, self.levels[index])
 
-    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None, max_bytes: int | None = None) -> list[bytes]:
         found: list[bytes] = []
         failures: list[BackendError] = []
         for index, stats in enumerate(self.level_stats):
@@ -70,12 +78,12 @@ class TieredBackend(Backend):
             if not wanted:
                 break
             try:
-                values = stats.timed_fetch(wanted, keys[len(found) - 1] if found else parent)
+                values = stats.timed_fetch(wanted, keys[len(found) - 1] if found else parent, max_bytes)
             except BackendError as error:
-                self._failed(index, error)
+                self._failed(index, error, "read")
                 failures.append(error)
                 continue
-            self._succeeded(index)
+            self._succeeded(index, "read")
             if self.promote and values:
                 self._promote(index, [parent, *keys], len(found) + 1, values)
             found += values
@@ -100,9 +108,9 @@ class TieredBackend(Backend):
             stored = self.levels[index].put(key, value, parent)
         except BackendError as error:
             self.level_stats[index].count(errors=1)
-            self._failed(index, error)
+            self._failed(index, error, "write")
             raise
-        self._succeeded(index)
+        self._succeeded(index, "write")
         if stored:
             self.level_stats[index].count(writes=1, bytes_written=len(value))
         return stored
