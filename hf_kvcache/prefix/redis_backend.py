@@ -1,16 +1,18 @@
 """Redis backend: blocks shared by many processes or machines through a real Redis server or Redis Cluster
 (redis-py)."""
 
+import contextlib
 import inspect
 import logging
+import math
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hf_kvcache.prefix.backend import HEADER_PEEK, Backend, BackendError
-from hf_kvcache.validation import check_bool, check_number, check_optional_int, check_text
+from hf_kvcache.prefix.backend import HEADER_PEEK, Backend, BackendError, refuse_oversized
+from hf_kvcache.validation import check_bool, check_int, check_text
 
 if TYPE_CHECKING:
     import redis
@@ -18,6 +20,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _LISTING_BATCH = 500  # entries per pipeline when listing a store
+# Redis refuses an expiry whose milliseconds overflow a signed 64-bit integer once added to the current time
+# (about 9.2e15 s): a round bound well inside that (31.7 million years) is accepted, a larger one refused.
+MAX_TTL = 10**15
+MAX_SECONDS = 86400.0  # the longest socket timeout or retry_after accepted: one day
 
 T = TypeVar("T")
 
@@ -72,10 +78,11 @@ class RedisBackend(Backend):
             raise ImportError("RedisBackend needs redis-py: pip install 'hf_kvcache[prefix]'") from error
         check_text("url", url)
         check_text("prefix", prefix)
-        check_optional_int("ttl", ttl, minimum=1, hint="seconds")
-        check_number("socket_timeout", socket_timeout, unit="seconds")
-        check_number("socket_connect_timeout", socket_connect_timeout, unit="seconds")
-        check_number("retry_after", retry_after, inclusive=True, unit="seconds")
+        if ttl is not None:
+            check_int("ttl", ttl, minimum=1, maximum=MAX_TTL, hint="seconds; None for no expiry")
+        _check_seconds("socket_timeout", socket_timeout)
+        _check_seconds("socket_connect_timeout", socket_connect_timeout)
+        _check_seconds("retry_after", retry_after, zero=True)
         check_bool("cluster", cluster)
         # One server: one quick retry covers a pooled connection left stale by a restart. A cluster client
         # retries a failed command after re-reading the cluster's layout (10 times by default, each a timeout
@@ -95,6 +102,8 @@ class RedisBackend(Backend):
         self._outages = (redis.ConnectionError, redis.TimeoutError, ClusterError, AskError, TryAgainError)
         self._down_until = 0.0
         self._warned_full = False
+        self.foreign_keys = 0  # keys under the prefix that are not strings, as of the last listing
+        self._warned_foreign = False
         self._moved = MovedError  # a plain client sent to a cluster node: its replies redirect to other nodes
         self._client_lock = threading.Lock()
         if cluster:
@@ -155,33 +164,76 @@ class RedisBackend(Backend):
         # A cluster pipeline sends each node its commands, then reads the replies: one round trip per node.
         return self.client.pipeline() if self.cluster else self.client.pipeline(transaction=False)
 
-    def get_prefix(self, keys: Sequence[str], parent: str | None = None) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[str], parent: str | None = None, max_bytes: int | None = None) -> list[bytes]:
+        """With `max_bytes`, each entry is read as EXISTS + GETRANGE 0..max_bytes (+ EXPIRE with a `ttl`) in the
+        one pipeline: at most `max_bytes + 1` bytes of an oversized value cross the network, and it costs no
+        extra round trip (a GET checked afterwards would transfer a planted value of up to 512 MB whole, per
+        key; a STRLEN first would cost a second round trip on every lookup). EXISTS tells an empty value (an
+        unusable entry) from a missing one, which GETRANGE alone cannot."""
         if not keys:
             return []
 
         def fetch():
             pipe = self._pipeline()
             for key in keys:
-                if self.ttl is None:
-                    pipe.get(self.prefix + key)
+                name = self.prefix + key
+                if max_bytes is not None:
+                    pipe.exists(name)
+                    pipe.getrange(name, 0, max_bytes)
+                    if self.ttl is not None:
+                        pipe.expire(name, self.ttl)
+                elif self.ttl is None:
+                    pipe.get(name)
                 else:
-                    pipe.getex(self.prefix + key, ex=self.ttl)
+                    pipe.getex(name, ex=self.ttl)
             values = pipe.execute(raise_on_error=False)  # one bad entry is not an outage
             outage = next((value for value in values if isinstance(value, self._outages)), None)
             if outage is not None:  # a cluster node failed: the whole lookup is a miss, as with one server
                 raise outage
-            return values
+            if max_bytes is None:
+                return values
+            step = 2 if self.ttl is None else 3
+            return [_capped_value(values[i], values[i + 1], self._errors) for i in range(0, len(values), step)]
 
         found = []
         for key, value in zip(keys, self._call(fetch)):
             if isinstance(value, self._errors):  # e.g. another client stored a list under this key
                 logger.warning("Redis entry %s%s… is unusable (%s); deleting it", self.prefix, key[:16], value)
-                self.delete(key)
+                self._delete_quietly(key)
                 break
             if value is None:
                 break
+            if max_bytes is not None and len(value) > max_bytes:
+                refuse_oversized(key, self._size(key, max_bytes), max_bytes)
+                self._delete_quietly(key)
+                break
             found.append(value)
         return found
+
+    def _size(self, key: str, max_bytes: int) -> int | str:
+        """The bytes held under `key` (for a log line), or a description when the server cannot tell now."""
+        try:
+            return self._call(lambda: self.client.strlen(self.prefix + key))
+        except BackendError:
+            return f"more than {max_bytes}"
+
+    def _delete_quietly(self, key: str) -> None:
+        """Delete a bad entry; if the server fails now, the next reader finds and deletes it instead."""
+        with contextlib.suppress(BackendError):
+            self.delete(key)
+
+    def _foreign(self, count: int) -> None:
+        """Record keys of another type under this store's prefix: skipped, warned about once, never an outage."""
+        self.foreign_keys = count
+        if count and not self._warned_foreign:
+            self._warned_foreign = True
+            logger.warning(
+                "%s holds %d keys under the prefix %r that are not strings (not this store's entries); they are "
+                "ignored in its statistics (a read of one is a miss that deletes it)",
+                self._server,
+                count,
+                self.prefix,
+            )
 
     def put(self, key: str, value: bytes, parent: str | None = None) -> bool:
         """Store `value`; `parent` is not used (Redis evicts by its own `maxmemory-policy`). False when the server
@@ -216,7 +268,12 @@ class RedisBackend(Backend):
             pipe = self._pipeline()
             for name in self._scan():
                 pipe.strlen(name)
-            return sum(pipe.execute())
+            sizes = pipe.execute(raise_on_error=False)  # a key of another type answers WRONGTYPE: not an outage
+            outage = next((size for size in sizes if isinstance(size, self._outages)), None)
+            if outage is not None:
+                raise outage
+            self._foreign(sum(1 for size in sizes if not isinstance(size, int)))
+            return sum(size for size in sizes if isinstance(size, int))
 
         try:
             return self._call(total)
@@ -237,7 +294,7 @@ class RedisBackend(Backend):
 
         def listing() -> list[tuple[str, int, bytes]]:
             names = list(self._scan())
-            entries = []
+            entries, foreign = [], 0
             for start in range(0, len(names), _LISTING_BATCH):
                 batch = names[start : start + _LISTING_BATCH]
                 pipe = self._pipeline()
@@ -245,9 +302,17 @@ class RedisBackend(Backend):
                     pipe.strlen(name)
                     pipe.getrange(name, 0, HEADER_PEEK - 1)
                 replies = pipe.execute(raise_on_error=False)
+                outage = next((reply for reply in replies if isinstance(reply, self._outages)), None)
+                if outage is not None:
+                    raise outage
                 for name, size, head in zip(batch, replies[::2], replies[1::2]):
-                    if isinstance(size, int) and isinstance(head, bytes):  # else deleted meanwhile or not a string
-                        entries.append((name.decode()[len(self.prefix) :], size, head))
+                    if isinstance(size, int) and isinstance(head, bytes):
+                        # a key that is not UTF-8 is not this store's: listed with its bytes escaped
+                        key = name[len(self.prefix.encode()) :].decode("utf-8", errors="backslashreplace")
+                        entries.append((key, size, head))
+                    elif not isinstance(size, int):  # another type under the prefix (else deleted meanwhile)
+                        foreign += 1
+            self._foreign(foreign)
             return entries
 
         yield from self._call(listing)
@@ -289,3 +354,22 @@ def _check_cluster_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
     if "path" in url_options or url_options.get("db", 0) != 0:
         raise ValueError(f"url={url!r}: a cluster is reached over TCP (redis:// or rediss://) and has database 0 only")
     return url_options
+
+
+def _check_seconds(name: str, value: object, zero: bool = False) -> None:
+    """A finite int or float (not a bool) above 0 (or equal to it with `zero`) and at most MAX_SECONDS."""
+    valid = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not (valid and (value >= 0 if zero else value > 0) and value <= MAX_SECONDS):
+        raise ValueError(
+            f"{name}={value!r} must be a finite number {'>=' if zero else '>'} 0 and <= {MAX_SECONDS:g} (seconds)"
+        )
+
+
+def _capped_value(exists: object, head: object, errors: tuple[type[Exception], ...]) -> object:
+    """One entry of a capped read: None when missing, the error when it is not a string, else its bytes (at most
+    `max_bytes + 1` of them: more than `max_bytes` means oversized)."""
+    if isinstance(head, errors):
+        return head
+    if isinstance(exists, errors):
+        return exists
+    return head if exists else None
