@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -64,21 +65,63 @@ def open_backend(args: argparse.Namespace) -> Backend:
     return RedisBackend(args.redis, prefix=args.namespace, cluster=args.cluster)
 
 
+UNREADABLE = "(unreadable)"
+LISTED_UNREADABLE = 20  # unreadable entries named in the summary (all of them are counted)
+_KEY = re.compile(r"^[0-9a-f]{16,128}$")  # the store's keys: lowercase hex digests
+_FIELD_LENGTH = 128  # a header field shown is a printable string up to this long; anything else is garbage
+
+
+def _field(meta: dict, name: str) -> str:
+    value = meta.get(name, "?")
+    if not (isinstance(value, str) and 0 < len(value) <= _FIELD_LENGTH and value.isprintable()):
+        raise CorruptBlock(f"header field {name} is not a short printable string")
+    return value
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable ASCII escaped (`\\xff`, `\\x1b`): keys and reasons come
+    from the store and must not reach a terminal as control sequences."""
+    return "".join(c if c.isascii() and c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def block_group(key: str, head: bytes) -> tuple[str, str, int | None, str]:
+    """(configuration fingerprint, format, tokens per block, layout) of an entry, from its key and the start of
+    its bytes. Raises `CorruptBlock` for anything that is not a readable block of a store (a key that is not a
+    hex digest, a header that is not a JSON object of short plain strings), never another exception."""
+    if not _KEY.match(key):
+        raise CorruptBlock("the key is not a lowercase hex digest")
+    try:
+        meta = block_metadata(head)
+    except RecursionError:  # a deeply nested JSON header
+        raise CorruptBlock("a header nested too deeply") from None
+    tokens = meta.get("tokens", "")
+    if isinstance(tokens, str) and tokens.isdecimal() and len(tokens) <= 9:
+        tokens = int(tokens)
+    elif tokens == "":
+        tokens = None
+    else:
+        raise CorruptBlock("header field tokens is not a number of tokens")
+    return _field(meta, "fingerprint")[:16], _field(meta, "format"), tokens, _field(meta, "layout")
+
+
 def summarize(backend: Backend, progress: bool = True) -> dict:
-    """Blocks and bytes per (configuration fingerprint, format, tokens per block, layout), from block headers."""
+    """Blocks and bytes per (configuration fingerprint, format, tokens per block, layout), from block headers.
+    Entries that are not readable blocks (a garbage header, a key that is not the store's, a planted file) are
+    one `(unreadable)` group, and the first `LISTED_UNREADABLE` of them are named with the reason."""
     blocks: Counter = Counter()
     sizes: Counter = Counter()
+    unreadable: list[dict] = []
     listing = backend.inventory()
     # disable=None: no bar when stderr is not a terminal (scripts, CI, errors after an empty listing)
-    for _, size, head in tqdm(
+    for key, size, head in tqdm(
         listing, desc="reading block headers", unit=" blocks", disable=None if progress else True
     ):
         try:
-            meta = block_metadata(head)
-            tokens = int(meta["tokens"]) if str(meta.get("tokens", "")).isdigit() else None
-            group = (meta.get("fingerprint", "?")[:16], meta.get("format", "?"), tokens, meta.get("layout", "?"))
-        except CorruptBlock:
-            group = ("(unreadable)", "", None, "")
+            group = block_group(key, head)
+        except CorruptBlock as error:
+            group = (UNREADABLE, "", None, "")
+            if len(unreadable) < LISTED_UNREADABLE:
+                unreadable.append({"key": printable(key), "bytes": size, "reason": printable(str(error))})
         blocks[group] += 1
         sizes[group] += size
     groups = []
@@ -99,6 +142,7 @@ def summarize(backend: Backend, progress: bool = True) -> dict:
         "blocks": sum(blocks.values()),
         "bytes": sum(sizes.values()),
         "groups": groups,
+        "unreadable": unreadable,
         "server": backend.server_info(),
     }
 
@@ -118,6 +162,8 @@ def table(summary: dict) -> str:
     ]
     lines = [f"store: {summary['store']}", format_table(rows) if rows else "(empty)"]
     lines.append(f"total: {summary['blocks']} blocks, {summary['bytes']:,} bytes")
+    unreadable = summary.get("unreadable", [])
+    lines += [f"unreadable: {entry['key']} ({entry['bytes']:,} bytes): {entry['reason']}" for entry in unreadable]
     lines += [f"server {name}: {value}" for name, value in summary["server"].items()]
     return "\n".join(lines)
 
