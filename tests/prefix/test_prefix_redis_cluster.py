@@ -147,3 +147,21 @@ def test_an_unreachable_cluster_is_a_backend_error_not_a_failed_start():
     with pytest.raises(BackendError, match=r"Redis Cluster via 127\.0\.0\.1"):
         backend.get_prefix(KEYS[:1])
     assert backend.nbytes() is None
+
+
+def test_capped_reads_and_foreign_keys_on_a_cluster(redis_cluster, caplog):
+    """`max_bytes` on a cluster: EXISTS + GETRANGE (+ EXPIRE) per key, pipelined per node; an oversized value ends
+    the prefix and is deleted, a key of another type under the prefix is skipped by `nbytes()`, never an outage."""
+    backend = RedisBackend(redis_cluster.url, prefix="capped:", ttl=60, cluster=True)
+    values = [bytes([i]) * 10 for i in range(6)]
+    for key, value in zip(KEYS, values):
+        backend.put(key, value)
+    backend.put(KEYS[3], b"x" * 5000)
+    with caplog.at_level(logging.WARNING, logger="hf_kvcache.prefix"):
+        assert backend.get_prefix(KEYS[:6], max_bytes=10) == values[:3]
+    assert "5000 bytes" in caplog.text and master_of(backend, KEYS[3]).exists("capped:" + KEYS[3]) == 0
+    assert 0 < master_of(backend, KEYS[1]).ttl("capped:" + KEYS[1]) <= 60
+    master_of(backend, KEYS[7]).rpush("capped:" + KEYS[7], b"a list")
+    assert backend.nbytes() == 10 * 5 and backend.foreign_keys == 1
+    assert backend.get_prefix(KEYS[:3], max_bytes=10) == values[:3]  # not marked down by the listing
+    backend.clear()
