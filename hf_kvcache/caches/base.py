@@ -36,6 +36,8 @@ from hf_kvcache.quant.packing import check_bits, packed_size
 from hf_kvcache.validation import check_bool, check_choice, check_int, check_optional_int
 
 DEFAULT_GROUP_SIZE = 32
+# What only codes use: refused with `bits=None` unless left at their defaults.
+CODE_SETTINGS = ("group_size", "residual_length", "rotate", "key_bits", "key_group_size", "key_outliers", "codebook")
 
 
 def largest_group(channels: int, at_most: int = DEFAULT_GROUP_SIZE) -> int:
@@ -55,6 +57,11 @@ class Storage:
     `key_outliers` key elements per channel and key block, those farthest from the block's median, are
     kept apart in full precision (`hf_kvcache.quant.quantize`); `codebook` ("uniform" or "normal") places
     the code levels. `for_layer` checks the settings against one layer and fills the groups in.
+
+    Raises:
+        ValueError: a setting of the wrong type or out of range (named, with what is accepted; `token_wise`
+            and `rotate` must be True or False); with `bits=None` (full precision, no codes), any of
+            `CODE_SETTINGS` other than its default, all of them named (they would be ignored).
     """
 
     bits: int | None = None
@@ -78,6 +85,17 @@ class Storage:
         check_choice("codebook", self.codebook, CODEBOOKS)
         check_int("residual_length", self.residual_length)
         check_bool("rotate", self.rotate)
+        check_bool("token_wise", self.token_wise)
+        if self.bits is None:
+            defaults = {field.name: field.default for field in dataclasses.fields(Storage)}
+            ignored = [name for name in CODE_SETTINGS if getattr(self, name) != defaults[name]]
+            if ignored:
+                given = ", ".join(f"{name}={getattr(self, name)!r}" for name in ignored)
+                raise ValueError(
+                    f"{given} {'apply' if len(ignored) > 1 else 'applies'} only to quantized storage, but "
+                    "bits=None stores full precision (no codes): pass bits (2, 3, 4 or 8) to quantize, or leave "
+                    f"{', '.join(ignored)} at {'their defaults' if len(ignored) > 1 else 'its default'}"
+                )
 
     def grouped_channels(self, layer: LayerGeometry) -> int:
         """The channel count every group must divide: values, and keys too when keys are grouped per token."""
