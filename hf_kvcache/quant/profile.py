@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_kvcache.files import read_regular_file
 from hf_kvcache.quant.packing import SUPPORTED_BITS, check_bits
 from hf_kvcache.validation import check_choice, check_int, check_number
 
@@ -34,6 +35,8 @@ SENSITIVITY_UNIT = {
     "(key_sensitivity) or only its values (value_sensitivity) are quantized at each width of `choices`",
 }
 METRIC_LABEL = {"kl": "KL", "nll": "ΔNLL"}
+# The largest profile file read: a profile takes about 200 bytes per layer (thousands of layers fit).
+MAX_PROFILE_BYTES = 4 * 1024 * 1024
 Table = tuple[tuple[float, ...], ...]  # [layer][index into choices]
 
 
@@ -42,14 +45,29 @@ def _one_line(match: re.Match) -> str:
     return "[" + ", ".join(item.strip() for item in match.group(1).split(",\n")) + "]"
 
 
-def check_choices(choices: Sequence[int], name: str = "choices") -> tuple[int, ...]:
-    """`choices` as a sorted tuple of distinct supported widths; a ValueError names the bad entry."""
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_choices(choices: Sequence[int], name: str = "choices", ascending: bool = False) -> tuple[int, ...]:
+    """`choices` as a sorted tuple of distinct supported widths; a ValueError names the bad entry.
+
+    `ascending=True` where tables are indexed by the choices as given (a profile, `choose_bits`): choices not in
+    ascending order are refused rather than sorted, which would attribute each column to another width.
+    """
     if isinstance(choices, str | bytes) or not isinstance(choices, Sequence) or not choices:
-        raise ValueError(f"{name}={choices!r} must be a non-empty sequence of widths from {SUPPORTED_BITS}")
+        raise ValueError(
+            f"{name}={_clip(repr(choices), 80)} must be a non-empty sequence of widths from {SUPPORTED_BITS}"
+        )
     for index, bits in enumerate(choices):
         check_bits(bits, name=f"{name}[{index}]")
     if len(set(choices)) != len(choices):
         raise ValueError(f"{name}={tuple(choices)!r} lists a width twice")
+    if ascending and list(choices) != sorted(choices):
+        raise ValueError(
+            f"{name}={tuple(choices)!r} must be in ascending order: the sensitivity tables' columns follow the "
+            "choices, so reordering them would attribute each measurement to another width"
+        )
     return tuple(sorted(choices))
 
 
@@ -67,14 +85,15 @@ def check_budget(average_bits: float, choices: Sequence[int], name: str = "avera
 def _check_table(name: str, table: Sequence[Sequence[float]], layers: int, choices: int) -> Table:
     """`table` [layers][choices] of finite numbers, as nested tuples of floats."""
     if isinstance(table, str) or not isinstance(table, Sequence) or len(table) != layers:
-        raise ValueError(f"{name} must hold one row per layer ({layers} rows), got {table!r:.80}")
+        raise ValueError(f"{name} must hold one row per layer ({layers} rows), got {_clip(repr(table), 80)}")
     rows = []
     for layer, row in enumerate(table):
         if isinstance(row, str) or not isinstance(row, Sequence) or len(row) != choices:
-            raise ValueError(f"{name}[{layer}]={row!r} must hold one number per width of choices ({choices})")
+            shown = _clip(repr(row), 80)
+            raise ValueError(f"{name}[{layer}]={shown} must hold one number per width of choices ({choices})")
         for index, value in enumerate(row):
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"{name}[{layer}][{index}]={value!r} must be a finite number")
+                raise ValueError(f"{name}[{layer}][{index}]={_clip(repr(value), 80)} must be a finite number")
         rows.append(tuple(float(value) for value in row))
     return tuple(rows)
 
@@ -94,10 +113,11 @@ def choose_bits(
     knapsack with one group of len(choices)**2 (key, value) options per layer). Ties go to fewer bits.
 
     Raises:
-        ValueError: bad `choices`; an `average_bits` outside [min(choices), max(choices)]; tables not shaped
-            [layers][len(choices)].
+        ValueError: bad `choices` (not distinct supported widths in ascending order: the tables' columns follow
+            them); an `average_bits` outside [min(choices), max(choices)]; tables not shaped [layers][len(choices)]
+            or holding a non-finite number.
     """
-    choices = check_choices(choices)
+    choices = check_choices(choices, ascending=True)
     check_budget(average_bits, choices)
     keys = _check_table("key_sensitivity", key_sensitivity, len(key_sensitivity), len(choices))
     values = _check_table("value_sensitivity", value_sensitivity, len(keys), len(choices))
@@ -144,6 +164,11 @@ def summed_sensitivity(
     )
 
 
+def _finite(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class BitProfile:
     """Every model layer's key and value code widths, and how they were chosen.
@@ -172,7 +197,10 @@ class BitProfile:
 
     Raises:
         ValueError: a width that is not 2, 3, 4 or 8 (named by field and layer, e.g. `key_bits[3]=5`), key and
-            value widths of different lengths, no layer, or sensitivity tables not shaped [layers][choices].
+            value widths of different lengths, no layer, `choices` not distinct widths in ascending order,
+            sensitivity tables not shaped [layers][choices] or not finite, a `budget_bits` outside the choices'
+            range, a non-finite `reference_nll` or `seconds`, `cache_settings` not a dict of named scalars,
+            `model` or `source` not text (each named).
     """
 
     key_bits: tuple[int, ...]
@@ -203,7 +231,10 @@ class BitProfile:
                 f"key_bits has {len(self.key_bits)} layers but value_bits has {len(self.value_bits)}: "
                 "give one key width and one value width per model layer"
             )
-        object.__setattr__(self, "choices", check_choices(self.choices) if len(self.choices) else ())
+        if isinstance(self.choices, str | bytes) or not isinstance(self.choices, Sequence):
+            raise ValueError(f"choices={_clip(repr(self.choices), 80)} must be a sequence of widths (empty: none)")
+        choices = check_choices(self.choices, ascending=True) if len(self.choices) else ()
+        object.__setattr__(self, "choices", choices)
         check_choice("metric", self.metric, METRICS)
         for name in ("key_sensitivity", "value_sensitivity"):
             table = getattr(self, name)
@@ -212,9 +243,26 @@ class BitProfile:
                     raise ValueError(f"{name} needs the `choices` its columns were measured at")
                 object.__setattr__(self, name, _check_table(name, table, self.num_layers, len(self.choices)))
         if not isinstance(self.cache_settings, dict):
-            raise ValueError(f"cache_settings={self.cache_settings!r} must be a dict of QuantizedCache settings")
+            shown = _clip(repr(self.cache_settings), 80)
+            raise ValueError(f"cache_settings={shown} must be a dict of QuantizedCache settings")
+        for name, value in self.cache_settings.items():
+            scalar = value is None or isinstance(value, str | bool | int) or _finite(value)
+            if not isinstance(name, str) or not name or not scalar:
+                raise ValueError(
+                    f"cache_settings[{_clip(repr(name), 40)}]={_clip(repr(value), 80)}: every setting must be named "
+                    "and hold text, a finite number, true/false or null"
+                )
         if self.budget_bits is not None:
-            check_number("budget_bits", self.budget_bits)
+            if not _finite(self.budget_bits):
+                raise ValueError(f"budget_bits={self.budget_bits!r} must be a finite number or None (hand-written)")
+            check_budget(self.budget_bits, self.choices or SUPPORTED_BITS, name="budget_bits")
+        for name in ("model", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={_clip(repr(getattr(self, name)), 80)} must be text")
+        for name in ("reference_nll", "seconds"):
+            value = getattr(self, name)
+            if value is not None and not (_finite(value) and value >= 0):
+                raise ValueError(f"{name}={_clip(repr(value), 80)} must be a finite number >= 0, or None")
         check_int("tokens", self.tokens)
         check_int("chunk", self.chunk)
 
@@ -317,30 +365,56 @@ class BitProfile:
 
     @classmethod
     def from_json(cls, text: str, origin: str = "profile") -> "BitProfile":
-        """Inverse of `to_json`; a ValueError names `origin` and the missing or bad field."""
+        """Inverse of `to_json`. Every field is checked by type and range (`BitProfile`'s own checks, plus: the
+        layers a list of objects numbered 0, 1, ... once each, `num_layers` when present equal to their
+        count, a sensitivity table in every layer or in none, `choices` a list, `calibration` an object); the
+        derived `average_bits`, `estimated_loss` and `sensitivity_unit` are not read.
+
+        Raises:
+            ValueError: not JSON (also nested too deeply, or a number too long), not a bit profile, another
+                version, or a missing or bad field; the message names `origin` and the field.
+        """
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{origin}: not JSON ({error})") from None
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, or an integer of over 4300 digits
+            reason = "nested too deeply" if isinstance(error, RecursionError) else _clip(str(error), 200)
+            raise ValueError(f"{origin}: not JSON ({reason})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f'{origin}: not a bit profile (no "format": "{FORMAT}" field)')
-        if data.get("version") != VERSION:
-            raise ValueError(f"{origin}: bit profile version {data.get('version')!r}; this package reads {VERSION}")
+        version = data.get("version")
+        if type(version) is not int or version != VERSION:
+            raise ValueError(f"{origin}: bit profile version {_clip(repr(version), 40)}; this package reads {VERSION}")
         try:
             layers = data["layers"]
             calibration = data.get("calibration", {})
+            if not isinstance(layers, list) or not all(isinstance(row, dict) for row in layers):
+                raise ValueError("layers must be a list of objects, one per layer")
+            if not isinstance(calibration, dict):
+                raise ValueError(f"calibration={_clip(repr(calibration), 80)} must be an object")
+            numbers = [row["layer"] for row in layers]
+            if any(type(number) is not int for number in numbers) or sorted(numbers) != list(range(len(numbers))):
+                raise ValueError(
+                    f"layers must be numbered 0, 1, ... once each without gaps, got {_clip(repr(numbers), 80)}"
+                )
             rows = sorted(layers, key=lambda row: row["layer"])
-            if [row["layer"] for row in rows] != list(range(len(rows))):
-                raise ValueError("layers must be numbered 0, 1, ... without gaps")
-            tables = {
-                name: [row[name] for row in rows] if rows and all(name in row for row in rows) else None
-                for name in ("key_sensitivity", "value_sensitivity")
-            }
+            count = data.get("num_layers", len(rows))
+            if type(count) is not int or count != len(rows):
+                raise ValueError(f"num_layers={_clip(repr(count), 40)} but the file lists {len(rows)} layers")
+            tables = {}
+            for name in ("key_sensitivity", "value_sensitivity"):
+                holding = [row["layer"] for row in rows if name in row]
+                if holding and len(holding) != len(rows):
+                    missing = sorted(set(range(len(rows))) - set(holding))
+                    raise ValueError(f"{name} is given for some layers but not for layer(s) {_clip(repr(missing), 80)}")
+                tables[name] = [row[name] for row in rows] if holding else None
+            choices = data.get("choices", [])
+            if not isinstance(choices, list):
+                raise ValueError(f"choices={_clip(repr(choices), 80)} must be a list of widths")
             return cls(
                 key_bits=tuple(row["key_bits"] for row in rows),
                 value_bits=tuple(row["value_bits"] for row in rows),
                 model=data.get("model", ""),
-                choices=tuple(data.get("choices", ())),
+                choices=tuple(choices),
                 metric=data.get("metric", "kl"),
                 **tables,
                 cache_settings=data.get("cache_settings", {}),
@@ -352,18 +426,35 @@ class BitProfile:
                 seconds=calibration.get("seconds"),
             )
         except KeyError as error:
-            raise ValueError(f"{origin}: missing field {error}") from None
+            raise ValueError(f"{origin}: missing field {_clip(str(error), 80)}") from None
+        except RecursionError:
+            raise ValueError(f"{origin}: a field is nested too deeply") from None
         except (TypeError, ValueError, AttributeError) as error:
-            raise ValueError(f"{origin}: {error}") from None
+            raise ValueError(f"{origin}: {_clip(str(error))}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BitProfile":
-        """Read a profile written by `save`. OSError if unreadable; ValueError naming the file if malformed."""
+        """Read a profile written by `save`, as untrusted input: only a regular file (no FIFO, device or
+        folder) of at most `MAX_PROFILE_BYTES` (4 MiB), UTF-8 JSON, every field checked (`from_json`).
+
+        Raises:
+            OSError (FileNotFoundError, PermissionError, ...): the file cannot be opened; the message names it.
+            ValueError: anything else (`files.UnsafeFile` for a FIFO, device, folder or oversized file; not
+                UTF-8, not JSON, nested too deeply, a bad field); the message names the file.
+        """
+        shown = f"bit profile {os.fspath(path)}"
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            data = read_regular_file(path, MAX_PROFILE_BYTES, "bit profile")
         except OSError as error:  # the same class (FileNotFoundError, ...), with the file's role in the message
-            raise type(error)(f"bit profile {path}: cannot read it ({error.strerror or error})") from None
-        return cls.from_json(text, origin=str(path))
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise type(error)(f"{shown}: cannot read it ({reason})") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{shown}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start})"
+            ) from None
+        return cls.from_json(text, origin=shown)
 
 
 def profile_for_cache(
