@@ -91,3 +91,25 @@ def test_calibrate_refuses_options_that_reuse_cannot_apply(tmp_path, capsys):
     assert "--tokens cannot apply" in capsys.readouterr().err
     assert main(["calibrate", "--reuse", str(path), "--output", str(tmp_path / "q.json")]) == 2
     assert "no measured sensitivities" in capsys.readouterr().err
+
+
+def test_calibrate_reuse_refuses_a_descending_profile_and_a_fifo_naming_them(tmp_path, capsys):
+    """Before, choices [4, 3, 2] were sorted while the tables kept their order: --reuse chose the widths the file
+    measured as worst; a FIFO hung the command."""
+    import json
+    import os
+
+    flat = [[0.0, 0.0, 0.0]] * 2
+    good = BitProfile((2, 2), (2, 2), choices=(2, 3, 4), key_sensitivity=flat, value_sensitivity=flat)
+    data = json.loads(good.to_json())
+    data["choices"] = [4, 3, 2]
+    descending = tmp_path / "descending.json"
+    descending.write_text(json.dumps(data), encoding="utf-8")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for path, message in ((descending, "choices=(4, 3, 2) must be in ascending order"), (fifo, "not a regular file")):
+        argv = ["calibrate", "--reuse", str(path), "--average-bits", "3", "--output", str(tmp_path / "q.json")]
+        assert main(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert f"bit profile {path}" in error and message in error and "\n" not in error, error
+    assert not (tmp_path / "q.json").exists()
