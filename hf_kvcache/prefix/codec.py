@@ -207,8 +207,8 @@ def block_metadata(data: bytes) -> dict[str, str]:
             meta = header.get("__metadata__") if isinstance(header, dict) else None
         else:  # only the start of the header: the metadata object comes first
             meta, _ = json.JSONDecoder().raw_decode(text, len(_METADATA_START))
-    except ValueError as error:
-        raise CorruptBlock(f"unreadable safetensors header: {error}") from None
+    except (ValueError, RecursionError) as error:  # RecursionError: a deeply nested forged header
+        raise CorruptBlock(f"unreadable safetensors header: {type(error).__name__}: {error}") from None
     if not isinstance(meta, dict):
         raise CorruptBlock("no hf_kvcache metadata")
     return meta

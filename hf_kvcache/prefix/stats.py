@@ -1,5 +1,6 @@
 """What a store level counts: blocks asked, found and written, failures, and how long fetches take."""
 
+import inspect
 import threading
 import time
 from collections import deque
@@ -28,13 +29,15 @@ class LevelStats:
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._failing: set[str] = set()  # kinds of operation failing now ("read", "write", ...)
         self._lock = threading.Lock()
+        # A backend written before `max_bytes` existed is asked without it (its caller checks sizes itself).
+        self._takes_max_bytes = "max_bytes" in inspect.signature(backend.get_prefix).parameters
 
     def timed_fetch(self, keys: Sequence[str], parent: str | None = None, max_bytes: int | None = None) -> list[bytes]:
         """`backend.get_prefix(keys, parent, max_bytes)`, counted and timed; a `BackendError` is counted and
         raised."""
         start = time.perf_counter()
         try:
-            if max_bytes is None:  # a backend written before `max_bytes` existed still works without one
+            if max_bytes is None or not self._takes_max_bytes:
                 values = self.backend.get_prefix(keys, parent)
             else:
                 values = self.backend.get_prefix(keys, parent, max_bytes=max_bytes)

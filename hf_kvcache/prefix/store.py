@@ -170,29 +170,30 @@ class PrefixCache:
             for name, amount in amounts.items():
                 self._counts[name] += amount
 
-    def _get(self, keys: list[str], parent: str | None = None) -> list[bytes] | BackendError:
-        """The backend's values for the longest present prefix of `keys`, or the error it raised."""
+    def _get(self, keys: list[str], parent: str | None, max_bytes: int) -> list[bytes] | BackendError:
+        """The backend's values for the longest present prefix of `keys` (none larger than `max_bytes`: a larger
+        one ends the prefix, unread), or the error it raised."""
         try:
-            values = self.backend_stats.timed_fetch(keys, parent)
+            values = self.backend_stats.timed_fetch(keys, parent, max_bytes)
         except BackendError as error:
             return error
         return values
 
-    def _requests(self, keys: list[str]) -> Iterator[tuple[list[str], list[bytes] | BackendError]]:
+    def _requests(self, keys: list[str], max_bytes: int) -> Iterator[tuple[list[str], list[bytes] | BackendError]]:
         """`(keys, values)` per request of `prefetch_blocks` keys; the next request is already running while
         the caller decodes the current one, and none is sent once a request comes back short."""
         if not self.prefetch_blocks or len(keys) <= self.prefetch_blocks:
-            yield keys, self._get(keys)
+            yield keys, self._get(keys, None, max_bytes)
             return
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="hf_kvcache-prefetch")
         chunks = [keys[i : i + self.prefetch_blocks] for i in range(0, len(keys), self.prefetch_blocks)]
-        pending: Future = self._prefetcher.submit(self._get, chunks[0])
+        pending: Future = self._prefetcher.submit(self._get, chunks[0], None, max_bytes)
         for index, chunk in enumerate(chunks):
             values = pending.result()
             complete = not isinstance(values, BackendError) and len(values) == len(chunk)
             if complete and index + 1 < len(chunks):
-                pending = self._prefetcher.submit(self._get, chunks[index + 1], chunk[-1])
+                pending = self._prefetcher.submit(self._get, chunks[index + 1], chunk[-1], max_bytes)
             yield chunk, values
             if not complete:
                 return
@@ -201,11 +202,11 @@ class PrefixCache:
         """Decoded blocks for the longest run of valid entries at the start of `keys`."""
         blocks: list[BlockKV] = []
         max_bytes = shape.max_bytes(self.block_size)
-        for chunk, values in self._requests(keys):
+        for chunk, values in self._requests(keys, max_bytes):
             if isinstance(values, BackendError):
-                self._unavailable("recomputing", values)
+                self._unavailable("recomputing", values, "read")
                 break
-            self._available()
+            self._available("read")
             for key, data in zip(chunk, values):
                 try:
                     if len(data) > max_bytes:
@@ -255,14 +256,15 @@ class PrefixCache:
         except BackendError as error:
             logger.warning("could not delete prefix store entry %s…: %s", key[:16], error)
 
-    def _unavailable(self, consequence: str, error: BackendError) -> None:
-        """Count a backend failure; warn once per outage (the next success logs the recovery)."""
+    def _unavailable(self, consequence: str, error: BackendError, operation: str) -> None:
+        """Count a backend failure of `operation` ("read" or "write"); warn once per outage (the next success of
+        every failing operation logs the recovery, once)."""
         self._count(errors=1)
-        if self.backend_stats.went_down():
+        if self.backend_stats.went_down(operation):
             logger.warning("prefix store unavailable, %s until it is back: %s", consequence, error)
 
-    def _available(self) -> None:
-        if self.backend_stats.came_back():
+    def _available(self, operation: str) -> None:
+        if self.backend_stats.came_back(operation):
             logger.warning("prefix store is reachable again: %r", self.backend)
 
     @torch.no_grad()
@@ -330,9 +332,9 @@ class PrefixCache:
             try:
                 stored = self.backend.put(keys[index], data, keys[index - 1] if index else None)
             except BackendError as error:
-                self._unavailable("blocks not saved", error)
+                self._unavailable("blocks not saved", error, "write")
                 break
-            self._available()
+            self._available("write")
             if not stored:  # larger than the backend's whole budget
                 break
             saved += 1
@@ -377,9 +379,9 @@ class PrefixCache:
         try:
             stored = self.backend.put(key, data)
         except BackendError as error:
-            self._unavailable("compressed contexts not saved", error)
+            self._unavailable("compressed contexts not saved", error, "write")
             return False
-        self._available()
+        self._available("write")
         if stored:
             self._count(blocks_saved=1, bytes_stored=len(data))
         return stored
@@ -403,12 +405,12 @@ class PrefixCache:
         if cache.get_seq_length() != 0:
             raise ValueError("cache must be empty: restore_compressed() fills a fresh cache")
         key, fingerprint = self._compressed_key(model, tokens, cache, tokenizer)
-        found = self._get([key])
+        found = self._get([key], None, block_shape(model).max_bytes(len(tokens)))
         if isinstance(found, BackendError):
-            self._unavailable("recomputing", found)
+            self._unavailable("recomputing", found, "read")
             found = []
         else:
-            self._available()
+            self._available("read")
         hit = False
         if found:
             try:

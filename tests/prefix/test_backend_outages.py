@@ -220,9 +220,6 @@ def test_a_full_outage_warns_once_and_recovery_needs_every_operation():
     assert stats.went_down() and stats.came_back()  # the one-kind calls of earlier callers work as before
 
 
-@pytest.mark.xfail(
-    strict=False, reason="needs PrefixCache._unavailable/_available to pass 'read'/'write' (store.py, the lead's)"
-)
 def test_a_half_outage_of_a_plain_disk_store_warns_once(model, tmp_path, unwritable, caplog):
     store = PrefixCache(DiskBackend(tmp_path / "store"), block_size=8)
     prompts = [random_ids(model, 1, 30, seed=seed) for seed in range(3)]
