@@ -53,7 +53,8 @@ def test_within_budget_equals_dynamic_cache(name, attn):
 @pytest.mark.parametrize("name", PROMPT_EVICTING_SPECS)
 def test_every_storage_serves_every_policy(name, bits):
     model = enable_score_capture(make_tiny_model("llama"))
-    cache = build_cache(spec(name, 10, f"bits={bits},residual_length=4"), model.config)
+    storage = f"bits={bits},residual_length=4" if bits else "bits=None"  # code settings need codes
+    cache = build_cache(spec(name, 10, storage), model.config)
     output = model.generate(random_ids(model, 1, 24), max_new_tokens=6, do_sample=False, **{CACHE_KWARG: cache})
     assert output.shape == (1, 30)
     layer = cache.layers[0]
