@@ -5,6 +5,7 @@ import sys
 
 from hf_kvcache import demo
 from hf_kvcache.eval import command as eval_command
+from hf_kvcache.eval import harness_command
 from hf_kvcache.prefix import command as prefix_command
 from hf_kvcache.quant import command as calibrate_command
 
@@ -20,12 +21,18 @@ def build_parser() -> argparse.ArgumentParser:
     eval_command.add_parser(subparsers)
     prefix_command.add_parser(subparsers)
     calibrate_command.add_parser(subparsers)
+    harness_command.add_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "passed_on"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.passed_on = extra  # a command that hands the rest to another tool's own parser (lm-eval)
     args.argv = argv  # the words after `hf-kvcache`, for a command that starts itself again
     try:
         args.run(args)

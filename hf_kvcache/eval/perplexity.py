@@ -10,6 +10,7 @@ so its later steps are predicted from what it kept; the compression counts in th
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,32 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def feed_in_steps(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cache: Cache,
+    step: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Iterator[tuple[int, torch.Tensor, float]]:
+    """Feed `input_ids` (batch, n) through `cache` `step` tokens at a time; after each step a cache whose policy
+    compresses once is compressed by its protocol. Yields `(start, logits (batch, tokens, vocab), seconds)`
+    per step, `seconds` being the forward's and the compression's. Call under `torch.no_grad()`."""
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"step={step!r} must be an integer >= 1")
+    device = input_device(model)
+    input_ids = input_ids.to(device)
+    compress = compresses_once(cache)
+    for start in range(0, input_ids.shape[1], step):
+        chunk = input_ids[:, start : start + step]
+        _synchronize(device)
+        began = time.perf_counter()
+        logits = model(chunk, **{CACHE_KWARG: cache}, use_cache=True).logits
+        if compress:
+            compress_newest(cache, model, input_ids[:, : start + chunk.shape[1]], chunk.shape[1], tokenizer)
+        _synchronize(device)
+        yield start, logits, time.perf_counter() - began
+
+
 @torch.no_grad()
 def evaluation_pass(
     model: PreTrainedModel,
@@ -55,38 +82,27 @@ def evaluation_pass(
     progress=None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> PassRecord:
-    """Feed `input_ids` (1, n) through `cache` `step` tokens at a time.
+    """Feed `input_ids` (1, n) through `cache` `step` tokens at a time (`feed_in_steps`).
 
     `progress`, if given, is called with the number of tokens of each step (a tqdm `update`). `tokenizer`
     tokenizes a compress-once policy's scoring prompt (None: the tokenizer saved with the model).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, n), got {tuple(input_ids.shape)}")
-    if not isinstance(step, int) or step < 1:
-        raise ValueError(f"step={step!r} must be an integer >= 1")
-    device = input_device(model)
-    input_ids = input_ids.to(device)
-    length = input_ids.shape[1]
+    input_ids = input_ids.to(input_device(model))
     nlls, positions, bytes_held = [], [], []
     seconds = 0.0
     logits = None
-    compress = compresses_once(cache)
-    for start in range(0, length, step):
-        chunk = input_ids[:, start : start + step]
-        _synchronize(device)
-        began = time.perf_counter()
-        logits = model(chunk, **{CACHE_KWARG: cache}, use_cache=True).logits[0]
-        if compress:
-            compress_newest(cache, model, input_ids[:, : start + chunk.shape[1]], chunk.shape[1], tokenizer)
-        _synchronize(device)
-        seconds += time.perf_counter() - began
-        targets = input_ids[0, start + 1 : start + step + 1]  # logits at position p predict token p + 1
+    for start, step_logits, step_seconds in feed_in_steps(model, input_ids, cache, step, tokenizer):
+        logits, count = step_logits[0], step_logits.shape[1]
+        seconds += step_seconds
+        targets = input_ids[0, start + 1 : start + count + 1]  # logits at position p predict token p + 1
         nlls.append(F.cross_entropy(logits[: len(targets)].float(), targets, reduction="none").double().cpu())
-        positions.append(start + chunk.shape[1])
+        positions.append(start + count)
         bytes_held.append(cache_bytes(cache))
         if progress is not None:
-            progress(chunk.shape[1])
-    return PassRecord(torch.cat(nlls), positions, bytes_held, seconds, length, logits[-1:].clone())
+            progress(count)
+    return PassRecord(torch.cat(nlls), positions, bytes_held, seconds, input_ids.shape[1], logits[-1:].clone())
 
 
 @torch.no_grad()
