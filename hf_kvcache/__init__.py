@@ -11,6 +11,7 @@ from hf_kvcache.caches.evicting import EvictionCache, HeavyHitterCache, SnapKVCa
 from hf_kvcache.caches.quantized import QuantizedCache
 from hf_kvcache.caches.sink import SinkCache
 from hf_kvcache.caches.window import SlidingWindowCache
+from hf_kvcache.chat import ChatSession
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.prefix import (
     DiskBackend,
@@ -29,6 +30,7 @@ from hf_kvcache.version import __version__ as __version__
 __all__ = [
     "CACHE_KWARG",
     "BitProfile",
+    "ChatSession",
     "DiskBackend",
     "EvictionCache",
     "HeavyHitterCache",

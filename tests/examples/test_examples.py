@@ -51,6 +51,7 @@ def tables(output: str) -> list[list[dict]]:
 def test_every_example_is_tested():
     """A new example needs its own test below (this list is the tests' inventory)."""
     tested = {
+        "chat_and_pipeline.py",
         "compare_caches.py",
         "generate_quantized.py",
         "prefix_reuse.py",
@@ -157,3 +158,15 @@ def test_score_eviction(real_model):
     # a position per token (H2O also its accumulated attention); SnapKV also keeps the answer's tokens.
     assert window < tova < h2o < 1.1 * window and tova < snapkv < full
     assert summary[0]["accuracy"] == 1
+
+
+@pytest.mark.real_model
+def test_chat_and_pipeline(real_model):
+    out = run_example("chat_and_pipeline.py", "--max-new-tokens", "8")
+    pipeline_rows, turns = tables(out)
+    dynamic, quantized = pipeline_rows
+    assert 0 < quantized["bytes held"] < dynamic["bytes held"]  # the pipeline call really used each cache
+    assert [row["turn"] for row in turns] == [1, 2, 3]
+    assert turns[0]["tokens reused"] == 0 and all(row["tokens reused"] > 0 for row in turns[1:])
+    assert all(row["tokens computed"] < row["tokens reused"] for row in turns[1:])
+    assert out.count("assistant (") == 3
