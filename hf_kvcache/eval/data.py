@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from hf_kvcache.files import read_regular_file
 from hf_kvcache.hub import hub_reachable
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ def _from_hub(dataset: str) -> tuple[str, str]:
     return book["text"], f"hub: deepmind/pg19 test split, first book ({book.get('short_book_title', '?')})"
 
 
+MAX_DATASET_BYTES = 1 << 34  # 16 GiB: far beyond any text evaluated here, short of a sparse or endless file
+
+
 def bundled_text(dataset: str) -> str:
     """The bundled copy of `wikitext2` or `pg19` (see hf_kvcache/data/PROVENANCE.md)."""
     with resources.files("hf_kvcache").joinpath("data", BUNDLED[dataset]).open("rb") as handle:
@@ -75,9 +79,9 @@ def _read_utf8(path: Path, data: bytes) -> str:
 def _from_file(path: Path) -> tuple[str, str]:
     """The text of a local file and the sha256 of the bytes it was parsed from (read once: the hash is of
     the very bytes evaluated, even if the file changes meanwhile)."""
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    data = path.read_bytes()
+    data = read_regular_file(path, MAX_DATASET_BYTES, "dataset file")  # a FIFO or device would block or never end
     digest = hashlib.sha256(data).hexdigest()
     if path.suffix == ".txt":
         return _read_utf8(path, data), digest

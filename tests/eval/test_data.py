@@ -82,3 +82,15 @@ def test_jsonl_with_json_values(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in ["a\nb", "c"]), encoding="utf-8")
     assert load_text(str(path)).text == "a\nb\nc"
+
+
+def test_special_files_are_refused_not_read(tmp_path):
+    import os
+
+    from hf_kvcache.files import UnsafeFile
+
+    os.mkfifo(tmp_path / "fifo.txt")  # opened plainly, it blocks until a writer comes
+    os.symlink("/dev/zero", tmp_path / "zero.txt")  # read plainly, it never ends
+    for name in ("fifo.txt", "zero.txt"):
+        with pytest.raises(UnsafeFile, match=f"dataset file {tmp_path / name} is not a regular file"):
+            load_text(str(tmp_path / name))
