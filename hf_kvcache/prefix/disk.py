@@ -111,6 +111,8 @@ class DiskBackend(Backend):
         found = []
         for key in keys:
             path = self.file(key)
+            if _drop_folder_link(path):
+                break
             try:
                 found.append(read_regular_file(path, cap, "prefix store entry", follow_links=False))
             except (FileNotFoundError, NotADirectoryError):  # NotADirectory: a file planted as the key's folder
@@ -151,6 +153,8 @@ class DiskBackend(Backend):
         if self.max_bytes is not None and len(value) > self.max_bytes:
             return False
         path = self.file(key)
+        if _drop_folder_link(path) and path.parent.is_symlink():  # never write through a planted folder link
+            raise BackendError(f"cannot write {path}: its folder is a symbolic link that could not be removed")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)  # the store folder itself may have been deleted
             handle, temp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=SUFFIX)
@@ -173,6 +177,8 @@ class DiskBackend(Backend):
 
     def delete(self, key: str) -> None:
         path = self.file(key)
+        if _drop_folder_link(path):
+            return
         try:
             path.unlink(missing_ok=True)
         except OSError as error:
@@ -292,3 +298,16 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return entry.is_dir(follow_symlinks=False)
     except OSError:
         return False
+
+
+def _drop_folder_link(path: Path) -> bool:
+    """Whether the folder of the entry at `path` is a symbolic link (planted: the store makes real folders); if
+    so it is removed (the link, never what it points to) and logged, so nothing is read or written through it."""
+    if not path.parent.is_symlink():
+        return False
+    logger.warning("prefix store folder %s is a symbolic link; removing the link (not its target)", path.parent)
+    try:
+        path.parent.unlink()
+    except OSError as error:
+        logger.warning("could not remove the link %s: %s", path.parent, error)
+    return True

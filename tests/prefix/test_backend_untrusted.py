@@ -299,3 +299,20 @@ def test_a_deeply_nested_header_is_a_miss_not_a_recursion_error(model):
     )
     assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
     assert store.stats()["errors"] == 1
+
+
+def test_a_link_planted_as_a_keys_folder_is_never_read_written_or_deleted_through(tmp_path, caplog):
+    backend = DiskBackend(tmp_path / "store")
+    key = "ab" * 32
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / f"{key}.safetensors").write_bytes(b"someone else's file")
+    (tmp_path / "store" / key[:2]).symlink_to(outside, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="hf_kvcache.prefix"):
+        assert backend.get_prefix([key]) == []  # a miss, not the outside file
+    assert "is a symbolic link" in caplog.text and not (tmp_path / "store" / key[:2]).is_symlink()
+    (tmp_path / "store" / key[:2]).symlink_to(outside, target_is_directory=True)
+    backend.delete(key)
+    assert backend.put(key, b"ours")
+    assert backend.get_prefix([key]) == [b"ours"] and not (tmp_path / "store" / key[:2]).is_symlink()
+    assert [p.read_bytes() for p in outside.iterdir()] == [b"someone else's file"]  # untouched throughout
