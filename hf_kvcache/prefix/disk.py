@@ -59,15 +59,23 @@ def _peek(path: Path) -> bytes | None:
         os.close(handle)
 
 
-def _remove_entry(path: Path) -> None:
-    """Delete the entry at `path` itself (a link, not its target; an empty folder planted there too)."""
+def _delete_path(path: Path) -> bool:
+    """Delete the entry at `path` itself (a link, not its target; an empty folder planted there too); False when
+    it is gone already. Raises the OSError of a failed deletion."""
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
             os.rmdir(path)
         else:
             path.unlink(missing_ok=True)
     except FileNotFoundError:
-        pass
+        return False
+    return True
+
+
+def _remove_entry(path: Path) -> None:
+    """`_delete_path`, logging a failure instead of raising it."""
+    try:
+        _delete_path(path)
     except OSError as error:
         logger.warning("cannot delete prefix store entry %s: %s", path, error.strerror or error)
 
@@ -262,15 +270,9 @@ class DiskBackend(Backend):
         count = 0
         for _, _, path in self._files():
             try:
-                if stat.S_ISDIR(os.lstat(path).st_mode):
-                    os.rmdir(path)
-                else:
-                    path.unlink(missing_ok=True)
-            except FileNotFoundError:
-                continue
+                count += _delete_path(path)
             except OSError as error:
                 raise BackendError(f"cannot delete {path}: {error}") from error
-            count += 1
         return count
 
     def nbytes(self) -> int:
