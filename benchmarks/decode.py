@@ -40,7 +40,7 @@ from transformers import DynamicCache
 
 from hf_kvcache.eval.data import load_text, tokenize_text
 from hf_kvcache.eval.memory import cache_bytes
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model, model_title
 from hf_kvcache.registry import build_cache
 from hf_kvcache.report import format_table
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--model", default=None, help="hub id or folder (default: the packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results", help="folder for results")
     args = parser.parse_args(argv)
     specs = args.specs or default_specs()
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             del cache
     result = {
-        "model": args.model or "SmolLM2-135M-Instruct (packaged)",
+        "model": model_title(args.model),
         "device": str(model.device),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),

@@ -15,6 +15,7 @@ byte budget of `--budget` of all passages' full-precision bytes; per backend, po
 rate, bytes held, evictions, restore time of hits.
 
     flock /tmp/hf_kvcache_heavy.lock python benchmarks/prefix.py
+    python benchmarks/prefix.py ttft --model gemma3-270m --output benchmarks/results/gemma3-270m
     python benchmarks/prefix.py ttft --questions 8 --backends memory redis
     python benchmarks/prefix.py workload --requests 200
 
@@ -35,7 +36,7 @@ from transformers import DynamicCache
 
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.eval.data import bundled_text
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model, model_title
 from hf_kvcache.prefix import (
     DiskBackend,
     MemoryBackend,
@@ -116,7 +117,11 @@ def make_prompts(tokenizer, prefix_tokens: int, questions: int) -> list[torch.Te
     prompts = []
     for index in range(questions):
         topic = TOPICS[index % len(TOPICS)] + (f" (part {index // len(TOPICS) + 1})" if index >= len(TOPICS) else "")
-        question = tokenizer(f"\n\nQuestion: what does the text say about {topic}? Answer:", return_tensors="pt")
+        question = tokenizer(
+            f"\n\nQuestion: what does the text say about {topic}? Answer:",
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
         prompts.append(torch.cat([text_ids, question.input_ids], dim=1))
     return prompts
 
@@ -354,6 +359,7 @@ def workload(args, model, tokenizer, make) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", nargs="?", choices=["ttft", "workload", "all"], default="all")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--prefix-tokens", type=int, default=2048)
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=256)
@@ -369,8 +375,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    model, tokenizer = load_model()
-    result = {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "threads": torch.get_num_threads()}
+    model, tokenizer = load_model(args.model)
+    result = {"model": f"{model_title(args.model)} (fp32, CPU)", "threads": torch.get_num_threads()}
     with servers() as make:
         if args.part in ("ttft", "all"):
             result["ttft"] = ttft(args, model, tokenizer, make)

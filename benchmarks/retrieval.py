@@ -49,7 +49,7 @@ from hf_kvcache.eval.data import bundled_text
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.eval.perplexity import evaluation_pass
 from hf_kvcache.eval.tasks import TASKS, Sample, generate_samples, score
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model
 from hf_kvcache.registry import build_cache, parse_cache_spec, registered_caches
 from hf_kvcache.report import format_table
 
@@ -369,7 +369,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ppl-budget", type=float, default=0.2, help="fraction of --ppl-tokens kept (0.2)")
     parser.add_argument("--chunk", type=int, default=16, help="tokens per forward in the perplexity run")
     parser.add_argument("--text", type=Path, default=None, help="a plain-text file (default: bundled WikiText-2 test)")
-    parser.add_argument("--model", default=None, help="hub id or local folder (default: the packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--output", type=Path, default=None, help="JSON file (benchmarks/results/retrieval.json)")
     parser.add_argument(
         "--specs",

@@ -18,7 +18,7 @@ from transformers import DynamicCache, pipeline
 
 from hf_kvcache import CACHE_KWARG, ChatSession, QuantizedCache, build_cache
 from hf_kvcache.eval.memory import cache_bytes
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model
 from hf_kvcache.report import format_table
 
 QUESTIONS = [
@@ -30,7 +30,7 @@ QUESTIONS = [
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id or local path (default: packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument(
         "--cache",
         default="quantized:bits=4,residual_length=16",

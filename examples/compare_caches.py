@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hf_kvcache.eval import evaluate
 from hf_kvcache.eval.plots import write_plots
+from hf_kvcache.models import MODEL_HELP
 
 DEFAULT_SPECS = [
     "dynamic",
@@ -36,7 +37,7 @@ def parse_args() -> argparse.Namespace:
         dest="caches",
         help="a cache spec; repeat for several (default: " + ", ".join(DEFAULT_SPECS) + ")",
     )
-    parser.add_argument("--model", default=None, help="hub id or local path (default: packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--max-tokens", type=int, default=1024, help="tokens of WikiText-2 to evaluate (default: 1024)")
     parser.add_argument("--chunk-size", type=int, default=64, help="tokens per forward (default: 64)")
     parser.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed per cache (default: 16)")

@@ -20,13 +20,13 @@ from transformers import DynamicCache
 from hf_kvcache import CACHE_KWARG, QuantizedCache
 from hf_kvcache.eval.data import load_text, tokenize_text
 from hf_kvcache.eval.memory import cache_bytes
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model, model_title
 from hf_kvcache.report import format_table
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id or local path (default: packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--max-tokens", type=int, default=768, help="prompt tokens of WikiText-2 (default: 768)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2], help="bit widths (default: 8 4 2)")
@@ -87,7 +87,7 @@ def main() -> None:
         )
     for row in rows:
         row["bytes x"] = row["cache bytes"] / rows[0]["cache bytes"]
-    print(f"{args.model or 'packaged SmolLM2-135M-Instruct'} ({model.dtype}), greedy decoding")
+    print(f"{model_title(args.model)} ({model.dtype}), greedy decoding")
     print(format_table(rows))
 
 

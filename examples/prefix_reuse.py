@@ -26,7 +26,7 @@ import torch
 
 from hf_kvcache import MemoryBackend, PrefixCache, RedisBackend, generate_with_prefix_cache
 from hf_kvcache.eval.data import load_text, tokenize_text
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model
 from hf_kvcache.report import format_table
 
 QUESTIONS = [
@@ -41,7 +41,7 @@ QUESTIONS = [
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id or local path (default: packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--prefix-tokens", type=int, default=1024, help="shared document tokens (default: 1024)")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per stored block (default: 256)")
     parser.add_argument(

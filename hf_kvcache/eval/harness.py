@@ -60,7 +60,8 @@ class CacheLM(HFLM):
 
     Args:
         pretrained: a model, or a hub id or folder (loaded by `hf_kvcache.models.load_model`, float32
-            unless `dtype` says otherwise); "packaged" or None is the packaged SmolLM2-135M-Instruct.
+            unless `dtype` says otherwise), or a packaged model's name ("gemma3-270m"); "packaged" or None
+            is the packaged SmolLM2-135M-Instruct.
         cache: a cache spec (`hf-kvcache eval --help` lists them); its settings may also come as further
             keyword arguments (`bits=2`), since the harness splits `model_args` at commas.
         chunk_size: tokens per scoring forward through the cache.

@@ -7,6 +7,7 @@ import argparse
 import sys
 from unittest import mock
 
+from hf_kvcache.models import MODEL_HELP
 from hf_kvcache.registry import parse_cache_spec
 
 DESCRIPTION = """\
@@ -34,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default="packaged",
-        help="hub id or local folder of a causal LM (default: the packaged SmolLM2-135M-Instruct)",
+        help=MODEL_HELP,
     )
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per scoring forward (default: 512)")
     parser.set_defaults(run=run, passed_on=[])  # every other option goes to the harness

@@ -17,7 +17,7 @@ from hf_kvcache.eval.data import load_text, tokenize_text
 from hf_kvcache.eval.memory import PeakMemory
 from hf_kvcache.eval.perplexity import bucket_perplexity, decode_speed, evaluation_pass
 from hf_kvcache.eval.results import CacheResult, EvalResults
-from hf_kvcache.models import DEFAULT_MODEL_NAME, load_model
+from hf_kvcache.models import load_model, model_title
 from hf_kvcache.prefix.keys import model_fingerprint
 from hf_kvcache.registry import CacheSpec, build_cache, parse_cache_spec
 from hf_kvcache.scoring import score_capture
@@ -72,7 +72,7 @@ def prepare_model(
     if isinstance(model, PreTrainedModel):
         model_name = model.config.name_or_path or type(model).__name__
     else:
-        model_name = f"{DEFAULT_MODEL_NAME} (packaged)" if model is None else str(model)
+        model_name = model_title(model)
         if device is None and device_map is None and state.num_processes > 1:
             device = str(state.device)
         try:
@@ -143,8 +143,8 @@ def evaluate(
 
     Args:
         caches: cache specs (`"quantized:bits=2"`) or `CacheSpec`s; ratios are to the first one.
-        model: a loaded model (then pass its `tokenizer`, or `input_ids`), a hub id or local path,
-            or None for the packaged SmolLM2-135M-Instruct.
+        model: a loaded model (then pass its `tokenizer`, or `input_ids`), a hub id or local path, a
+            packaged model's name ("gemma3-270m"), or None for the packaged SmolLM2-135M-Instruct.
         dataset: `wikitext2`, `pg19`, or a local `.txt` / `.jsonl` / `.parquet` file; ignored when
             `input_ids` (shape (1, n)) are given.
         max_tokens: tokens of the text to evaluate (the first `max_tokens`).

@@ -81,7 +81,12 @@ class ExpectedAttention(EvictionPolicy):
             hint="future positions whose rotations are averaged; each scoring builds all of them",
         )
         self.check_within_budget(recent=self.recent, sink_tokens=self.sink_tokens)
-        self.check_within_budget(**{"recent + sink_tokens": self.recent + self.sink_tokens})
+        if self.recent + self.sink_tokens > self.budget:
+            raise ValueError(
+                f"recent={self.recent} + sink_tokens={self.sink_tokens} = {self.recent + self.sink_tokens} exceeds "
+                f"budget={self.budget}: ExpectedAttention keeps both within its budget; pass smaller ones or a larger "
+                "budget"
+            )
 
     def scored_queries(self, query_length: int) -> int:
         return min(self.query_window, query_length)

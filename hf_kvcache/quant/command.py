@@ -5,6 +5,7 @@ from pathlib import Path
 
 import transformers
 
+from hf_kvcache.models import MODEL_HELP
 from hf_kvcache.quant.profile import METRIC_LABEL, BitProfile, check_budget, check_choices
 from hf_kvcache.report import format_table
 from hf_kvcache.validation import check_int, check_writable
@@ -47,8 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="hub id or local folder of a causal LM (default: the packaged SmolLM2-135M-Instruct); "
-        "e.g. --model ./smollm2",
+        help=MODEL_HELP,
     )
     parser.add_argument(
         "--dataset",

@@ -14,7 +14,7 @@ from hf_kvcache.eval import runner
 from hf_kvcache.eval.results import CacheResult, PartialResults
 from hf_kvcache.models import load_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # most start worker processes
 
 CACHES = ["--cache", "dynamic", "--cache", "quantized:bits=4,group_size=16", "--cache", "window:window=16"]
 

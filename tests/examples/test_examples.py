@@ -89,10 +89,10 @@ def test_generate_quantized(real_model):
 @pytest.mark.real_model
 def test_stream_past_context(real_model):
     out = run_example(
-        "stream_past_context.py", "--max-tokens", "288", "--window", "64", "--segment", "96", "--step", "1"
+        "stream_past_context.py", "--max-tokens", "192", "--window", "32", "--segment", "64", "--step", "1"
     )
     [rows] = tables(out)
-    assert [row["tokens"] for row in rows] == ["1-96", "97-192", "193-287", "all"]
+    assert [row["tokens"] for row in rows] == ["1-64", "65-128", "129-191", "all"]
     segments, overall = rows[:-1], rows[-1]
     # Dense memory grows with the text; both bounded caches hold the same, constant bytes once full.
     assert segments[0]["dense MiB"] < segments[1]["dense MiB"] < segments[2]["dense MiB"]

@@ -2,7 +2,7 @@
 Bounded fields (ExpectedAttention's n_future_positions and query_window, SnapKV's kernel_size) included."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hf_kvcache.policies import H2O, TOVA, AdaKV, ExpectedAttention, KVzip, PyramidKV, SnapKV, StreamingLLM
@@ -57,6 +57,7 @@ VALUES = st.one_of(
 @pytest.mark.parametrize(("policy", "name"), PARAMS, ids=[f"{p.__name__}-{n}" for p, n in PARAMS])
 @settings(max_examples=40, deadline=None)
 @given(value=VALUES)
+@example(value=BUDGET - 3)  # within the budget alone, past it with the 4 default sinks (or recent tokens)
 def test_policy_fields_are_accepted_exactly_when_valid(policy, name, value):
     kwargs = {"budget": BUDGET, name: value}
     if CASES[policy][name](value):
