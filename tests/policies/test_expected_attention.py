@@ -222,7 +222,7 @@ def test_a_layer_caching_other_keys_than_the_queries_meet_is_refused():
         ({"n_future_positions": 10**12}, "n_future_positions=1000000000000 must be an integer between 1 and 131072"),
         ({"recent": 9}, "recent=9 must be an integer between 0 and budget=8"),
         ({"sink_tokens": -1}, "sink_tokens=-1 must be an integer between 0 and budget=8"),
-        ({"recent": 5, "sink_tokens": 4}, r"recent \+ sink_tokens=9 must be an integer between 0 and budget=8"),
+        ({"recent": 5, "sink_tokens": 4}, r"recent=5 \+ sink_tokens=4 = 9 exceeds budget=8"),
         ({"per_head": "no"}, "per_head='no' must be True or False"),
     ],
 )
