@@ -206,7 +206,8 @@ def continuation_quality(model, tokenizer, prefix_tokens: int, block_size: int, 
     rows, exact_logits = [], None
     for format_name, bits in FORMATS.items():
         store = PrefixCache(MemoryBackend(max_bytes=None), block_size, bits=bits)
-        cache = model(prefix, **{CACHE_KWARG: DynamicCache(config=model.config)}).past_key_values
+        # A cache without the config keeps every token of every layer: a sliding layer's KV of the whole prefix.
+        cache = model(prefix, **{CACHE_KWARG: DynamicCache()}).past_key_values
         store.save(model, prefix, [(layer.keys, layer.values) for layer in cache.layers])
         restored = DynamicCache(config=model.config)
         assert store.restore(model, prefix, restored) == prefix_tokens
@@ -282,7 +283,7 @@ def passages(model, tokenizer, count: int, tokens: int) -> list[tuple[torch.Tens
     result = []
     for index in range(count):
         passage = ids[:, index * tokens : (index + 1) * tokens]
-        cache = model(passage, **{CACHE_KWARG: DynamicCache(config=model.config)}).past_key_values
+        cache = model(passage, **{CACHE_KWARG: DynamicCache()}).past_key_values  # every token of every layer
         result.append((passage, [(layer.keys, layer.values) for layer in cache.layers]))
     return result
 

@@ -310,7 +310,8 @@ class PrefixCache:
         """Store every complete block of the prompt covered by `layers`; returns the blocks written.
 
         `layers[i]` holds layer i's keys and values, shaped `(1, kv_heads, tokens, head_dim)`, for the
-        prompt's tokens `start, start + 1, ...`; `start` must be a multiple of `block_size`. `cache`: the
+        prompt's tokens `start, start + 1, ...` (the same count in every layer, else a ValueError); `start` must
+        be a multiple of `block_size`. `cache`: the
         cache the model ran with while computing them (None: one that keeps every token exactly); blocks
         are only ever restored into a cache of the same class and settings.
         """
@@ -319,6 +320,7 @@ class PrefixCache:
         if any(t.shape[0] != 1 for pair in layers for t in pair):
             raise ValueError("layers must hold one prompt (batch size 1)")
         tokens = prompt_tokens(input_ids)
+        self._check_every_token_held(model, layers, len(tokens) - start)
         if not self._reusable(model):
             return 0
         covered = min(len(tokens), start + min((k.shape[-2] for k, _ in layers), default=0))
@@ -340,6 +342,21 @@ class PrefixCache:
             saved += 1
             self._count(blocks_saved=1, bytes_stored=len(data))
         return saved
+
+    @staticmethod
+    def _check_every_token_held(model: PreTrainedModel, layers: list, prompt_tokens_from_start: int) -> None:
+        """Refuse KV that a layer's window has cut: its newest tokens would be stored as the first ones. Every
+        layer must hold the same count, and a model with windowed layers all of the prompt's tokens from start."""
+        lengths = sorted({tensor.shape[-2] for pair in layers for tensor in pair})
+        windowed = any(layer.is_windowed for layer in model_geometry(model.config).layers)
+        if len(lengths) > 1 or (windowed and lengths and lengths[0] < prompt_tokens_from_start):
+            raise ValueError(
+                f"layers hold {lengths[0]} to {lengths[-1]} tokens of the prompt's {prompt_tokens_from_start} from "
+                "start: every layer must hold the same tokens from start (all of them on a model with sliding or "
+                "chunked layers). A sliding-window layer of DynamicCache(config=...) keeps only its window; take "
+                "the KV from DynamicCache() (no config: every layer keeps every token) or use "
+                "generate_with_prefix_cache"
+            )
 
     def _compressed_key(
         self, model: PreTrainedModel, tokens: list[int], cache: EvictionCache, tokenizer: object

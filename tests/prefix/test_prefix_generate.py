@@ -209,3 +209,24 @@ def test_kv_computed_through_an_approximate_cache_is_never_served_to_another_con
     assert store.stats()["hits"] == 4  # a DynamicCache request found none of the window's blocks
     generate_with_prefix_cache(model, ids, store, cache=window(), **GREEDY)
     assert store.stats()["hits"] == 8  # the same configuration still finds its own
+
+
+def test_save_refuses_layers_of_unequal_lengths_and_stores_every_token_from_a_plain_cache():
+    """A sliding layer of DynamicCache(config) keeps only its window: saved as is, its newest tokens would be
+    stored as the prompt's first ones. `save` refuses that; the same prompt's KV from DynamicCache() (every layer
+    keeps every token) is stored, and a restore from it generates what plain generate does."""
+    from transformers import DynamicCache
+
+    model = make_tiny_model("gemma3-local-rope")
+    ids = random_ids(model, 1, 4 * model.config.sliding_window + 3)
+    store = PrefixCache(MemoryBackend(), block_size=8)
+    with torch.no_grad():
+        windowed = model(ids, **{CACHE_KWARG: DynamicCache(config=model.config)}).past_key_values
+        whole = model(ids, **{CACHE_KWARG: DynamicCache()}).past_key_values
+    with pytest.raises(ValueError, match=r"layers hold 7 to 7 tokens of the prompt's 35 from start: every layer"):
+        store.save(model, ids, [(layer.keys, layer.values) for layer in windowed.layers])
+    assert store.stats()["blocks_saved"] == 0
+    assert store.save(model, ids, [(layer.keys, layer.values) for layer in whole.layers]) == 4
+    reference = model.generate(ids, **GREEDY)
+    assert torch.equal(generate_with_prefix_cache(model, ids, store, **GREEDY), reference)
+    assert store.stats()["hits"] == 4
