@@ -207,7 +207,8 @@ def continuation_quality(model, tokenizer, prefix_tokens: int, block_size: int, 
     for format_name, bits in FORMATS.items():
         store = PrefixCache(MemoryBackend(max_bytes=None), block_size, bits=bits)
         # A cache without the config keeps every token of every layer: a sliding layer's KV of the whole prefix.
-        cache = model(prefix, **{CACHE_KWARG: DynamicCache()}).past_key_values
+        cache = DynamicCache()
+        model(prefix, **{CACHE_KWARG: cache})
         store.save(model, prefix, [(layer.keys, layer.values) for layer in cache.layers])
         restored = DynamicCache(config=model.config)
         assert store.restore(model, prefix, restored) == prefix_tokens
@@ -283,7 +284,8 @@ def passages(model, tokenizer, count: int, tokens: int) -> list[tuple[torch.Tens
     result = []
     for index in range(count):
         passage = ids[:, index * tokens : (index + 1) * tokens]
-        cache = model(passage, **{CACHE_KWARG: DynamicCache()}).past_key_values  # every token of every layer
+        cache = DynamicCache()  # no config: every token of every layer
+        model(passage, **{CACHE_KWARG: cache})
         result.append((passage, [(layer.keys, layer.values) for layer in cache.layers]))
     return result
 

@@ -220,9 +220,10 @@ def test_save_refuses_layers_of_unequal_lengths_and_stores_every_token_from_a_pl
     model = make_tiny_model("gemma3-local-rope")
     ids = random_ids(model, 1, 4 * model.config.sliding_window + 3)
     store = PrefixCache(MemoryBackend(), block_size=8)
+    windowed, whole = DynamicCache(config=model.config), DynamicCache()
     with torch.no_grad():
-        windowed = model(ids, **{CACHE_KWARG: DynamicCache(config=model.config)}).past_key_values
-        whole = model(ids, **{CACHE_KWARG: DynamicCache()}).past_key_values
+        model(ids, **{CACHE_KWARG: windowed})
+        model(ids, **{CACHE_KWARG: whole})
     with pytest.raises(ValueError, match=r"layers hold 7 to 7 tokens of the prompt's 35 from start: every layer"):
         store.save(model, ids, [(layer.keys, layer.values) for layer in windowed.layers])
     assert store.stats()["blocks_saved"] == 0
