@@ -1,121 +1,32 @@
 """The attention function of eviction policies (score capture), without forking any model.
 
-A cache's `update` never sees attention, so policy caches (`caches/evicting.py`) get it from an
-attention function registered in transformers' `AttentionInterface`, together with the matching
-`AttentionMaskInterface` entry (without it transformers would silently pass no mask).
-
-`enable_score_capture(model)` switches a model from `sdpa` (or `eager`) to the capturing variant.
-When the layer that was just updated is a policy layer (it announces itself in `update`), the variant
-asks it for its own mask (the true padding of its kept tokens: `with_stored_padding`), runs the
-model's original attention, then hands the layer an `AttentionCall`, from which the layer computes
-only what its policy needs (the last `n` queries' softmax attention, in chunks of queries, summed over
-those queries and averaged over the query heads sharing a KV head; or the queries themselves) and
-evicts. With any other cache, or none, outputs are exactly those of the original function.
+A cache's `update` never sees attention, so policy layers (`caches/policy_layer.py`, `caches/ragged.py`)
+return their keys tagged with a `ScoreRoute` (`hf_kvcache.attention.routing`). `enable_score_capture(model)`
+switches a model from `sdpa` (or `eager`) to the capturing entry, which serves those routes: it asks the layer
+for its own mask (the true padding of its kept tokens: `with_stored_padding`), runs the model's original
+attention, then hands the layer an `AttentionCall`, from which the layer computes only what its policy needs
+(the last `n` queries' softmax attention, in chunks of queries, summed over those queries and averaged over the
+query heads sharing a KV head; or the queries themselves) and evicts. With any other cache, or none, outputs are
+exactly those of the original function.
 """
 
 import contextlib
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import PreTrainedModel
 
-CAPTURE_PREFIX = "hf_kvcache_scores_"
-BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+from hf_kvcache.attention import routing
+from hf_kvcache.attention.probabilities import allowed_keys, attention_probabilities, grouped_logits
+from hf_kvcache.attention.routing import CAPTURE_BASES as BASE_IMPLEMENTATIONS
+from hf_kvcache.attention.routing import CAPTURE_PREFIX
+
 QUERY_CHUNK = 256  # queries scored at once: memory is batch * heads * QUERY_CHUNK * kv_length floats
-
-_pending = threading.local()
 
 
 class ScoreCaptureError(RuntimeError):
     """A score-based cache is used on a model whose attention does not report scores."""
-
-
-def announce_update(layer: object) -> None:
-    """Called by a score-based layer's `update`: the next attention call belongs to it."""
-    waiting = getattr(_pending, "layer", None)
-    if waiting is not None:
-        _pending.layer = None
-        raise ScoreCaptureError(
-            f"{type(layer).__name__} ({type(getattr(layer, 'policy', None)).__name__}) evicts after attention, but the "
-            "attention of the previous layer never reported back: score capture is not active on this model. Call "
-            "`hf_kvcache.enable_score_capture(model)` before using an eviction-policy cache (EvictionCache and its "
-            "presets, whatever the policy reads)."
-        )
-    _pending.layer = layer
-
-
-def forward_begins() -> None:
-    """Called when a cache's forward builds its masks (before any layer updates): a layer left waiting by a
-    forward of this thread that stopped between a layer's update and its attention (an exception, Ctrl-C)
-    is dropped, so that it cannot fail or be served by a later forward of any cache or model."""
-    _pending.layer = None
-
-
-def _take_pending() -> object | None:
-    layer = getattr(_pending, "layer", None)
-    _pending.layer = None
-    return layer
-
-
-def _allowed(mask: torch.Tensor | None, rows: slice, q_length: int, kv_length: int, device) -> torch.Tensor:
-    """Boolean [batch|1, 1, rows, kv] of what the queries in `rows` may attend (causal when `mask` is None)."""
-    if mask is None:
-        query_rows = torch.arange(rows.start, rows.stop, device=device)[:, None] + (kv_length - q_length)
-        return (torch.arange(kv_length, device=device)[None, :] <= query_rows)[None, None]
-    mask = mask[:, :, rows, :kv_length]
-    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-
-
-MASKED = torch.finfo(torch.float32).min  # what eager attention's additive mask leaves: a fully masked row stays finite
-
-
-def attention_probabilities(
-    logits: torch.Tensor,
-    allowed: torch.Tensor | None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-    real_queries: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The model's own attention probabilities, as its eager attention computes them: the one softmax of score
-    capture, KVzip's reconstruction scores and code-reading decode.
-
-    `logits` float32 [batch, kv_heads, group, rows, kv]: scaled query-key products, query head `h * group + g`
-    at [h, g] (GQA). `allowed` bool [batch|1, 1|q_heads, rows, kv], True where a query may attend (None: all).
-    `softcap`: tanh capping of the logits before the mask (Gemma 2). `sinks` [q_heads]: learned logits that take
-    part in the softmax without a key (GPT-OSS; real tokens' probabilities then sum to less than one).
-    `real_queries` bool [batch, rows]: False (padding queries) gives a row of zeros. Forbidden logits are the
-    float32 minimum, as eager attention's additive mask leaves them. Returns float32 [batch, kv_heads, group,
-    rows, kv].
-    """
-    batch, kv_heads, group, rows, _ = logits.shape
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    if allowed is not None:
-        allowed = allowed.unflatten(1, (kv_heads, group)) if allowed.shape[1] > 1 else allowed[:, :, None]
-        logits = logits.masked_fill(~allowed, MASKED)
-    if sinks is not None:
-        sink_logits = sinks.float().view(1, kv_heads, group, 1, 1).expand(batch, kv_heads, group, rows, 1)
-        probabilities = torch.cat([logits, sink_logits], dim=-1).softmax(dim=-1)[..., :-1]
-    else:
-        probabilities = logits.softmax(dim=-1)
-    if real_queries is not None:
-        probabilities = probabilities * real_queries[:, None, None, :, None]
-    return probabilities
-
-
-def grouped_logits(query: torch.Tensor, key: torch.Tensor, rows: slice, scaling: float | None) -> torch.Tensor:
-    """float32 [batch, kv_heads, group, rows, kv]: scaled logits of the queries in `rows` (query [batch, q_heads, q,
-    dim], key [batch, kv_heads, kv, dim]), grouped by the KV head they share."""
-    batch, q_heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    scaling = dim**-0.5 if scaling is None else scaling
-    queries = query[:, :, rows].float().reshape(batch, kv_heads, q_heads // kv_heads, -1, dim)
-    return (queries @ key.float()[:, :, None].transpose(-1, -2)) * scaling
 
 
 def attention_scores(
@@ -140,7 +51,7 @@ def attention_scores(
     total = query.new_zeros((batch, kv_heads, kv_length), dtype=torch.float32)
     for start in range(q_length - last_queries, q_length, QUERY_CHUNK):
         rows = slice(start, min(start + QUERY_CHUNK, q_length))
-        allowed = _allowed(attention_mask, rows, q_length, kv_length, query.device)
+        allowed = allowed_keys(attention_mask, rows, q_length, kv_length, query.device)
         real = None if real_queries is None else real_queries[:, rows]
         probabilities = attention_probabilities(
             grouped_logits(query, key, rows, scaling), allowed, softcap, sinks, real
@@ -186,7 +97,7 @@ def padding_of_new_tokens(attention_mask: torch.Tensor | None, query_length: int
     if attention_mask is None:
         return None
     kv_length = attention_mask.shape[-1]
-    newest = _allowed(attention_mask, slice(-1, None), 1, kv_length, attention_mask.device)
+    newest = allowed_keys(attention_mask, slice(-1, None), 1, kv_length, attention_mask.device)
     return newest[:, 0, 0, kv_length - query_length :]
 
 
@@ -204,13 +115,15 @@ def with_stored_padding(
     stored = real.shape[-1]
     batch, q_heads, q_length, _ = query.shape
     if attention_mask is not None and attention_mask.shape[-1] == stored + q_length and bool(real.all()):
-        labelled_real = _allowed(attention_mask, slice(q_length - 1, q_length), q_length, stored, query.device)
+        labelled_real = allowed_keys(attention_mask, slice(q_length - 1, q_length), q_length, stored, query.device)
         if bool(labelled_real.all()):
             return attention_mask
     if attention_mask is None:
         if bool(real.all()):
             return None
-        attention_mask = _allowed(None, slice(0, q_length), q_length, q_length, query.device).expand(batch, 1, -1, -1)
+        attention_mask = allowed_keys(None, slice(0, q_length), q_length, q_length, query.device).expand(
+            batch, 1, -1, -1
+        )
     shared = bool((real == real[:, :1]).all())
     columns = real[:, :1] if shared else real.repeat_interleave(q_heads // real.shape[1], dim=1)
     columns = columns[:, :, None, :].expand(-1, -1, q_length, -1)
@@ -221,53 +134,41 @@ def with_stored_padding(
     return torch.cat([columns.expand(-1, own.shape[1], -1, -1), own], dim=-1)
 
 
-def _eager_of(module: torch.nn.Module) -> Callable:
-    """The model's own eager attention (each modeling file defines `eager_attention_forward`)."""
-    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if function is None:
-        raise ScoreCaptureError(
-            f"{type(module).__name__} has no eager_attention_forward in its modeling file; "
-            "use enable_score_capture on an sdpa model instead"
+class ScoreRoute(routing.Route):
+    """A policy layer's returned keys: the capturing attention runs the model's attention with the layer's own
+    mask (`attention_mask`), then hands the layer the call (`observe`)."""
+
+    entry = routing.CAPTURE
+    served_by_key = False  # latent attention (DeepSeek-V3) expands cached latents into keys after the update
+
+    def __init__(self, layer: object):
+        self.layer = layer
+
+    def attend(self, attention: Callable, module, query, key, value, attention_mask, **kwargs):
+        layer = self.layer
+        attention_mask = layer.attention_mask(attention_mask, query)
+        output, weights = attention(module, query, key, value, attention_mask, **kwargs)
+        sinks = module.sinks if layer.geometry.learned_sinks else None
+        call = AttentionCall(
+            query,
+            key,
+            attention_mask,
+            kwargs.get("scaling"),
+            kwargs.get("softcap"),
+            sinks,
+            padding_of_new_tokens(attention_mask, query.shape[2]),
         )
-    return function
-
-
-def _capturing(base: str) -> Callable:
-    def attention_with_scores(module, query, key, value, attention_mask, **kwargs):
-        layer = _take_pending()
-        if layer is not None:
-            attention_mask = layer.attention_mask(attention_mask, query)
-        original = sdpa_attention_forward if base == "sdpa" else _eager_of(module)
-        output, weights = original(module, query, key, value, attention_mask, **kwargs)
-        if layer is not None:
-            sinks = module.sinks if layer.geometry.learned_sinks else None
-            layer.observe(
-                AttentionCall(
-                    query,
-                    key,
-                    attention_mask,
-                    kwargs.get("scaling"),
-                    kwargs.get("softcap"),
-                    sinks,
-                    padding_of_new_tokens(attention_mask, query.shape[2]),
-                )
-            )
+        layer.observe(call)
         return output, weights
 
-    return attention_with_scores
-
-
-def _mask_of(base: str) -> Callable:
-    # Looked up at call time, so wrappers installed later on the base mask function still apply.
-    def mask(*args, **kwargs):
-        return AttentionMaskInterface._global_mapping[base](*args, **kwargs)
-
-    return mask
-
-
-for _base in BASE_IMPLEMENTATIONS:
-    AttentionInterface.register(CAPTURE_PREFIX + _base, _capturing(_base))
-    AttentionMaskInterface.register(CAPTURE_PREFIX + _base, _mask_of(_base))
+    def unread_error(self) -> Exception:
+        layer = self.layer
+        return ScoreCaptureError(
+            f"{type(layer).__name__} ({type(getattr(layer, 'policy', None)).__name__}) evicts after attention, but the "
+            "attention of the previous layer never reported back: score capture is not active on this model. Call "
+            "`hf_kvcache.enable_score_capture(model)` before using an eviction-policy cache (EvictionCache and its "
+            "presets, whatever the policy reads)."
+        )
 
 
 def enable_score_capture(model: PreTrainedModel) -> PreTrainedModel:
@@ -283,6 +184,7 @@ def enable_score_capture(model: PreTrainedModel) -> PreTrainedModel:
     current = model.config._attn_implementation
     if current.startswith(CAPTURE_PREFIX):
         return model
+    routing.install()
     if current not in BASE_IMPLEMENTATIONS:
         raise ValueError(
             f"score capture wraps the sdpa or eager attention; this model uses attn_implementation={current!r}. "

@@ -87,11 +87,8 @@ def policy_layer(policy, kv_heads: int = 2, head_dim: int = 1):
 
 
 def store_tokens(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """`layer.update` outside a model: nothing attends, so take back the layer's announcement."""
-    from hf_kvcache import scoring
-
+    """`layer.update` outside a model (nothing attends)."""
     layer.update(keys, values)
-    scoring._take_pending()
 
 
 def observe(layer, scores: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> None:

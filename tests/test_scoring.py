@@ -11,6 +11,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from hf_kvcache import HeavyHitterCache, SnapKVCache, TOVACache, disable_score_capture, enable_score_capture, scoring
+from hf_kvcache.attention import routing
+from hf_kvcache.attention.probabilities import allowed_keys
 from hf_kvcache.caches.evicting import EvictionCache, PolicyLayer
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.policies import EvictionPolicy
@@ -72,7 +74,7 @@ def test_attention_probabilities_are_the_models_eager_weights(arch, boolean):
     assert (sinks is not None) == (arch == "gpt-oss-sinks") and (softcap is not None) == (arch == "gemma2-softcap")
     eager = sys.modules[type(module).__module__].eager_attention_forward
     _, weights = eager(module, query, key, value, additive, scaling=module.scaling, dropout=0.0, softcap=softcap)
-    given = scoring._allowed(allowed if boolean else additive, slice(0, 9), 9, 9, "cpu")
+    given = allowed_keys(allowed if boolean else additive, slice(0, 9), 9, 9, "cpu")
     logits = scoring.grouped_logits(query, key, slice(0, 9), module.scaling)
     probabilities = scoring.attention_probabilities(logits, given, softcap, sinks, real_queries=real)
     by_query = probabilities.flatten(1, 2).permute(0, 2, 1, 3)  # [batch, rows, q_heads, kv]
@@ -80,10 +82,13 @@ def test_attention_probabilities_are_the_models_eager_weights(arch, boolean):
     assert by_query[~real].abs().sum() == 0
 
 
-def test_interfaces_registered_together():
+def test_interfaces_registered_together_once():
+    routing.install()
+    entries = dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
     for base in ("sdpa", "eager"):
-        assert CAPTURE_PREFIX + base in AttentionInterface._global_mapping
-        assert CAPTURE_PREFIX + base in AttentionMaskInterface._global_mapping
+        assert CAPTURE_PREFIX + base in entries[0] and CAPTURE_PREFIX + base in entries[1]
+    routing.install()  # idempotent: no second wrapper around the first
+    assert (dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)) == entries
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

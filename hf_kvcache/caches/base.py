@@ -20,9 +20,8 @@ try:  # transformers >= 5.22: a layer that reads another layer's KV (Gemma 4) st
 except ImportError:  # older versions drop such layers from the layer list instead
     DummyLayer = None
 
-from hf_kvcache import scoring
-from hf_kvcache.caches import code_reading
-from hf_kvcache.caches.masking import announce, install_mask_corrections
+from hf_kvcache.attention import routing
+from hf_kvcache.caches.masking import corrected_mask
 from hf_kvcache.caches.storage import (
     FullPrecisionStore,
     KVStore,
@@ -456,7 +455,8 @@ class KVCache(Cache):
         self.storage = storage
         self._padding_mask: torch.Tensor | None = None
         self._checked_config: PreTrainedConfig | None = config
-        install_mask_corrections()
+        self.forward_context = routing.ForwardContext()
+        routing.install()
         super().__init__(layers=[self.layer_for(layer) for layer in self.geometry.layers])
 
     def layer_for(self, layer: LayerGeometry) -> CacheLayerMixin:
@@ -483,9 +483,12 @@ class KVCache(Cache):
                 f"{type(self).__name__} was built from a config with {len(self.layers)} layers, but the model updates "
                 f"layer {layer_idx}. Build the cache from the config of the model it is used with (`model.config`)."
             )
+        routing.drop_mask_request()  # the forward's masks are built: none of its requests outlives them
         if isinstance(self.layers[layer_idx], KVLayer):
             self.layers[layer_idx].incoming_mask = self._padding_mask
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.forward_context.hand_over(keys)  # raises when the previous layer's route was never taken
+        return keys, values
 
     def record_padding(self, attention_mask: torch.Tensor | None) -> None:
         """Called with each forward's 2D padding mask [batch, seen + new] (None: no padding) before any layer
@@ -498,14 +501,30 @@ class KVCache(Cache):
         KVLayer.update(self.layers[layer_idx], key_states, value_states)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        # transformers builds every mask of a forward before its first layer runs: nothing of this thread's
-        # earlier forwards may still wait for an attention call (see `forward_begins`)
-        scoring.forward_begins()
-        code_reading.forward_begins()
+        # transformers builds every mask of a forward before its first layer runs: nothing of an earlier
+        # forward (one interrupted between a layer's update and its attention) may count any more
         kv_length, kv_offset = super().get_mask_sizes(query_length, layer_idx)
         if layer_idx < len(self.layers):
-            announce(self.mask_layer(layer_idx), kv_offset, self)
+            layer = self.mask_layer(layer_idx)
+            self.forward_context.begin(layer.get_seq_length())
+            routing.request_mask(routing.MaskRequest(self, layer, kv_offset))
         return kv_length, kv_offset
+
+    def prepare_mask(
+        self,
+        request: routing.MaskRequest,
+        implementation: str,
+        attention_mask: torch.Tensor | None,
+        kv_offset: int,
+        config: PreTrainedConfig | None,
+    ) -> tuple[torch.Tensor | None, dict]:
+        """Called by the mask function `implementation` that follows `get_mask_sizes`: records the attention
+        implementation the model's config names, and returns the padding mask to build from and the mask
+        function's extra keyword arguments (`masking.corrected_mask`)."""
+        self.forward_context.implementation = getattr(config, "_attn_implementation", None)
+        if kv_offset != request.kv_offset:
+            return attention_mask, {}
+        return corrected_mask(self, request.layer, implementation, attention_mask, kv_offset, config)
 
     def mask_layer(self, layer_idx: int) -> CacheLayerMixin:
         """The layer whose mask sizes transformers reads for `layer_idx`: that layer, or for a recurrent layer

@@ -15,19 +15,18 @@ in float32), with GQA, the layer's `scaling`, `softcap` and learned sink logits.
 
 How the path is switched on (no user flag): a `QuantizedCache(..., attention="codes"|"auto")` layer's
 `update`, for a short query (at most `MAX_QUERY_LENGTH` tokens), appends the new tokens and returns
-*placeholder* tensors of the usual shapes (zero-stride, no memory) carrying a snapshot of what the
-dequantize path would have returned. `sdpa` in transformers' `AttentionInterface` is wrapped once
-(`install`): a call whose key is such a placeholder computes attention from the codes; any other call
-runs the original function unchanged. A layer only returns placeholders when this is certain to reach
-the wrapper:
+*placeholder* tensors of the usual shapes (zero-stride, no memory), the keys carrying a `CodeRoute` to a
+snapshot of what the dequantize path would have returned. The routed `sdpa` entry (`hf_kvcache.attention.routing`)
+serves it by computing attention from the codes; any other call runs the original function unchanged. A layer
+only returns placeholders when this is certain to reach that entry:
 
-- the mask functions (also wrapped, see `caches/masking.py` for the idiom) record which attention
-  implementation the model's config names for this forward: only `sdpa` goes through the interface
-  (models call their own `eager_attention_forward` directly for `eager`; score capture calls the sdpa
-  function directly), so for anything else the layer returns real tensors;
-- a layer first returns real tensors (the prefill) and checks that exactly those tensors reach the
-  wrapper (`confirm`): a model that transforms keys after the cache update (latent attention), or whose
-  attention bypasses the interface (Falcon), never reads codes.
+- the mask function records in the cache's `ForwardContext` which attention implementation the model's config
+  names for this forward: only `sdpa` goes through the interface (models call their own
+  `eager_attention_forward` directly for `eager`; score capture calls the sdpa function directly), so for
+  anything else the layer returns real tensors;
+- a layer first returns real keys carrying a `ProbeRoute` (the prefill): only if exactly they reach the entry
+  is the layer's model known to pass them unchanged. A model that transforms keys after the cache update
+  (latent attention), or whose attention bypasses the interface (Falcon), never reads codes.
 
 Packed codes are unpacked per bit plane (`(word >> shift) & mask`, channels `i * P + j`), vectorized.
 `torch.compile` (inductor, CPU or GPU) fuses the unpacking into the two reductions (logits and values)
@@ -38,7 +37,6 @@ to float32 rounding, matrix products instead of fused reductions) is used from t
 Source: KIVI, Liu et al. 2024, https://arxiv.org/abs/2402.02750.
 """
 
-import threading
 import types
 import warnings
 import weakref
@@ -46,29 +44,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
-from hf_kvcache.caches.masking import install_mask_corrections
+from hf_kvcache.attention import routing
+from hf_kvcache.attention.probabilities import allowed_keys, attention_probabilities
 from hf_kvcache.caches.storage import QuantizedStore
-from hf_kvcache.scoring import _allowed, attention_probabilities
 
 MAX_QUERY_LENGTH = 8  # queries up to this length (decode, small speculative chunks) read codes
-
-_local = threading.local()
 
 
 class CodeAttentionError(RuntimeError):
     """A placeholder returned by a code-reading cache layer reached something other than the attention."""
-
-
-@dataclass
-class ForwardRecord:
-    """What the mask function saw for the forward a cache is in: the attention implementation the
-    model's config names and the tokens the cache had seen then."""
-
-    implementation: str | None = None
-    seen: int = -1
 
 
 @dataclass
@@ -86,7 +71,6 @@ class CodeView:
     new_values: torch.Tensor
     learned_sinks: bool
     compiled: bool = True
-    consumed: bool = False
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision keys and values, exactly as `KVLayer.update` returns them."""
@@ -266,7 +250,7 @@ def code_attention(
     allowed = (
         None
         if attention_mask is None and length == 1
-        else _allowed(attention_mask, slice(0, length), length, kv, query.device)
+        else allowed_keys(attention_mask, slice(0, length), length, kv, query.device)
     )
     probabilities = attention_probabilities(logits.view(batch, heads, group, length, kv), allowed, softcap, sinks)
     probabilities = probabilities.view(batch, heads, group * length, kv)
@@ -289,57 +273,17 @@ def code_attention(
     return output.transpose(1, 2).contiguous().to(query.dtype)
 
 
-# --- hand-over between the cache update and the attention call --------------------------------------------
-def placeholders(view: CodeView) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-stride tensors shaped like the keys and values the dequantize path returns, carrying `view`.
+# --- routes from the cache update to the attention call --------------------------------------------------
+class CodeRoute(routing.Route):
+    """Placeholders a code-reading layer returned: the routed `sdpa` attends the codes of `view` instead."""
 
-    Raises:
-        CodeAttentionError: the previous layer's placeholders never reached the code-reading attention (its
-            output would have been computed from placeholders): the model's attention bypassed the wrapper.
-    """
-    previous = getattr(_local, "view", None)
-    _local.view = view
-    if previous is not None and not previous.consumed:
-        raise CodeAttentionError(
-            "a QuantizedCache layer returned placeholders for a code-reading attention, but the model's "
-            "attention never read them. Build the cache with attention='dequantize' for this model."
-        )
-    kv = view.head_keys.shape[2] + len(view.store) + view.new_keys.shape[2]
-    shapes = [(*tensor.shape[:2], kv, tensor.shape[3]) for tensor in (view.new_keys, view.new_values)]
-    keys, values = (view.new_keys.new_zeros(()).expand(shape) for shape in shapes)
-    keys.code_view = view
-    return keys, values
+    entry = routing.SDPA
 
+    def __init__(self, view: CodeView):
+        self.view = view
 
-def forward_begins() -> None:
-    """Called when a cache's forward builds its masks (before any layer updates): what a forward of this thread
-    that stopped between a layer's update and its attention (an exception, Ctrl-C) left behind (placeholders
-    never read, a probe never confirmed) is dropped, so that it cannot fail a later forward of any cache."""
-    _local.view = _local.probe = None
-
-
-def announce_real(layer: object, keys: torch.Tensor) -> None:
-    """Called by a layer that returned real `keys`: if exactly they reach the wrapper, the layer's model
-    routes attention through it (`layer.attention_confirmed` becomes True)."""
-    _local.probe = (weakref.ref(layer), weakref.ref(keys))
-
-
-def _confirm(key: torch.Tensor) -> None:
-    probe = getattr(_local, "probe", None)
-    _local.probe = None
-    if probe is not None and probe[1]() is key and (layer := probe[0]()) is not None:
-        layer.attention_confirmed = True
-
-
-def _code_reading(original: Callable) -> Callable:
-    def sdpa_reading_codes(module, query, key, value, attention_mask, **kwargs):
-        view = getattr(key, "code_view", None)
-        if view is None:
-            _confirm(key)
-            return original(module, query, key, value, attention_mask, **kwargs)
-        view.consumed = True
-        if getattr(_local, "view", None) is view:  # hold no snapshot beyond its attention call
-            _local.view = None
+    def attend(self, attention: Callable, module, query, key, value, attention_mask, **kwargs):
+        view, self.view = self.view, None  # hold no snapshot beyond its attention call
         readable = (
             view.store.whole_blocks() is not None
             and not kwargs.get("dropout")
@@ -347,62 +291,39 @@ def _code_reading(original: Callable) -> Callable:
             and (kwargs.get("is_causal", True) or query.shape[2] == 1)
         )
         if not readable:  # what code attention does not implement: attend the materialized cache
-            return original(module, query, *view.materialize(), attention_mask, **kwargs)
+            return attention(module, query, *view.materialize(), attention_mask, **kwargs)
         sinks = module.sinks if view.learned_sinks else None
         output = code_attention(
             query, view, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"), sinks, compiled=view.compiled
         )
         return output, None
 
-    sdpa_reading_codes.reads_codes = True
-    return sdpa_reading_codes
+    def unread_error(self) -> Exception:
+        return CodeAttentionError(
+            "a QuantizedCache layer returned placeholders for a code-reading attention, but the model's "
+            "attention never read them. Build the cache with attention='dequantize' for this model."
+        )
 
 
-_mask_request = threading.local()
-WRAPPED_MASKS = ("sdpa", "eager")
+class ProbeRoute(routing.Route):
+    """Real keys a code-reading layer returned before it knew its model: if exactly they reach the routed
+    `sdpa`, the model passes the cache's tensors to attention unchanged (`layer.attention_confirmed`)."""
+
+    entry = routing.SDPA
+
+    def __init__(self, layer: object):
+        self.layer = weakref.ref(layer)
+
+    def attend(self, attention: Callable, module, query, key, value, attention_mask, **kwargs):
+        if (layer := self.layer()) is not None:
+            layer.attention_confirmed = True
+        return attention(module, query, key, value, attention_mask, **kwargs)
 
 
-def expect_mask(record: ForwardRecord, seen: int) -> None:
-    """Called by a cache's `get_mask_sizes`: the next mask function call records the implementation."""
-    record.implementation, record.seen = None, seen
-    _mask_request.record = record
-
-
-def _recording(mask_function: Callable) -> Callable:
-    def mask_recording_implementation(*args, **kwargs):
-        record = getattr(_mask_request, "record", None)
-        _mask_request.record = None
-        if record is not None:
-            record.implementation = getattr(kwargs.get("config"), "_attn_implementation", None)
-        return mask_function(*args, **kwargs)
-
-    mask_recording_implementation.wrapped = mask_function  # `install_mask_corrections` sees it is wrapped
-    mask_recording_implementation.records_implementation = True
-    return mask_recording_implementation
-
-
-def install() -> None:
-    """Wrap `sdpa` in transformers' AttentionInterface and the sdpa/eager mask functions (idempotent).
-
-    The mask corrections of `caches/masking.py` are installed first, so they stay in the chain."""
-    install_mask_corrections()
-    current = AttentionInterface._global_mapping["sdpa"]
-    if not getattr(current, "reads_codes", False):
-        AttentionInterface.register("sdpa", _code_reading(current))
-    for name in WRAPPED_MASKS:
-        mask_function = AttentionMaskInterface._global_mapping[name]
-        if not _in_chain(mask_function):
-            AttentionMaskInterface.register(name, _recording(mask_function))
-
-
-def _in_chain(function: Callable) -> bool:
-    while function is not None:
-        if getattr(function, "records_implementation", False):
-            return True
-        function = getattr(function, "wrapped", None)
-    return False
-
-
-def installed() -> bool:
-    """Whether transformers' `sdpa` entry is still the code-reading wrapper."""
-    return getattr(AttentionInterface._global_mapping.get("sdpa"), "reads_codes", False)
+def placeholders(view: CodeView) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-stride tensors shaped like the keys and values the dequantize path returns, the keys carrying a
+    `CodeRoute` to `view`."""
+    kv = view.head_keys.shape[2] + len(view.store) + view.new_keys.shape[2]
+    shapes = [(*tensor.shape[:2], kv, tensor.shape[3]) for tensor in (view.new_keys, view.new_values)]
+    keys, values = (view.new_keys.new_zeros(()).expand(shape) for shape in shapes)
+    return routing.tag(keys, CodeRoute(view)), values

@@ -2,10 +2,10 @@
 
 One eviction hook: a policy layer evicts after its forward's attention ran, when the capturing attention
 function (`hf_kvcache.scoring`, switched on by `enable_score_capture(model)`) hands it the attention
-call. The layer announces itself in `update`; the attention function first asks it for the mask
-(`attention_mask`: the padding of kept tokens, which transformers cannot know once tokens were evicted
-out of order), runs the model's own attention, then calls `observe`, which builds the policy's `Step`
-and keeps what the policy selects. Every policy goes through this hook, whether it reads attention
+call. The layer returns its keys tagged with a score route (`scoring.ScoreRoute`); the attention function
+first asks it for the mask (`attention_mask`: the padding of kept tokens, which transformers cannot know once
+tokens were evicted out of order), runs the model's own attention, then calls `observe`, which builds the
+policy's `Step` and keeps what the policy selects. Every policy goes through this hook, whether it reads attention
 (H2O, SnapKV) or only keys (Knorm), so padding is handled once, for all of them.
 
 Left-padded batches: each row keeps its own tokens; padding is never kept in place of a real token
@@ -14,11 +14,12 @@ Left-padded batches: each row keeps its own tokens; padding is never kept in pla
 
 import torch
 
+from hf_kvcache.attention.routing import tag
 from hf_kvcache.caches.base import KVLayer, Storage
 from hf_kvcache.caches.storage import TensorMap
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.policies.base import RECONSTRUCTION_SCORES, EvictionPolicy, Needs, Step, selected_indices
-from hf_kvcache.scoring import AttentionCall, announce_update, padding_of_new_tokens, with_stored_padding
+from hf_kvcache.scoring import AttentionCall, ScoreRoute, padding_of_new_tokens, with_stored_padding
 
 
 def refuse_rollback(layer: object) -> None:
@@ -60,8 +61,7 @@ class PolicyLayer(KVLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         self.query_length = key_states.shape[-2]
-        announce_update(self)
-        return keys, values
+        return tag(keys, ScoreRoute(self)), values
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super()._append(key_states, value_states)

@@ -6,6 +6,7 @@ import os
 import torch
 from transformers import PreTrainedConfig
 
+from hf_kvcache.attention import routing
 from hf_kvcache.caches import code_reading
 from hf_kvcache.caches.base import KVCache, KVLayer, Storage
 from hf_kvcache.geometry import LayerGeometry, model_geometry
@@ -30,11 +31,11 @@ class CodeReadingLayer(KVLayer):
         geometry: LayerGeometry,
         storage: Storage,
         head_tokens: int,
-        forward: code_reading.ForwardRecord,
+        forward_context: routing.ForwardContext,
         compiled: bool,
     ):
         super().__init__(geometry, storage, head_tokens)
-        self.forward, self.compiled = forward, compiled
+        self.forward_context, self.compiled = forward_context, compiled
         self.attention_confirmed = False
 
     def reads_codes(self, key_states: torch.Tensor) -> bool:
@@ -43,9 +44,9 @@ class CodeReadingLayer(KVLayer):
         return (
             self.attention_confirmed
             and key_states.shape[-2] <= code_reading.MAX_QUERY_LENGTH
-            and self.forward.implementation == "sdpa"
-            and self.forward.seen == self.seen_tokens
-            and code_reading.installed()
+            and self.forward_context.implementation == "sdpa"
+            and self.forward_context.seen == self.seen_tokens
+            and routing.installed()
         )
 
     def update(
@@ -54,7 +55,7 @@ class CodeReadingLayer(KVLayer):
         if not self.reads_codes(key_states):
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             if not self.attention_confirmed:
-                code_reading.announce_real(self, keys)
+                keys = routing.tag(keys, code_reading.ProbeRoute(self))
             return keys, values
         head_keys, head_values = self.head_states(self.seen_tokens - self.attended_tokens)
         view = code_reading.CodeView(
@@ -143,7 +144,6 @@ class QuantizedCache(KVCache):
         self.sink_tokens = sink_tokens
         self.attention = attention
         self.compile_attention = compile_attention
-        self.forward_record = code_reading.ForwardRecord()
         settings = dict(group_size=group_size, key_group_size=key_group_size, residual_length=residual_length)
         settings.update(sink_tokens=sink_tokens, rotate=rotate, key_outliers=key_outliers, codebook=codebook)
         self.profile = profile_for_cache(profile, len(model_geometry(config).layers), key_bits, settings)
@@ -158,8 +158,6 @@ class QuantizedCache(KVCache):
             codebook=codebook,
         )
         super().__init__(config, storage)
-        if any(isinstance(layer, CodeReadingLayer) for layer in self.layers):
-            code_reading.install()
 
     def layer_storage(self, layer: LayerGeometry, storage: Storage) -> Storage:
         """`storage` (resolved for `layer`) at the profile's widths for this layer, when there is a profile."""
@@ -180,12 +178,7 @@ class QuantizedCache(KVCache):
         )
         if self.attention == "dequantize" or not reads_codes:
             return KVLayer(layer, storage, head_tokens=self.sink_tokens)
-        return CodeReadingLayer(layer, storage, self.sink_tokens, self.forward_record, self.compile_attention)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        sizes = super().get_mask_sizes(query_length, layer_idx)
-        code_reading.expect_mask(self.forward_record, self.mask_layer(layer_idx).get_seq_length())
-        return sizes
+        return CodeReadingLayer(layer, storage, self.sink_tokens, self.forward_context, self.compile_attention)
 
 
 register_cache("quantized", QuantizedCache, "KIVI-style quantized keys (per channel) and values (per token)")

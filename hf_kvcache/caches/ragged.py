@@ -18,10 +18,11 @@ import copy
 
 import torch
 
+from hf_kvcache.attention.routing import tag
 from hf_kvcache.caches.policy_layer import PolicyLayer
 from hf_kvcache.caches.storage import KVStore, TensorMap
 from hf_kvcache.policies.base import Step, selected_mask
-from hf_kvcache.scoring import AttentionCall, announce_update, padding_of_new_tokens, with_stored_padding
+from hf_kvcache.scoring import AttentionCall, ScoreRoute, padding_of_new_tokens, with_stored_padding
 
 
 class RaggedPolicyLayer(PolicyLayer):
@@ -102,8 +103,8 @@ class RaggedPolicyLayer(PolicyLayer):
             self.row_real[row] = torch.cat([self.row_real[row], self.row_real[row].new_ones(heads * count)])
         self.query_length = count
         self.call_states = torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-        announce_update(self)
-        return self.call_states
+        keys, values = self.call_states
+        return tag(keys, ScoreRoute(self)), values
 
     def _layout(self, per_token: list[torch.Tensor], fill: object) -> torch.Tensor:
         """A per-token record laid out on the current slots [batch, heads, slots] (`fill` where empty)."""

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_kvcache.attention.probabilities import allowed_keys, attention_probabilities, grouped_logits
 from hf_kvcache.policies.base import CompressOncePolicy, Step, keep_top, register_policy
-from hf_kvcache.scoring import QUERY_CHUNK, AttentionCall, _allowed, attention_probabilities, grouped_logits
+from hf_kvcache.scoring import QUERY_CHUNK, AttentionCall
 from hf_kvcache.validation import check_int
 
 DEFAULT_PROMPT = "\n\nRepeat the previous context exactly."
@@ -115,7 +116,7 @@ def max_attention(call: AttentionCall, context: int, heads: int) -> torch.Tensor
     best = query.new_zeros((batch, kv_heads, q_heads // kv_heads, context), dtype=torch.float32)
     for start in range(0, q_length, QUERY_CHUNK):
         rows = slice(start, min(start + QUERY_CHUNK, q_length))
-        allowed = _allowed(call.attention_mask, rows, q_length, kv_length, query.device)
+        allowed = allowed_keys(call.attention_mask, rows, q_length, kv_length, query.device)
         real = None if call.real_queries is None else call.real_queries[:, rows]
         logits = grouped_logits(query, key, rows, call.scaling)
         probabilities = attention_probabilities(logits, allowed, call.softcap, call.sinks, real)

@@ -17,6 +17,7 @@ from helpers import left_padded_batch, random_ids
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_kvcache import QuantizedCache
+from hf_kvcache.attention import routing
 from hf_kvcache.caches import code_reading
 from hf_kvcache.caches.quantized import CodeReadingLayer
 from hf_kvcache.quant import pack_codes
@@ -214,10 +215,11 @@ def test_unread_placeholders_raise():
         False,
     )
     keys, _ = code_reading.placeholders(view)
-    assert keys.shape[2] == len(layer.head) + len(layer.body) + 1 and keys.code_view is view
+    assert keys.shape[2] == len(layer.head) + len(layer.body) + 1 and routing.route_of(keys).view is view
+    context = routing.ForwardContext()
+    context.hand_over(keys)
     with pytest.raises(code_reading.CodeAttentionError, match="never read them"):
-        code_reading.placeholders(view)
-    view.consumed = True
+        context.hand_over(code_reading.placeholders(view)[0])
 
 
 def reference_attention(query, keys, values, mask, scaling, softcap, sinks):

@@ -10,8 +10,8 @@ import torch
 from conftest import make_tiny_model
 from helpers import random_ids
 
-from hf_kvcache import build_cache, enable_score_capture, scoring
-from hf_kvcache.caches import code_reading
+from hf_kvcache import build_cache, enable_score_capture
+from hf_kvcache.attention import routing
 from hf_kvcache.compat import CACHE_KWARG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,8 +93,7 @@ def test_interleaved_generations_equal_each_run_alone(models):
                 other = order[(index + 1) % len(order)]
                 fail_midway(models[other[0]], other[1])
             results[job] = generate(models[job[0]], job[1], job[2])
-        assert getattr(scoring._pending, "layer", None) is None  # nothing waits once a forward has returned
-        assert getattr(code_reading._local, "view", None) is None or code_reading._local.view.consumed
+        assert routing.pending() == (None, None)  # nothing module-level is left once a forward returned
         return results
 
     orders = [random.Random(seed).sample(jobs, len(jobs)) for seed in range(4)]
