@@ -11,6 +11,7 @@ from hf_kvcache.caches.evicting import EvictionCache, HeavyHitterCache, SnapKVCa
 from hf_kvcache.caches.quantized import QuantizedCache
 from hf_kvcache.caches.sink import SinkCache
 from hf_kvcache.caches.window import SlidingWindowCache
+from hf_kvcache.calibration.bit_profiles import calibrate_bit_profile
 from hf_kvcache.chat import ChatSession
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.prefix import (
@@ -21,7 +22,6 @@ from hf_kvcache.prefix import (
     TieredBackend,
     generate_with_prefix_cache,
 )
-from hf_kvcache.quant.calibration import calibrate_bit_profile
 from hf_kvcache.quant.profile import BitProfile
 from hf_kvcache.registry import build_cache, parse_cache_spec, register_cache
 from hf_kvcache.scoring import disable_score_capture, enable_score_capture, score_capture

@@ -4,10 +4,10 @@ import argparse
 import sys
 
 from hf_kvcache import demo
+from hf_kvcache.calibration import command as calibrate_command
 from hf_kvcache.eval import command as eval_command
 from hf_kvcache.eval import harness_command
 from hf_kvcache.prefix import command as prefix_command
-from hf_kvcache.quant import command as calibrate_command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,8 @@ module's own `__getattr__` (PEP 562: where a deprecated name is still found afte
 import ast
 from pathlib import Path
 
+import pytest
+
 import hf_kvcache
 
 PACKAGE = Path(hf_kvcache.__file__).parent
@@ -82,3 +84,26 @@ def test_the_import_graph_has_no_cycle():
 
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_layers_import_only_downwards():
+    """`attention` (transformers' attention and masks) imports nothing else of hf_kvcache; the low-bit primitives
+    and file formats of `quant` import no cache; the policy contract imports no cache."""
+    graph = import_graph()
+    for name, targets in graph.items():
+        if name.startswith("hf_kvcache.attention"):
+            assert all(target.startswith("hf_kvcache.attention") for target in targets), (name, targets)
+        if name.startswith("hf_kvcache.quant"):
+            assert not any(target.startswith(("hf_kvcache.caches", "hf_kvcache.calibration")) for target in targets), (
+                name,
+                targets,
+            )
+    assert not any(target.startswith("hf_kvcache.caches") for target in graph["hf_kvcache.policies.base"])
+
+
+def test_a_moved_calibration_name_is_still_found_with_a_deprecation_warning():
+    from hf_kvcache.calibration import bit_profiles
+    from hf_kvcache.quant import calibration
+
+    with pytest.warns(DeprecationWarning, match="hf_kvcache.calibration.bit_profiles"):
+        assert calibration.calibrate_bit_profile is bit_profiles.calibrate_bit_profile

@@ -1,7 +1,7 @@
 """Per-layer key and value code widths (a bit profile), and the exact choice of widths under a bit budget.
 
 A `BitProfile` gives every model layer its own key width and value width (2, 3, 4 or 8 bits), as chosen by
-`hf_kvcache.quant.calibration.calibrate_bit_profile` from measured per-layer sensitivities, or written by
+`hf_kvcache.calibration.bit_profiles.calibrate_bit_profile` from measured per-layer sensitivities, or written by
 hand. `QuantizedCache(config, profile=...)` holds each layer at its widths. `choose_bits` is the choice
 itself: the widths minimizing the summed sensitivity under a mean-bits budget, exactly (a multiple-choice
 knapsack solved by dynamic programming over the integer total of bits).
@@ -178,7 +178,7 @@ class BitProfile:
         model: the model it was calibrated for (hub id, folder or model type); informative.
         choices: the widths whose sensitivities were measured (empty for a hand-written profile).
         metric: what the sensitivities measure: "kl" or "nll" (see `SENSITIVITY_UNIT` and
-            `hf_kvcache.quant.calibration`).
+            `hf_kvcache.calibration.bit_profiles`).
         key_sensitivity, value_sensitivity: [layer][index into choices] `metric` in nats per token, or None
             for a hand-written profile.
         cache_settings: the `QuantizedCache` settings the sensitivities were measured with (group_size,

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 from hf_kvcache import QuantizedCache
 from hf_kvcache.caches.storage import FullPrecisionStore
-from hf_kvcache.quant.calibration import (
+from hf_kvcache.calibration.bit_profiles import (
     NOT_SETTINGS,
     OneLayerQuantizedCache,
     calibrate_bit_profile,

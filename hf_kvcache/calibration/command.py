@@ -84,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="the sensitivity the widths are chosen by (default: kl): kl, the mean KL divergence of the next-token "
         "distribution from the full-precision one; nll, the mean NLL increase on the text (noisier: for one "
-        "layer it is mostly a first-order, text-dependent term; see hf_kvcache.quant.calibration)",
+        "layer it is mostly a first-order, text-dependent term; see hf_kvcache.calibration.bit_profiles)",
     )
     parser.add_argument(
         "--cache-settings",
@@ -123,7 +123,7 @@ def writable_file(path: str) -> Path:
 
 def parse_settings(text: str | None) -> dict[str, object]:
     """`KEY=VALUE,...` as QuantizedCache settings, typed as in a cache spec (`quantized:KEY=VALUE,...`)."""
-    from hf_kvcache.quant.calibration import calibration_settings
+    from hf_kvcache.calibration.bit_profiles import calibration_settings
     from hf_kvcache.registry import parse_cache_spec
 
     if not text:
@@ -183,9 +183,9 @@ def calibrate(args: argparse.Namespace, choices: tuple[int, ...], settings: dict
     """Load the model and the text, then run `calibrate_bit_profile` with a progress bar over its passes."""
     from tqdm.auto import tqdm
 
+    from hf_kvcache.calibration.bit_profiles import calibrate_bit_profile, calibration_passes
     from hf_kvcache.eval.data import load_text, tokenize_text
     from hf_kvcache.models import load_model, model_folder_or_name
-    from hf_kvcache.quant.calibration import calibrate_bit_profile, calibration_passes
 
     model, tokenizer = load_model(model_folder_or_name(args.model), dtype=args.dtype, device=args.device)
     text = load_text(args.dataset)

@@ -1,0 +1,8 @@
+"""Calibration: measurements on a model and a text that later runs reuse, saved as files keyed to the model.
+
+- `bit_profiles`: per-layer key and value widths for `QuantizedCache` (`calibrate_bit_profile`, saved as a
+  `quant.profile.BitProfile`); `hf-kvcache calibrate` on the command line (`command`).
+
+This package sits above the caches (it runs models through them); the formats it writes (`quant.profile`)
+sit below them, so that a cache can read a file without importing what made it.
+"""
