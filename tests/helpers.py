@@ -1,11 +1,14 @@
 """Reference runs shared by the cache tests: the same inputs through DynamicCache and a candidate."""
 
+import time
+
 import torch
 from conftest import make_tiny_model
 from transformers import DynamicCache
 
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.geometry import LayerGeometry
+from hf_kvcache.prefix import BackendError, MemoryBackend
 
 
 @torch.no_grad()
@@ -97,3 +100,21 @@ def observe(layer, scores: torch.Tensor | None = None, queries: torch.Tensor | N
     from types import SimpleNamespace
 
     layer.observe(SimpleNamespace(scores=lambda count: scores, query=queries, scaling=None))
+
+
+class Switchable(MemoryBackend):
+    """A memory level whose calls fail while `down` is set, and which can be slowed down."""
+
+    down = False
+    delay = 0.0
+
+    def get_prefix(self, keys, parent=None):
+        if self.down:
+            raise BackendError("level down")
+        time.sleep(self.delay)
+        return super().get_prefix(keys, parent)
+
+    def put(self, key, value, parent=None):
+        if self.down:
+            raise BackendError("level down")
+        return super().put(key, value, parent)

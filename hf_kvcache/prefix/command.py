@@ -17,11 +17,13 @@ Inspect or clear a prefix store: the blocks of prompt KV that PrefixCache keeps 
 many blocks and bytes it holds, per configuration (model + cache + block format fingerprint), format
 and block size, and blocks it cannot read; for Redis also the server's memory, eviction policy and
 hit/miss counters. Hit rates and fetch latencies of a running program (per tier for a TieredBackend)
-come from PrefixCache.stats() in that program.
+come from PrefixCache.stats() in that program, or from a Prometheus endpoint it serves
+(hf_kvcache.prefix.metrics.register_metrics).
 
 examples:
   hf-kvcache prefix stats --disk ~/.cache/prompt-kv
   hf-kvcache prefix stats --redis redis://127.0.0.1:6379/0 --json store.json
+  hf-kvcache prefix stats --disk ~/.cache/prompt-kv --prometheus /var/lib/node_exporter/prompt_kv.prom
   hf-kvcache prefix stats --redis redis://10.0.0.5:7000/0 --cluster
   hf-kvcache prefix clear --disk ~/.cache/prompt-kv --yes
 """
@@ -47,6 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the RedisBackend prefix of the store's keys (default: hf_kvcache:prefix:)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON to FILE (- for stdout)")
+    parser.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="also write blocks and bytes per configuration as Prometheus gauges to FILE (- for stdout), e.g. for "
+        "node_exporter's textfile collector (needs prometheus-client: pip install 'hf_kvcache[metrics]')",
+    )
     parser.add_argument("--yes", action="store_true", help="confirm `clear` (it deletes every block of the store)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(run=run)
@@ -185,10 +193,17 @@ def run(args: argparse.Namespace) -> None:
         deleted = backend.clear()
         print(f"deleted {deleted} blocks ({summary['bytes']:,} bytes) from {summary['store']}")
         return
-    if args.json == "-":
-        print(json.dumps(summary, indent=2))
-        return
-    print(table(summary))
+    outputs = {}
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        outputs[args.json] = json.dumps(summary, indent=2) + "\n"
+    if args.prometheus:
+        from hf_kvcache.prefix.metrics import contents_text
+
+        outputs[args.prometheus] = contents_text(summary)
+    if "-" in outputs:
+        print(outputs.pop("-"), end="")
+    else:
+        print(table(summary))
+    for path, text in outputs.items():
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path}")

@@ -24,7 +24,7 @@ class LevelStats:
     def __init__(self, backend: Backend):
         self.backend = backend
         self.fetches = self.hits = self.misses = self.bytes_read = 0
-        self.writes = self.bytes_written = self.promotions = self.errors = 0
+        self.writes = self.bytes_written = self.promotions = self.errors = self.outages = 0
         self._latency_total = 0.0
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._failing: set[str] = set()  # kinds of operation failing now ("read", "write", ...)
@@ -68,6 +68,7 @@ class LevelStats:
         with self._lock:
             first = not self._failing
             self._failing.add(operation)
+            self.outages += int(first)
         return first
 
     def came_back(self, operation: str = "access") -> bool:
@@ -85,7 +86,8 @@ class LevelStats:
             return bool(self._failing)
 
     def summary(self, include_backend: bool = True) -> dict[str, int | float | str | None]:
-        """Counters, the hit rate, fetch latency in milliseconds (mean, p50, p95, p99; None before the first
+        """Counters (`outages`: times some operation started failing), whether it is `down` now, the hit rate,
+        fetch latency in milliseconds (mean, p50, p95, p99; None before the first
         fetch), and with `include_backend` the backend's bytes held and evictions (a Redis backend scans its
         namespace for them)."""
         with self._lock:
@@ -101,6 +103,8 @@ class LevelStats:
                 "bytes_written": self.bytes_written,
                 "promotions": self.promotions,
                 "errors": self.errors,
+                "outages": self.outages,
+                "down": bool(self._failing),
                 "fetch_ms_mean": 1e3 * self._latency_total / self.fetches if self.fetches else None,
             }
         for name, quantile in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):

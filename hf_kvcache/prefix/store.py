@@ -38,7 +38,21 @@ logger = logging.getLogger(__name__)
 COMPRESSED_KIND = "compressed cache"  # the format of entries holding a compressed context's held tensors
 SECRET_VARIABLE = "HF_KVCACHE_STORE_SECRET"  # the environment variable a store's secret is read from
 
-_COUNTERS = ("lookups", "hits", "misses", "tokens_reused", "blocks_saved", "bytes_stored", "errors", "unauthenticated")
+# Why a block looked up was not served: not stored, an entry that must not be served (corrupt, unauthenticated,
+# not this model's), or the backend failing. A lookup's misses after the first missing block count under its cause.
+MISS_CAUSES = ("absent", "unusable", "unavailable")
+_COUNTERS = (
+    "lookups",
+    "recomputed",
+    "hits",
+    "misses",
+    *(f"misses_{cause}" for cause in MISS_CAUSES),
+    "tokens_reused",
+    "blocks_saved",
+    "bytes_stored",
+    "errors",
+    "unauthenticated",
+)
 
 
 def store_secret(secret: str | bytes | None) -> bytes | None:
@@ -109,8 +123,10 @@ class PrefixCache:
     that geometry allows; a compressed context must fit the cache and the context it is restored for.
     Anything else is a miss, and the entry is deleted.
 
-    Counters (see `stats()`): `lookups` prompts looked up; `hits` and `misses` blocks of those prompts
-    found or not (of the whole blocks a lookup could use); `tokens_reused`; `blocks_saved` and
+    Counters (see `stats()`): `lookups` prompts looked up, `recomputed` of those for models the store cannot
+    serve (see above); `hits` and `misses` blocks of those prompts found or not (of the whole blocks a lookup
+    could use), the misses also by cause (`misses_absent`, `misses_unusable`, `misses_unavailable`: not
+    stored, an entry that must not be served, the backend failing); `tokens_reused`; `blocks_saved` and
     `bytes_stored` written by this object; `errors` corrupt entries and backend failures (each a
     miss with a logged warning, never an exception); `unauthenticated` of those errors, entries without a
     valid MAC under the secret (warned about once per store).
@@ -198,14 +214,15 @@ class PrefixCache:
             if not complete:
                 return
 
-    def _fetch(self, keys: list[str], fingerprint: str, shape: BlockShape) -> list[BlockKV]:
-        """Decoded blocks for the longest run of valid entries at the start of `keys`."""
+    def _fetch(self, keys: list[str], fingerprint: str, shape: BlockShape) -> tuple[list[BlockKV], str]:
+        """Decoded blocks for the longest run of valid entries at the start of `keys`, and the cause (one of
+        `MISS_CAUSES`) of the misses after it."""
         blocks: list[BlockKV] = []
         max_bytes = shape.max_bytes(self.block_size)
         for chunk, values in self._requests(keys, max_bytes):
             if isinstance(values, BackendError):
                 self._unavailable("recomputing", values, "read")
-                break
+                return blocks, "unavailable"
             self._available("read")
             for key, data in zip(chunk, values):
                 try:
@@ -216,11 +233,11 @@ class PrefixCache:
                     )
                 except CorruptBlock as error:
                     self._unusable(key, error)
-                    return blocks
+                    return blocks, "unusable"
                 blocks.append(block)
             if len(values) < len(chunk):
                 break
-        return blocks
+        return blocks, "absent"
 
     def _unusable(self, key: str, error: CorruptBlock) -> None:
         """Count, log and delete an entry that must not be served."""
@@ -284,19 +301,21 @@ class PrefixCache:
             raise ValueError("cache must be empty: restore() fills a fresh cache")
         tokens = prompt_tokens(input_ids)
         usable = len(tokens) if max_tokens is None else max(0, min(len(tokens), max_tokens))
-        if not self._reusable(model):
+        reusable = self._reusable(model)
+        if not reusable:
             usable = 0
         fingerprint = self.fingerprint(model, cache)
         keys = block_keys(fingerprint, tokens[:usable], self.block_size)
-        blocks = self._fetch(keys, fingerprint, block_shape(model)) if keys else []
+        blocks, cause = self._fetch(keys, fingerprint, block_shape(model)) if keys else ([], "absent")
         feed = cache.load if isinstance(cache, KVCache) else cache.update  # score caches await no scores for it
         devices = layer_devices(model) if blocks else []
         for layer in range(len(blocks[0]) if blocks else 0):
             keys_states = torch.cat([block[layer][0] for block in blocks], dim=-2)
             value_states = torch.cat([block[layer][1] for block in blocks], dim=-2)
             feed(keys_states[None].to(devices[layer]), value_states[None].to(devices[layer]), layer)
-        restored = len(blocks) * self.block_size
-        self._count(lookups=1, hits=len(blocks), misses=len(keys) - len(blocks), tokens_reused=restored)
+        restored, missed = len(blocks) * self.block_size, len(keys) - len(blocks)
+        self._count(lookups=1, recomputed=int(not reusable), hits=len(blocks), misses=missed, tokens_reused=restored)
+        self._count(**{f"misses_{cause}": missed})
         return restored
 
     def save(
@@ -423,9 +442,10 @@ class PrefixCache:
             raise ValueError("cache must be empty: restore_compressed() fills a fresh cache")
         key, fingerprint = self._compressed_key(model, tokens, cache, tokenizer)
         found = self._get([key], None, block_shape(model).max_bytes(len(tokens)))
+        cause = "absent"
         if isinstance(found, BackendError):
             self._unavailable("recomputing", found, "read")
-            found = []
+            found, cause = [], "unavailable"
         else:
             self._available("read")
         hit = False
@@ -436,9 +456,12 @@ class PrefixCache:
                 hit = True
             except CorruptBlock as error:
                 self._unusable(key, error)
+                cause = "unusable"
             except ValueError as error:  # load_held_state refused it: it does not fit this cache and context
                 self._unusable(key, CorruptBlock(str(error)))
+                cause = "unusable"
         self._count(lookups=1, hits=int(hit), misses=int(not hit), tokens_reused=len(tokens) if hit else 0)
+        self._count(**{f"misses_{cause}": int(not hit)})
         return hit
 
     @staticmethod
@@ -456,7 +479,8 @@ class PrefixCache:
         return counts
 
     def stats(self) -> dict:
-        """Counters since creation, the hit rate (hits / blocks looked up), the backend's bytes and evictions,
+        """Counters since creation, the hit rate (hits / blocks looked up), the backend's outages (times it
+        started failing) and whether it is `down` now, its bytes and evictions,
         fetch latency in milliseconds (`fetch_ms_mean`, `_p50`, `_p95`, `_p99`, per backend request), and for a
         `TieredBackend` a `tiers` list with the same figures per level, fastest first (the totals are summed
         from it, so each level is asked for its bytes once)."""
@@ -464,6 +488,7 @@ class PrefixCache:
         tiers = self.backend.tier_stats() if isinstance(self.backend, TieredBackend) else None
         backend = self.backend_stats.summary(include_backend=tiers is None)
         counts |= {name: value for name, value in backend.items() if name.startswith("fetch_ms")}
+        counts |= {"outages": backend["outages"], "down": backend["down"]}
         if tiers is None:
             counts |= {name: backend[name] for name in ("bytes_held", "evictions")}
         else:

@@ -3,12 +3,11 @@ and prefetching restores that return exactly what one request returns."""
 
 import logging
 import threading
-import time
 
 import pytest
 import torch
 from conftest import make_tiny_model
-from helpers import random_ids
+from helpers import Switchable, random_ids
 from transformers import DynamicCache
 
 from hf_kvcache.prefix import (
@@ -24,24 +23,6 @@ from hf_kvcache.prefix.keys import block_keys
 
 GREEDY = {"max_new_tokens": 5, "do_sample": False}
 KEYS = [f"{i:04x}" * 16 for i in range(12)]
-
-
-class Switchable(MemoryBackend):
-    """A memory level whose calls fail while `down` is set, and which can be slowed down."""
-
-    down = False
-    delay = 0.0
-
-    def get_prefix(self, keys, parent=None):
-        if self.down:
-            raise BackendError("level down")
-        time.sleep(self.delay)
-        return super().get_prefix(keys, parent)
-
-    def put(self, key, value, parent=None):
-        if self.down:
-            raise BackendError("level down")
-        return super().put(key, value, parent)
 
 
 @pytest.fixture(scope="module")
