@@ -32,6 +32,7 @@ examples:
   hf-kvcache eval --model gemma3-270m --cache dynamic --cache quantized:bits=4   # the second packaged model
   hf-kvcache eval --model ./my-model --dataset notes.jsonl --cache dynamic --cache hf-quantized:backend=hqq,bits=4
   hf-kvcache eval --task long-context  # 16K tokens of a book token by token, past the 8K trained context
+  hf-kvcache eval --task long-generation --max-new-tokens 1024 --cache dynamic --cache h2o:budget=128
   hf-kvcache eval --resume            # after an interruption: measure only the caches still missing
   hf-kvcache eval --num-processes 2 --cache dynamic --cache quantized:bits=4 --cache quantized:bits=2
   accelerate launch --multi_gpu --num_processes 4 -m hf_kvcache.cli eval --cache dynamic --cache sink:window=1020
@@ -60,11 +61,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--task",
-        choices=[*TASK_DEFAULTS, *TASKS, "retrieval"],
+        choices=[*TASK_DEFAULTS, LONG_GENERATION, *TASKS, "retrieval"],
         default="perplexity",
         help="perplexity (default): the text through each cache. long-context: a book token by token far past "
         "the trained context (defaults: --dataset pg19 --mode token --max-tokens 16384 --segment-tokens 2048 and "
-        "dense, sink and window caches), with per-segment perplexity and bytes held. "
+        "dense, sink and window caches), with per-segment perplexity and bytes held. long-generation: the full "
+        "cache generates --max-new-tokens tokens (default 4096) greedily after --context-tokens of a book (default "
+        "512), each cache replays them: top-1 agreement with the full model, KL, first departure, bytes, speed. "
         + ", ".join(TASKS)
         + ": accuracy on prompts of --context-tokens built offline from a bundled book (RULER-style); "
         "retrieval: all of them",
@@ -187,6 +190,11 @@ TASK_DEFAULTS: dict[str, dict] = {
 }
 
 
+LONG_GENERATION = "long-generation"
+# Budget 1/8 of the default generation: 512 tokens.
+LONG_GENERATION_CACHES = ["dynamic", "sink:sink_tokens=4,window=508", "h2o:budget=512", "tova:budget=512"]
+LONG_GENERATION_DEFAULTS = {"dataset": "pg19", "context_tokens": 512, "max_new_tokens": 4096}
+LONG_GENERATION_OPTIONS = ("--context-tokens", "--max-new-tokens", "--segment-tokens", "--dataset", "--cache")
 RETRIEVAL_CACHES = ["dynamic", "window:window=256", "snapkv:budget=256", "quantized:bits=2"]
 RETRIEVAL_DEFAULTS = {"context_tokens": 2048, "samples": 10, "cache": RETRIEVAL_CACHES}
 PERPLEXITY_OPTIONS = ("dataset", "max_tokens", "segment_tokens", "mode", "chunk_size", "decode_tokens")
@@ -195,10 +203,15 @@ TASK_OPTIONS = ("context_tokens", "samples", "max_new_tokens")
 
 def apply_task_defaults(args: argparse.Namespace) -> None:
     """Fill the options the user left out with the task's defaults."""
-    defaults = TASK_DEFAULTS.get(args.task, RETRIEVAL_DEFAULTS)
+    if args.task == LONG_GENERATION:
+        defaults = {**LONG_GENERATION_DEFAULTS, "cache": LONG_GENERATION_CACHES}
+    else:
+        defaults = TASK_DEFAULTS.get(args.task, RETRIEVAL_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.task == LONG_GENERATION and args.segment_tokens is None:
+        args.segment_tokens = max(1, args.max_new_tokens // 8) if isinstance(args.max_new_tokens, int) else 1
 
 
 def refuse(args: argparse.Namespace, message: str) -> None:
@@ -211,6 +224,19 @@ def refuse(args: argparse.Namespace, message: str) -> None:
 
 def refuse_options_of_other_modes(args: argparse.Namespace) -> None:
     """An option the chosen task never reads is refused, not ignored: the user meant something by it."""
+    if args.task == LONG_GENERATION:
+        for name in ("samples", "max_tokens", "mode", "chunk_size", "decode_tokens"):
+            if getattr(args, name, None) is not None:
+                option = "--" + name.replace("_", "-")
+                refuse(
+                    args,
+                    f"{option} does not apply to --task {LONG_GENERATION}; its options: "
+                    + ", ".join(LONG_GENERATION_OPTIONS),
+                )
+        for name, unused in (("--resume", args.resume), ("--num-processes", args.num_processes != 1)):
+            if unused:
+                refuse(args, f"{name} does not apply to --task {LONG_GENERATION} (one process, measured whole)")
+        return
     perplexity = args.task in TASK_DEFAULTS
     retrieval = "the retrieval tasks (--task " + ", ".join([*TASKS, "retrieval"]) + ")"
     foreign, owner = (TASK_OPTIONS, retrieval) if perplexity else (PERPLEXITY_OPTIONS, "--task perplexity/long-context")
@@ -324,6 +350,9 @@ def run(args: argparse.Namespace) -> None:
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()
     model = model_folder_or_name(args.model)
+    if args.task == LONG_GENERATION:
+        run_long_generation(args, model, output)
+        return
     if args.task not in TASK_DEFAULTS:
         run_tasks(args, model, output, state)
         return
@@ -460,3 +489,41 @@ class Resumable:
         if self.partial is None:
             raise RuntimeError("a result was measured before the run's identity was known")
         self.partial.save(label, result)
+
+
+def run_long_generation(args: argparse.Namespace, model: str | None, output: Path) -> None:
+    """`--task long-generation`: the reference generation, every cache's replay, the tables, results.json,
+    results.csv, segments.csv and agreement.png."""
+    import csv
+    import json
+
+    import torch
+
+    from hf_kvcache.eval.data import load_text, tokenize_text
+    from hf_kvcache.eval.long_generation import evaluate_long_generation, write_agreement_plot
+    from hf_kvcache.models import load_model, model_title
+
+    check_int("--max-new-tokens", args.max_new_tokens, minimum=1)
+    loaded, tokenizer = load_model(model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    prompt = tokenize_text(load_text(args.dataset), tokenizer, args.context_tokens, "--context-tokens")
+    torch.manual_seed(args.seed)
+    run = evaluate_long_generation(
+        loaded,
+        prompt,
+        args.cache,
+        args.max_new_tokens,
+        args.segment_tokens,
+        model_name=model_title(model),
+        progress=not args.no_progress,
+    )
+    print(format_table(run.rows()))
+    print("\nper segment (agreement, mean KL, and MiB held at its end):\n" + format_table(run.segment_rows()))
+    (output / "results.json").write_text(json.dumps(run.to_json(), indent=1) + "\n", encoding="utf-8")
+    for name, rows in (("results.csv", [r.summary() for r in run.results]), ("segments.csv", run.segment_rows())):
+        with open(output / name, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    write_agreement_plot(run, output / "agreement.png", window=args.segment_tokens)
+    written = [output / name for name in ("results.json", "results.csv", "segments.csv", "agreement.png")]
+    print(f"\nwrote {', '.join(str(path) for path in written)}")
