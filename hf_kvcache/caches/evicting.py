@@ -197,7 +197,7 @@ class EvictionCache(KVCache):
         entry per KV layer of this cache and only the parts such a layer holds; keys and values of the
         layer's geometry (KV heads, key and value channels), floating point (`dtype`, when given) and
         finite; one batch size; a seen count at least the tokens held (equal to `seen_tokens`, when given)
-        and at most the policy's budget held; positions in [0, seen); padding records of the stores' sizes.
+        and at most what the layer holds between forwards (`get_max_length`); positions in [0, seen); padding records of the stores' sizes.
 
         Raises:
             ValueError: this cache is not empty, or the tensors do not fit it (the message says what).
@@ -293,8 +293,8 @@ def _checked_layer(
             )
         if positions.numel() and not (int(positions.min()) >= 0 and int(positions.max()) < seen):
             raise ValueError(f"{where}: positions outside [0, {seen})")
-        if stored > layer.budget:
-            raise ValueError(f"{where}: {stored} tokens held, more than the budget of {layer.budget}")
+        if stored > layer.get_max_length():
+            raise ValueError(f"{where}: {stored} tokens held, more than the {layer.get_max_length()} it can hold")
         held |= {"real": real, "positions": positions}
         for group in ("state", "running"):
             named = _named(parts, group)

@@ -56,7 +56,8 @@ class PolicyLayer(KVLayer):
         self.running: dict[str, torch.Tensor] = {}  # the policy's other state, batch first
 
     def get_max_length(self) -> int:
-        return self.budget
+        """The most tokens held between forwards: the budget plus what decoding steps add between compactions."""
+        return self.budget + self.policy.compaction_interval - 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)

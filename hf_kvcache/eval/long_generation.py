@@ -12,7 +12,8 @@ Protocol (`evaluate_long_generation`):
    follows exactly the replay's history until then (each step's input is the same token), so this is where
    free generation through the cache first differs from the full model's, with no second run.
 
-Also per cache: bytes held at the end of the replay and at the end of each segment, and decode tokens/s of the
+Also per cache: bytes held at the end of the replay, at the end of each segment and at most (after any position:
+a cache that compacts every N steps holds more between compactions), and decode tokens/s of the
 cache's own single-token forwards (the reference forwards are not timed). A cache that keeps every token
 exactly scores agreement 1.0 and KL 0. Compress-once policies (KVzip) compress a context before a question
 and are not decode-time caches: they are refused.
@@ -40,7 +41,8 @@ class LongGenerationResult:
 
     `agrees` [new_tokens] bool and `kl` [new_tokens] float (nats) per generated position; `first_departure`
     the first position whose top-1 disagrees (None: none); `bytes_at` the bytes held after each segment of
-    `segment_tokens` positions (the last one after the whole replay); `decode_seconds` of the cache's
+    `segment_tokens` positions (the last one after the whole replay), `peak_bytes` the most held after any
+    position (above the end figures for a cache that compacts every N steps); `decode_seconds` of the cache's
     single-token forwards (`new_tokens - 1` of them).
     """
 
@@ -50,6 +52,7 @@ class LongGenerationResult:
     bytes_at: list[int]
     segment_tokens: int
     decode_seconds: float
+    peak_bytes: int
     first_departure: int | None = field(init=False)
 
     def __post_init__(self):
@@ -97,6 +100,7 @@ class LongGenerationResult:
             "mean_kl": self.mean_kl,
             "first_departure": self.first_departure,
             "cache_bytes": self.cache_bytes,
+            "peak_bytes": self.peak_bytes,
             "decode_tokens_per_s": self.decode_tokens_per_s,
         }
 
@@ -161,7 +165,7 @@ def replay(
         raise ValueError(f"segment_tokens={segment_tokens!r} must be an integer >= 1")
     spec = parse_cache_spec(spec) if isinstance(spec, str) else spec
     cache = decode_time_cache(spec, model)
-    agrees, kl, bytes_at, seconds = [], [], [], 0.0
+    agrees, kl, bytes_at, seconds, peak = [], [], [], 0.0, 0
     with score_capture(model, getattr(cache, "needs_score_capture", False)):
         reference = DynamicCache()
         reference_logits = _next_logits(model, prompt_ids, reference)
@@ -169,6 +173,7 @@ def replay(
         for position, token in enumerate(generated):
             agrees.append(int(logits.argmax()) == token)
             kl.append(kl_divergence(reference_logits, logits))
+            peak = max(peak, cache_bytes(cache))
             if position + 1 == len(generated) or (position + 1) % segment_tokens == 0:
                 bytes_at.append(cache_bytes(cache))
             if progress is not None:
@@ -180,7 +185,7 @@ def replay(
             began = time.perf_counter()
             logits = _next_logits(model, step, cache)
             seconds += time.perf_counter() - began
-    return LongGenerationResult(spec.label, agrees, kl, bytes_at, segment_tokens, seconds)
+    return LongGenerationResult(spec.label, agrees, kl, bytes_at, segment_tokens, seconds, peak)
 
 
 @dataclass
@@ -205,6 +210,7 @@ class LongGenerationRun:
                     "mean KL (nats)": result.mean_kl,
                     "first departure": "none" if result.first_departure is None else result.first_departure,
                     "MiB held": result.cache_bytes / 2**20,
+                    "peak MiB": result.peak_bytes / 2**20,
                     "decode tok/s": speed,
                     "speed ratio": speed / first if speed and first else None,
                 }

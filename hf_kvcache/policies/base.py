@@ -82,16 +82,37 @@ class EvictionPolicy:
     Policies that choose differently (per-layer budgets, budgets shared across heads) override `select`.
     `per_head=False` ranks tokens by the score averaged over the layer's heads: every head keeps the same
     tokens. Policies with running state override `update_state`, called after every forward.
+
+    `compaction_interval` (keyword only, every policy that evicts while decoding): decoding steps between
+    compactions. A layer lets single-token steps add `compaction_interval - 1` tokens beyond its budget, then
+    compacts down to the budget (the selection runs once per `compaction_interval` tokens, and the evicted
+    tokens' memory is freed each time); a layer holds at most `budget + compaction_interval - 1` tokens between
+    forwards. 1 (the default): every step, as the papers describe. Multi-token forwards (prompts, chunks)
+    always compact to the budget. The idea of kvpress's `DecodingPress` (`compression_interval`).
+
+    Raises:
+        ValueError: a field out of range, or `compaction_interval` other than 1 for a policy that never evicts
+            while decoding (SnapKV and its kin, compress-once policies).
     """
 
     budget: int = 256
     per_head: bool = True
+    compaction_interval: int = field(default=1, kw_only=True)
     needs: ClassVar[Needs] = Needs.NOTHING
     ragged: ClassVar[bool] = False  # heads keep different numbers of tokens (needs a ragged storage)
+    evicts_while_decoding: ClassVar[bool] = True  # False: single-token forwards never evict
 
     def __post_init__(self) -> None:
         check_int("budget", self.budget, minimum=1)
         check_bool("per_head", self.per_head)
+        check_int("compaction_interval", self.compaction_interval, minimum=1, hint="decoding steps between compactions")
+        if self.compaction_interval != 1 and not self.evicts_while_decoding:
+            decoding = sorted(name for name, _, kind in _registered if kind.evicts_while_decoding)
+            raise ValueError(
+                f"compaction_interval={self.compaction_interval!r}: {type(self).__name__} never evicts while decoding "
+                "(single-token forwards keep every token), so there is no decoding compaction to space out; pass 1, "
+                f"or use a policy that evicts while decoding ({', '.join(decoding)})"
+            )
 
     def check_within_budget(self, **counts: int) -> None:
         """Every count (tokens always kept: recent, sinks, observation window) must be an int in [0, budget]."""
@@ -108,8 +129,11 @@ class EvictionPolicy:
         return query_length if self.needs is Needs.EVERY_QUERY else 0
 
     def should_evict(self, query_length: int, stored: int, layer_budget: int) -> bool:
-        """Whether to select after a forward of `query_length` tokens leaving `stored` tokens."""
-        return stored > layer_budget
+        """Whether to select after a forward of `query_length` tokens leaving `stored` tokens: after a
+        multi-token forward whenever more than `layer_budget` are held, after a decoding step once
+        `compaction_interval` more than `layer_budget` are."""
+        allowance = self.compaction_interval - 1 if query_length == 1 else 0
+        return stored > layer_budget + allowance
 
     def layer_budget(self, layer_index: int, num_layers: int) -> int:
         """Tokens kept per KV head in layer `layer_index` (the same in every layer unless overridden)."""
@@ -305,6 +329,7 @@ class CompressOncePolicy(EvictionPolicy):
     """
 
     compress_once: ClassVar[bool] = True
+    evicts_while_decoding = False
 
     def should_evict(self, query_length: int, stored: int, layer_budget: int) -> bool:
         """Never during ordinary forwards: only the compression selects."""

@@ -28,17 +28,19 @@ class SnapKV(EvictionPolicy):
         observation_window: the prompt's last tokens whose queries vote (and which are always kept).
         kernel_size: odd width of the pooling over positions, which keeps neighbours of important tokens
             (at most `MAX_KERNEL_SIZE`, 1023: each eviction pools kernel_size scores per stored token).
-
-    Raises:
-        ValueError: a field out of range (named, with what is accepted).
         pooling: "max" or "avg" (the SnapKV code's default is "avg" with kernel 5; "max" with kernel 7
             found most pass keys on SmolLM2, see README).
+
+    Raises:
+        ValueError: a field out of range (named, with what is accepted); a `compaction_interval` other than 1
+            (decoding steps never evict).
     """
 
     observation_window: int = 32
     kernel_size: int = 7
     pooling: str = "max"
     needs = Needs.LAST_QUERIES
+    evicts_while_decoding = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -81,6 +81,15 @@ def test_segments_and_bytes(model, prompt, generated):
     assert full.bytes_at == sorted(full.bytes_at) and full.bytes_at[0] < full.bytes_at[-1]  # it grows
     assert len(set(window.bytes_at)) == 1 and window.cache_bytes < full.cache_bytes  # a bounded window does not
     assert run.rows()[0]["speed ratio"] == 1.0
+    assert (full.peak_bytes, window.peak_bytes) == (full.cache_bytes, window.cache_bytes)
+
+
+def test_peak_bytes_count_what_a_cache_holds_between_compactions(model, prompt, generated):
+    specs = ["tova:budget=8", "tova:budget=8,compaction_interval=4"]
+    every_step, every_fourth = evaluate_long_generation(model, prompt, specs, NEW_TOKENS, 10, progress=False).results
+    per_token = every_step.peak_bytes / 8  # one layer-token's bytes, the same in both caches
+    assert every_fourth.peak_bytes == every_step.peak_bytes + 3 * per_token  # 3 tokens beyond the budget
+    assert max(every_fourth.bytes_at) <= every_fourth.peak_bytes
 
 
 def test_compress_once_caches_are_refused_before_the_generation(model, prompt):
