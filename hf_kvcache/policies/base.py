@@ -154,6 +154,28 @@ class EvictionPolicy:
         return keep_top(step, self.score(step), budget, per_head=self.per_head)
 
 
+def check_keys_meet_queries(
+    policy: "EvictionPolicy", geometry: LayerGeometry, query_channels: int | None = None
+) -> None:
+    """For policies that score cached keys with query vectors: refuse a layer whose cached keys are not the keys
+    its queries meet (a latent MLA cache: read from the geometry at construction, or from `query_channels`
+    queries meeting keys of another size while scoring).
+
+    Raises:
+        ValueError: naming the layer, the policy and the policies that can serve it.
+    """
+    latent = geometry.rope is not None and geometry.rope.slot == "values"
+    if latent or (query_channels is not None and query_channels != geometry.key_dim):
+        sizes = (
+            "" if query_channels is None else f" ({geometry.key_dim}-channel keys, {query_channels}-channel queries)"
+        )
+        raise ValueError(
+            f"{geometry.describe()}: {type(policy).__name__} scores cached keys with the queries, but this layer "
+            f"caches a latent (multi-head latent attention), not the keys its queries meet{sizes}; use a policy "
+            "that reads attention (snapkv, h2o) or keys only (knorm)"
+        )
+
+
 def keep_top(
     step: Step, scores: torch.Tensor, budget: int, per_head: bool = True, recent: int = 0, sink_tokens: int = 0
 ) -> torch.Tensor:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_kvcache.geometry import LayerGeometry
-from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, keep_top, register_policy
+from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, check_keys_meet_queries, keep_top, register_policy
 from hf_kvcache.validation import check_int
 
 # Bounds of the fields: the averaged rotations take n_future_positions x rotary_dim / 2 float64 values at every
@@ -92,22 +92,12 @@ class ExpectedAttention(EvictionPolicy):
         return min(self.query_window, query_length)
 
     def check_layer(self, geometry: LayerGeometry) -> None:
-        if geometry.rope is not None and geometry.rope.slot == "values":
-            raise ValueError(
-                f"{geometry.describe()}: {type(self).__name__} scores cached keys with the queries, but this layer "
-                "caches a latent (multi-head latent attention), not the keys its queries meet; use a policy that "
-                "reads attention (snapkv, h2o) or keys only (knorm)"
-            )
+        check_keys_meet_queries(self, geometry)
 
     def update_state(self, step: Step) -> None:
         """Append this forward's queries (un-rotated to before RoPE, padding marked) to the query window."""
         queries, geometry = step.queries, step.geometry
-        if queries.shape[-1] != geometry.key_dim:
-            raise ValueError(
-                f"{geometry.describe()}: {type(self).__name__} scores cached keys with the queries, but this layer "
-                f"caches {geometry.key_dim}-channel keys for {queries.shape[-1]}-channel queries (a latent MLA "
-                "cache); use a policy that reads attention (snapkv, h2o) or keys only (knorm)"
-            )
+        check_keys_meet_queries(self, geometry, queries.shape[-1])
         count = queries.shape[2]
         if geometry.rope is not None:
             seen_at = torch.arange(step.seen - count, step.seen, dtype=torch.float64, device=queries.device)

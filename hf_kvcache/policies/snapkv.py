@@ -11,6 +11,13 @@ POOLINGS = ("max", "avg")
 MAX_KERNEL_SIZE = 1023  # the paper pools over 5 or 7; the pooling costs kernel_size per stored token
 
 
+def check_kernel_size(kernel_size: object) -> None:
+    """A pooling width over held tokens: an odd integer in 1 .. `MAX_KERNEL_SIZE` (a ValueError otherwise)."""
+    check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE, hint="an odd pooling width")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size={kernel_size!r} must be an odd integer between 1 and {MAX_KERNEL_SIZE}")
+
+
 @register_policy("snapkv", "SnapKV: compress each prompt by observation-window attention")
 @dataclass(frozen=True)
 class SnapKV(EvictionPolicy):
@@ -46,9 +53,7 @@ class SnapKV(EvictionPolicy):
         super().__post_init__()
         check_int("observation_window", self.observation_window, minimum=1)
         self.check_within_budget(observation_window=self.observation_window)
-        check_int("kernel_size", self.kernel_size, 1, MAX_KERNEL_SIZE, hint="an odd pooling width")
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={self.kernel_size!r} must be an odd integer between 1 and {MAX_KERNEL_SIZE}")
+        check_kernel_size(self.kernel_size)
         check_choice("pooling", self.pooling, POOLINGS)
 
     def scored_queries(self, query_length: int) -> int:

@@ -209,7 +209,7 @@ def test_a_latent_mla_layer_is_refused_at_construction():
 
 def test_a_layer_caching_other_keys_than_the_queries_meet_is_refused():
     keys, queries = torch.randn(1, 1, 6, 16), torch.randn(1, 2, 6, 8)
-    with pytest.raises(ValueError, match=r"layer 0 \(full_attention\).*16-channel keys for 8-channel queries"):
+    with pytest.raises(ValueError, match=r"layer 0 \(full_attention\).*16-channel keys, 8-channel queries"):
         scores(ExpectedAttention(budget=8), geometry(16, kv_heads=1), keys, queries)
 
 
