@@ -47,3 +47,23 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str, follow
     if len(data) > max_bytes:  # grew while being read
         raise UnsafeFile(f"{what} {path} holds more than the {max_bytes} bytes accepted")
     return data
+
+
+def read_text_file(path: str | os.PathLike, max_bytes: int, what: str) -> str:
+    """The UTF-8 text of the regular file `path` (at most `max_bytes`), read as untrusted input.
+
+    Raises:
+        OSError (FileNotFoundError, PermissionError, ...): the file cannot be opened; the message names `what`
+            and the file.
+        ValueError: `UnsafeFile` (a FIFO, device, folder or oversized file) or text that is not UTF-8, named.
+    """
+    shown = f"{what} {os.fspath(path)}"
+    try:
+        data = read_regular_file(path, max_bytes, what)
+    except OSError as error:  # the same class (FileNotFoundError, ...), with the file's role in the message
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise type(error)(f"{shown}: cannot read it ({reason})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{shown}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start})") from None

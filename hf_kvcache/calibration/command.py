@@ -1,4 +1,5 @@
-"""`hf-kvcache calibrate`: a per-layer bit profile (key and value widths) for a model, from a short calibration."""
+"""`hf-kvcache calibrate`: a per-layer bit profile (key and value widths) for a model, from a short calibration, or
+TriAttention's query statistics (`--query-statistics`)."""
 
 import argparse
 from pathlib import Path
@@ -24,12 +25,19 @@ knapsack). Cost: layers x 2 x len(choices) passes of --tokens tokens (the packag
 Prints a table per layer (sensitivity per width, chosen widths) and writes the profile as JSON to --output;
 use it with `--cache quantized:profile=PATH` (and the same --cache-settings, if any).
 
+With --query-statistics it calibrates TriAttention (https://arxiv.org/abs/2604.04921) instead: one chunked
+forward over the text records, per full-attention layer and query head, the mean query before RoPE and the
+mean norm of each rotated channel pair, written as JSON to --output (default query-statistics.json); use it
+with `--cache triattention:budget=256,statistics=PATH`.
+
 examples:
   hf-kvcache calibrate --average-bits 2.5 --output profile-2.5bits.json
   hf-kvcache calibrate --average-bits 3 --choices 2 3 4 8 --tokens 1024 --output profile-3bits.json
   hf-kvcache calibrate --model ./my-model --dataset notes.txt --cache-settings residual_length=64,group_size=32
   hf-kvcache calibrate --reuse profile-2.5bits.json --average-bits 3 --output profile-3bits.json  # no passes
   hf-kvcache eval --cache quantized:bits=2,key_bits=3 --cache quantized:profile=profile-2.5bits.json
+  hf-kvcache calibrate --query-statistics --dataset wikitext2 --tokens 2048 --output query-statistics.json
+  hf-kvcache eval --task long-generation --cache triattention:budget=256,statistics=query-statistics.json
 
 The default text is pg19 (Crime and Punishment when the hub is unreachable), not WikiText-2, so that a
 profile is not calibrated on the text `hf-kvcache eval` measures it on.
@@ -60,9 +68,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--tokens", type=int, default=None, help="calibrate on the first N tokens of the text (default: 512)"
     )
     parser.add_argument(
+        "--query-statistics",
+        action="store_true",
+        help="calibrate TriAttention's per-head query statistics (one forward over the text) instead of a bit "
+        "profile; the bit-profile options (--average-bits, --choices, --metric, --cache-settings, --reuse) do not apply",
+    )
+    parser.add_argument(
         "--average-bits",
         type=float,
-        default=2.5,
+        default=None,
         help="budget: mean over layers of (key bits + value bits) / 2, between the narrowest and widest of "
         "--choices (default: 2.5)",
     )
@@ -100,7 +114,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="choose the widths again from the sensitivities measured in PROFILE (a JSON written by this command) "
         "for another --average-bits or a subset of its --choices, without any pass",
     )
-    parser.add_argument("--output", default="profile.json", help="where to write the profile (default: profile.json)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="where to write the profile (default: profile.json; query-statistics.json with --query-statistics)",
+    )
     parser.add_argument("--device", default=None, help="torch device for the model (default: cpu); e.g. --device cuda")
     parser.add_argument(
         "--dtype",
@@ -135,7 +153,17 @@ def parse_settings(text: str | None) -> dict[str, object]:
     return parse_cache_spec(f"quantized:{text}").params
 
 
+BIT_PROFILE_OPTIONS = ("average_bits", "choices", "metric", "cache_settings", "reuse")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.query_statistics:
+        run_query_statistics(args)
+        return
+    if args.average_bits is None:
+        args.average_bits = 2.5
+    if args.output is None:
+        args.output = "profile.json"
     reused = None
     if args.reuse is not None:
         given = [name for name in DEFAULTS if getattr(args, name) is not None]
@@ -204,3 +232,49 @@ def calibrate(args: argparse.Namespace, choices: tuple[int, ...], settings: dict
             metric=args.metric,
             **settings,
         )
+
+
+def run_query_statistics(args: argparse.Namespace) -> None:
+    """`--query-statistics`: load the model and the text, calibrate, print a table per layer, write the file."""
+    from tqdm.auto import tqdm
+
+    from hf_kvcache.calibration.query_statistics import calibrate_query_statistics
+    from hf_kvcache.eval.data import load_text, tokenize_text
+    from hf_kvcache.models import load_model, model_folder_or_name
+
+    given = [name for name in BIT_PROFILE_OPTIONS if getattr(args, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"--query-statistics calibrates no bit profile: {flags} cannot apply")
+    for name in ("dataset", "tokens", "chunk_size", "model"):
+        if getattr(args, name) is None:
+            setattr(args, name, DEFAULTS[name])
+    check_int("--tokens", args.tokens, minimum=2)
+    check_int("--chunk-size", args.chunk_size, minimum=1)
+    output = writable_file(args.output or "query-statistics.json")
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()
+    model, tokenizer = load_model(model_folder_or_name(args.model), dtype=args.dtype, device=args.device)
+    text = load_text(args.dataset)
+    input_ids = tokenize_text(text, tokenizer, args.tokens, option="--tokens")
+    with tqdm(total=input_ids.shape[1], desc="calibrating", unit="tok", disable=args.no_progress) as bar:
+        statistics = calibrate_query_statistics(
+            model, input_ids, args.chunk_size, bar.update, source=f"{text.dataset} ({text.source})"
+        )
+    statistics.save(output)
+    rows = [
+        {
+            "layer": layer,
+            "query heads": center.shape[0],
+            # |center| / |mean component norms|, in [0, 1]: 1 when every query sits on its head's center
+            "concentration": float(
+                (center.norm(dim=-1) / statistics.component_norms[layer].norm(dim=-1).clamp(min=1e-12)).mean()
+            ),
+        }
+        for layer, center in sorted(statistics.centers.items())
+    ]
+    print(format_table(rows))
+    print(
+        f"\ncalibrated on {statistics.tokens:,} tokens of {statistics.source} in {statistics.seconds:.0f} s; wrote "
+        f"{output}; use it with --cache triattention:budget=256,statistics={output}"
+    )

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_kvcache.files import read_regular_file
+from hf_kvcache.files import read_text_file
 from hf_kvcache.quant.packing import SUPPORTED_BITS, check_bits
 from hf_kvcache.validation import check_choice, check_int, check_number
 
@@ -442,19 +442,8 @@ class BitProfile:
             ValueError: anything else (`files.UnsafeFile` for a FIFO, device, folder or oversized file; not
                 UTF-8, not JSON, nested too deeply, a bad field); the message names the file.
         """
-        shown = f"bit profile {os.fspath(path)}"
-        try:
-            data = read_regular_file(path, MAX_PROFILE_BYTES, "bit profile")
-        except OSError as error:  # the same class (FileNotFoundError, ...), with the file's role in the message
-            reason = os.strerror(error.errno) if error.errno else str(error)
-            raise type(error)(f"{shown}: cannot read it ({reason})") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(
-                f"{shown}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start})"
-            ) from None
-        return cls.from_json(text, origin=shown)
+        text = read_text_file(path, MAX_PROFILE_BYTES, "bit profile")
+        return cls.from_json(text, origin=f"bit profile {os.fspath(path)}")
 
 
 def profile_for_cache(
