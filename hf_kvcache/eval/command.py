@@ -66,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="perplexity (default): the text through each cache. long-context: a book token by token far past "
         "the trained context (defaults: --dataset pg19 --mode token --max-tokens 16384 --segment-tokens 2048 and "
         "dense, sink and window caches), with per-segment perplexity and bytes held. long-generation: the full "
-        "cache generates --max-new-tokens tokens (default 4096) greedily after --context-tokens of a book (default "
+        "cache generates --max-new-tokens tokens (default 4096; greedily, or sampled at --temperature) after --context-tokens of a book (default "
         "512), each cache replays them: top-1 agreement with the full model, KL, first departure, bytes, speed. "
         + ", ".join(TASKS)
         + ": accuracy on prompts of --context-tokens built offline from a bundled book (RULER-style); "
@@ -140,6 +140,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before each cache (default: 0)")
     parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="long-generation: sample the reference generation at this temperature with --seed (default: 0, "
+        "greedy; a small model's greedy output soon loops, e.g. --temperature 0.7 keeps it varied)",
+    )
+    parser.add_argument(
         "--decode-tokens",
         type=int,
         default=None,
@@ -194,7 +201,15 @@ LONG_GENERATION = "long-generation"
 # Budget 1/8 of the default generation: 512 tokens.
 LONG_GENERATION_CACHES = ["dynamic", "sink:sink_tokens=4,window=508", "h2o:budget=512", "tova:budget=512"]
 LONG_GENERATION_DEFAULTS = {"dataset": "pg19", "context_tokens": 512, "max_new_tokens": 4096}
-LONG_GENERATION_OPTIONS = ("--context-tokens", "--max-new-tokens", "--segment-tokens", "--dataset", "--cache")
+LONG_GENERATION_OPTIONS = (
+    "--context-tokens",
+    "--max-new-tokens",
+    "--segment-tokens",
+    "--temperature",
+    "--seed",
+    "--dataset",
+    "--cache",
+)
 RETRIEVAL_CACHES = ["dynamic", "window:window=256", "snapkv:budget=256", "quantized:bits=2"]
 RETRIEVAL_DEFAULTS = {"context_tokens": 2048, "samples": 10, "cache": RETRIEVAL_CACHES}
 PERPLEXITY_OPTIONS = ("dataset", "max_tokens", "segment_tokens", "mode", "chunk_size", "decode_tokens")
@@ -237,6 +252,8 @@ def refuse_options_of_other_modes(args: argparse.Namespace) -> None:
             if unused:
                 refuse(args, f"{name} does not apply to --task {LONG_GENERATION} (one process, measured whole)")
         return
+    if args.temperature is not None:
+        refuse(args, f"--temperature does not apply to --task {args.task}; it is an option of --task {LONG_GENERATION}")
     perplexity = args.task in TASK_DEFAULTS
     retrieval = "the retrieval tasks (--task " + ", ".join([*TASKS, "retrieval"]) + ")"
     foreign, owner = (TASK_OPTIONS, retrieval) if perplexity else (PERPLEXITY_OPTIONS, "--task perplexity/long-context")
@@ -515,6 +532,8 @@ def run_long_generation(args: argparse.Namespace, model: str | None, output: Pat
         args.segment_tokens,
         model_name=model_title(model),
         progress=not args.no_progress,
+        temperature=args.temperature or 0.0,
+        seed=args.seed,
     )
     print(format_table(run.rows()))
     print("\nper segment (agreement, mean KL, and MiB held at its end):\n" + format_table(run.segment_rows()))

@@ -2,15 +2,19 @@
 
 Protocol (`evaluate_long_generation`):
 
-1. The full cache (`DynamicCache`) generates `new_tokens` tokens greedily from the prompt (end-of-sequence
-   tokens included: the sequence always has `new_tokens` tokens). This is the reference sequence.
+1. The full cache (`DynamicCache`) generates `new_tokens` tokens from the prompt, greedily or, with a
+   `temperature`, sampled with a seeded generator (end-of-sequence tokens included: the sequence always has
+   `new_tokens` tokens). This is the reference sequence. A small model's greedy output soon repeats itself
+   (the packaged SmolLM2-135M loops on one sentence after about 40 tokens of a book); a sampled reference keeps
+   the history varied, so that following it means more than reproducing a loop.
 2. Each cache replays the prompt (one prefill forward, as `generate` does) and then the reference sequence
    token by token. At every generated position the full model's next-token distribution is computed alongside
    (a `DynamicCache` fed the same tokens), and compared with the cache's: top-1 agreement (the cache's most
-   likely token is the reference token) and KL(full || cache) in nats.
-3. The first departure is the first position whose top-1 disagrees. Free greedy generation through the cache
-   follows exactly the replay's history until then (each step's input is the same token), so this is where
-   free generation through the cache first differs from the full model's, with no second run.
+   likely token is the full model's) and KL(full || cache) in nats.
+3. The first departure is the first position whose top-1 disagrees. With a greedy reference, free greedy
+   generation through the cache follows exactly the replay's history until then (each step's input is the same
+   token), so this is where free generation through the cache first differs from the full model's, with no
+   second run; with a sampled one, where the cache's choice first differs on the same history.
 
 Also per cache: bytes held at the end of the replay, at the end of each segment and at most (after any position:
 a cache that compacts every N steps holds more between compactions), and decode tokens/s of the
@@ -19,6 +23,7 @@ exactly scores agreement 1.0 and KL 0. Compress-once policies (KVzip) compress a
 and are not decode-time caches: they are refused.
 """
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +38,7 @@ from hf_kvcache.devices import input_device
 from hf_kvcache.eval.memory import cache_bytes
 from hf_kvcache.registry import CacheSpec, build_cache, parse_cache_spec
 from hf_kvcache.scoring import score_capture
+from hf_kvcache.validation import check_number
 
 
 @dataclass
@@ -106,12 +112,20 @@ class LongGenerationResult:
 
 
 @torch.no_grad()
-def reference_generation(model: PreTrainedModel, prompt_ids: torch.Tensor, new_tokens: int) -> list[int]:
-    """`new_tokens` greedy tokens after `prompt_ids` [1, prompt] through a `DynamicCache`."""
+def reference_generation(
+    model: PreTrainedModel, prompt_ids: torch.Tensor, new_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> list[int]:
+    """`new_tokens` tokens after `prompt_ids` [1, prompt] through a `DynamicCache`: greedy (`temperature` 0), or
+    sampled from softmax(logits / temperature) with a generator seeded with `seed`."""
     cache, tokens = DynamicCache(), []
+    generator = torch.Generator().manual_seed(seed)
     logits = _next_logits(model, prompt_ids, cache)
     for _ in range(new_tokens):
-        tokens.append(int(logits.argmax()))
+        if temperature > 0:
+            probabilities = F.softmax(logits.cpu().double() / temperature, dim=-1)
+            tokens.append(int(torch.multinomial(probabilities, 1, generator=generator)))
+        else:
+            tokens.append(int(logits.argmax()))
         if len(tokens) < new_tokens:
             logits = _next_logits(model, torch.tensor([[tokens[-1]]]), cache)
     return tokens
@@ -171,7 +185,7 @@ def replay(
         reference_logits = _next_logits(model, prompt_ids, reference)
         logits = _next_logits(model, prompt_ids, cache)
         for position, token in enumerate(generated):
-            agrees.append(int(logits.argmax()) == token)
+            agrees.append(int(logits.argmax()) == int(reference_logits.argmax()))
             kl.append(kl_divergence(reference_logits, logits))
             peak = max(peak, cache_bytes(cache))
             if position + 1 == len(generated) or (position + 1) % segment_tokens == 0:
@@ -196,6 +210,8 @@ class LongGenerationRun:
     prompt_tokens: int
     generated: list[int]
     results: list[LongGenerationResult]
+    temperature: float = 0.0  # of the reference generation (0: greedy)
+    seed: int = 0
 
     def rows(self) -> list[dict]:
         """One table row per cache; speed as a ratio to the first cache."""
@@ -226,6 +242,8 @@ class LongGenerationRun:
         return {
             "model": self.model,
             "prompt_tokens": self.prompt_tokens,
+            "temperature": self.temperature,
+            "seed": self.seed,
             "generated": self.generated,
             "results": [{**result.summary(), **asdict(result)} for result in self.results],
         }
@@ -239,28 +257,34 @@ def evaluate_long_generation(
     segment_tokens: int,
     model_name: str = "",
     progress: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> LongGenerationRun:
-    """The reference generation of `new_tokens` tokens after `prompt_ids` [1, prompt], then every cache's
-    replay (`replay`), with tqdm bars unless `progress` is False.
+    """The reference generation of `new_tokens` tokens after `prompt_ids` [1, prompt] (greedy, or sampled at
+    `temperature` with `seed`), then every cache's replay (`replay`), with tqdm bars unless `progress` is False.
 
     Raises:
-        ValueError: `new_tokens` < 1, a bad spec, a compress-once cache (before any generation).
+        ValueError: `new_tokens` < 1, a negative or non-finite `temperature`, a bad spec, a compress-once cache
+            (before any generation).
     """
     from tqdm.auto import tqdm
 
     if not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens={new_tokens!r} must be an integer >= 1")
+    check_number("temperature", temperature, minimum=0.0, inclusive=True)
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
     specs = [parse_cache_spec(spec) if isinstance(spec, str) else spec for spec in caches]
     for spec in specs:  # fail on a bad spec before the long generation
         decode_time_cache(spec, model)
-    generated = reference_generation(model, prompt_ids, new_tokens)
+    generated = reference_generation(model, prompt_ids, new_tokens, temperature, seed)
     results = []
     for spec in specs:
         with tqdm(
             total=new_tokens, desc=f"replay {spec.label}", unit=" tok", disable=None if progress else True
         ) as bar:
             results.append(replay(model, prompt_ids, generated, spec, segment_tokens, bar.update))
-    return LongGenerationRun(model_name, prompt_ids.shape[1], generated, results)
+    return LongGenerationRun(model_name, prompt_ids.shape[1], generated, results, temperature, seed)
 
 
 def write_agreement_plot(run: LongGenerationRun, path, window: int) -> None:
@@ -280,7 +304,7 @@ def write_agreement_plot(run: LongGenerationRun, path, window: int) -> None:
     axis.set_xlabel("generated position (tokens)")
     axis.set_ylabel(f"top-1 agreement (running mean over {min(window, len(run.generated))})")
     axis.set_ylim(-0.02, 1.02)
-    axis.set_title(f"{run.model}: following the full model over {len(run.generated):,} generated tokens")
+    axis.set_title(f"{run.model}: following the full model over {len(run.generated):,} generated tokens", fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, save_tiny_model_folder
 from helpers import random_ids
+from transformers import DynamicCache
 
 from hf_kvcache import build_cache
 from hf_kvcache.cli import main
@@ -35,6 +36,33 @@ def generated(model, prompt):
 def test_the_reference_is_transformers_greedy_generation(model, prompt, generated):
     expected = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     assert generated == expected[0, prompt.shape[1] :].tolist()
+
+
+def test_a_sampled_reference_is_seeded_and_agreement_follows_the_full_model(model, prompt, generated):
+    sampled = reference_generation(model, prompt, NEW_TOKENS, temperature=1.0, seed=3)
+    assert sampled == reference_generation(model, prompt, NEW_TOKENS, temperature=1.0, seed=3) != generated
+    run = evaluate_long_generation(
+        model, prompt, ["dynamic", "window:window=6"], NEW_TOKENS, 10, progress=False, temperature=1.0, seed=3
+    )
+    assert run.generated == sampled and run.to_json()["temperature"] == 1.0
+    exact, window = run.results
+    assert exact.agreement == 1.0 and exact.mean_kl == 0.0  # the full model's own top-1, not the sampled token
+    # the window's agreement: its top-1 against the full model's top-1 after the same sampled history
+    cache, full, agrees = build_cache("window:window=6", model.config), DynamicCache(), []
+    with torch.no_grad():
+        ids = prompt
+        for token in sampled:
+            ours = model(ids, **{CACHE_KWARG: cache}).logits[0, -1].argmax()
+            theirs = model(ids, **{CACHE_KWARG: full}).logits[0, -1].argmax()
+            agrees.append(bool(ours == theirs))
+            ids = torch.tensor([[token]])
+    assert window.agrees == agrees and not all(agrees)
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_a_bad_temperature_is_refused(model, prompt, value):
+    with pytest.raises(ValueError, match="temperature"):
+        evaluate_long_generation(model, prompt, ["dynamic"], NEW_TOKENS, 10, progress=False, temperature=value)
 
 
 def test_a_cache_that_keeps_everything_agrees_everywhere_with_kl_zero(model, prompt, generated):
@@ -115,6 +143,9 @@ def test_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main([*argv, "--samples", "3"])
     assert refused.value.code == 2 and "--samples does not apply to --task long-generation" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["eval", "--task", "passkey", "--model", str(folder), "--temperature", "0.7", "--output", str(output)])
+    assert refused.value.code == 2 and "--temperature does not apply to --task passkey" in capsys.readouterr().err
 
 
 def test_a_score_policy_replays_with_capture_and_hands_the_model_back(model, prompt, generated):
