@@ -197,7 +197,8 @@ class EvictionCache(KVCache):
         entry per KV layer of this cache and only the parts such a layer holds; keys and values of the
         layer's geometry (KV heads, key and value channels), floating point (`dtype`, when given) and
         finite; one batch size; a seen count at least the tokens held (equal to `seen_tokens`, when given)
-        and at most what the layer holds between forwards (`get_max_length`); positions in [0, seen); padding records of the stores' sizes.
+        and at most what the layer holds between forwards (`get_max_length`); positions in [0, seen); padding
+        records of the stores' sizes.
 
         Raises:
             ValueError: this cache is not empty, or the tensors do not fit it (the message says what).

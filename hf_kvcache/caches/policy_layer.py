@@ -37,7 +37,8 @@ def gather_last(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 class PolicyLayer(KVLayer):
-    """A full-attention layer whose kept tokens are chosen by `policy`, at most `budget` per KV head.
+    """A full-attention layer whose kept tokens are chosen by `policy`, at most `budget` per KV head (plus up to
+    `policy.compaction_interval - 1` decoded tokens between compactions).
 
     Besides the stored keys and values it holds, per stored token and KV head, whether the token is real
     (bool) and the position it was seen at (int32); both count in `memory_bytes`.
