@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, check_keys_meet_queries, keep_top, register_policy
-from hf_kvcache.policies.snapkv import check_kernel_size
+from hf_kvcache.policies.snapkv import check_kernel_size, pool_neighbours
 from hf_kvcache.validation import check_int, check_number
 
 MAX_OBSERVATION_WINDOW = 1024  # the window's query vectors are held in every layer; each scoring reads them all
@@ -100,7 +100,7 @@ class RKV(EvictionPolicy):
     def importance(self, step: Step) -> torch.Tensor:
         """The window's mean attention on every held key, max-pooled [batch, kv_heads, stored]."""
         keys = step.keys.float()
-        batch, kv_heads, stored, channels = keys.shape
+        kv_heads, channels = keys.shape[1], keys.shape[-1]
         queries = step.running["queries"].float().unflatten(1, (kv_heads, -1))  # [batch, kv_heads, group, w, dim]
         scale = step.scaling if step.scaling is not None else channels**-0.5
         logits = scale * queries @ keys[:, :, None].transpose(-1, -2)  # [batch, kv_heads, group, w, stored]
@@ -109,9 +109,7 @@ class RKV(EvictionPolicy):
         attention = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
         weights = step.running["queries_real"].float()[:, None, None, :, None]  # padding queries count zero
         importance = (attention * weights).sum(3) / weights.sum(3).clamp(min=1)  # [batch, kv_heads, group, stored]
-        rows = importance.mean(dim=2).flatten(0, 1)[:, None]
-        pooled = F.max_pool1d(rows, self.kernel_size, stride=1, padding=self.kernel_size // 2)
-        return pooled.view(batch, kv_heads, stored)
+        return pool_neighbours(importance.mean(dim=2), self.kernel_size)
 
     def redundancy(self, step: Step) -> torch.Tensor:
         """Softmax over held tokens of each key's mean cosine similarity with the other real keys of its head."""

@@ -18,6 +18,18 @@ def check_kernel_size(kernel_size: object) -> None:
         raise ValueError(f"kernel_size={kernel_size!r} must be an odd integer between 1 and {MAX_KERNEL_SIZE}")
 
 
+def pool_neighbours(scores: torch.Tensor, kernel_size: int, pooling: str = "max") -> torch.Tensor:
+    """`scores` [batch, heads, tokens] pooled ("max" or "avg", padding not counted) over `kernel_size` neighbouring
+    tokens, same shape: a token scores as its best (or average) neighbourhood, so neighbours of important tokens
+    are kept with them."""
+    rows, padding = scores.flatten(0, 1)[:, None], kernel_size // 2
+    if pooling == "max":
+        pooled = torch.nn.functional.max_pool1d(rows, kernel_size, stride=1, padding=padding)
+    else:
+        pooled = torch.nn.functional.avg_pool1d(rows, kernel_size, stride=1, padding=padding, count_include_pad=False)
+    return pooled.view_as(scores)
+
+
 @register_policy("snapkv", "SnapKV: compress each prompt by observation-window attention")
 @dataclass(frozen=True)
 class SnapKV(EvictionPolicy):
@@ -66,15 +78,8 @@ class SnapKV(EvictionPolicy):
         """The window attention pooled over neighbours, for the tokens before the window (the window's own
         tokens are kept anyway, and do not pool into their neighbours)."""
         window = self.scored_queries(step.query_length)
-        prefix = step.attention[..., : step.stored - window]
-        rows, padding = prefix.flatten(0, 1)[:, None], self.kernel_size // 2
-        if self.pooling == "max":
-            pooled = torch.nn.functional.max_pool1d(rows, self.kernel_size, stride=1, padding=padding)
-        else:
-            pooled = torch.nn.functional.avg_pool1d(
-                rows, self.kernel_size, stride=1, padding=padding, count_include_pad=False
-            )
-        return torch.cat([pooled.view_as(prefix), step.attention[..., step.stored - window :]], dim=-1)
+        pooled = pool_neighbours(step.attention[..., : step.stored - window], self.kernel_size, self.pooling)
+        return torch.cat([pooled, step.attention[..., step.stored - window :]], dim=-1)
 
     def select(self, step: Step, budget: int) -> torch.Tensor:
         window = self.scored_queries(step.query_length)
