@@ -67,3 +67,11 @@ def read_text_file(path: str | os.PathLike, max_bytes: int, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{shown}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start})") from None
+
+
+def write_text_file(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` as UTF-8 to `path`, its parent folders created; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

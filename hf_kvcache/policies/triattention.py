@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hf_kvcache.files import read_text_file
+from hf_kvcache.files import read_text_file, write_text_file
 from hf_kvcache.geometry import LayerGeometry
 from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, check_keys_meet_queries, keep_top, register_policy
 from hf_kvcache.rope import Rope
@@ -133,10 +133,7 @@ class QueryStatistics:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `to_json()` to `path` (parent folders created); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json(), encoding="utf-8")
-        return path
+        return write_text_file(path, self.to_json())
 
     @classmethod
     def from_json(cls, text: str, origin: str = "query statistics") -> "QueryStatistics":

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_kvcache.files import read_text_file
+from hf_kvcache.files import read_text_file, write_text_file
 from hf_kvcache.quant.packing import SUPPORTED_BITS, check_bits
 from hf_kvcache.validation import check_choice, check_int, check_number
 
@@ -358,10 +358,7 @@ class BitProfile:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `to_json()` to `path` (parent folders created); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json(), encoding="utf-8")
-        return path
+        return write_text_file(path, self.to_json())
 
     @classmethod
     def from_json(cls, text: str, origin: str = "profile") -> "BitProfile":
