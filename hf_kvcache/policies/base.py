@@ -154,6 +154,16 @@ class EvictionPolicy:
         return keep_top(step, self.score(step), budget, per_head=self.per_head)
 
 
+def extend_window(running: dict[str, torch.Tensor], window: int, **newest: torch.Tensor) -> None:
+    """Append each of `newest` to `running[name]` along its token dimension (2 for [batch, heads, tokens, channels],
+    1 for [batch, tokens]) and keep its `window` newest tokens: a policy's buffer of recent queries."""
+    for name, tensor in newest.items():
+        dim = 2 if tensor.dim() == 4 else 1
+        if name in running:
+            tensor = torch.cat([running[name], tensor], dim=dim)
+        running[name] = tensor.narrow(dim, max(0, tensor.shape[dim] - window), min(window, tensor.shape[dim]))
+
+
 def check_keys_meet_queries(
     policy: "EvictionPolicy", geometry: LayerGeometry, query_channels: int | None = None
 ) -> None:

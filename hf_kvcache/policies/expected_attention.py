@@ -5,7 +5,15 @@ from dataclasses import dataclass
 import torch
 
 from hf_kvcache.geometry import LayerGeometry
-from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, check_keys_meet_queries, keep_top, register_policy
+from hf_kvcache.policies.base import (
+    EvictionPolicy,
+    Needs,
+    Step,
+    check_keys_meet_queries,
+    extend_window,
+    keep_top,
+    register_policy,
+)
 from hf_kvcache.validation import check_int
 
 # Bounds of the fields: the averaged rotations take n_future_positions x rotary_dim / 2 float64 values at every
@@ -103,12 +111,7 @@ class ExpectedAttention(EvictionPolicy):
             seen_at = torch.arange(step.seen - count, step.seen, dtype=torch.float64, device=queries.device)
             angles = seen_at[:, None] * geometry.rope.inv_freq.to(queries.device)  # [count, rotary_dim / 2]
             queries = geometry.rope.rotate(queries, angles.cos(), -angles.sin())
-        real = step.real[:, 0, -count:]
-        if "queries" in step.running:
-            queries = torch.cat([step.running["queries"], queries], dim=2)
-            real = torch.cat([step.running["queries_real"], real], dim=1)
-        step.running["queries"] = queries[:, :, -self.query_window :]
-        step.running["queries_real"] = real[:, -self.query_window :]
+        extend_window(step.running, self.query_window, queries=queries, queries_real=step.real[:, 0, -count:])
 
     def score(self, step: Step) -> torch.Tensor:
         """Expected attention probability [batch, kv_heads, stored] of every stored token (0 for padding)."""

@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from hf_kvcache.geometry import LayerGeometry
-from hf_kvcache.policies.base import EvictionPolicy, Needs, Step, check_keys_meet_queries, keep_top, register_policy
+from hf_kvcache.policies.base import (
+    EvictionPolicy,
+    Needs,
+    Step,
+    check_keys_meet_queries,
+    extend_window,
+    keep_top,
+    register_policy,
+)
 from hf_kvcache.policies.snapkv import check_kernel_size, pool_neighbours
 from hf_kvcache.validation import check_int, check_number
 
@@ -83,14 +91,9 @@ class RKV(EvictionPolicy):
         count = queries.shape[2]
         positions = torch.arange(step.seen - count, step.seen, device=queries.device).expand(queries.shape[0], -1)
         real = step.real[:, 0, -count:]
-        if "queries" in step.running:
-            queries = torch.cat([step.running["queries"], queries], dim=2)
-            positions = torch.cat([step.running["query_positions"], positions], dim=1)
-            real = torch.cat([step.running["queries_real"], real], dim=1)
-        window = self.observation_window
-        step.running["queries"] = queries[:, :, -window:]
-        step.running["query_positions"] = positions[:, -window:]
-        step.running["queries_real"] = real[:, -window:]
+        extend_window(
+            step.running, self.observation_window, queries=queries, query_positions=positions, queries_real=real
+        )
 
     def score(self, step: Step) -> torch.Tensor:
         """float32 [batch, kv_heads, stored]: the combined score of every held token (padding: anything)."""
