@@ -1,7 +1,8 @@
-"""`hf-kvcache calibrate`: a per-layer bit profile (key and value widths) for a model, from a short calibration, or
-TriAttention's query statistics (`--query-statistics`)."""
+"""`hf-kvcache calibrate`: a per-layer bit profile (key and value widths) for a model, from a short calibration,
+TriAttention's query statistics (`--query-statistics`) or the prefix store's transform codec (`--transform-codec`)."""
 
 import argparse
+import time
 from pathlib import Path
 
 import transformers
@@ -30,6 +31,11 @@ forward over the text records, per full-attention layer and query head, the mean
 mean norm of each rotated channel pair, written as JSON to --output (default query-statistics.json); use it
 with `--cache triattention:budget=256,statistics=PATH`.
 
+With --transform-codec it calibrates the prefix store's transform codec (KVTC, https://arxiv.org/abs/2511.01815):
+one chunked forward, then per layer the principal components of its keys (taken out of RoPE) and of its values,
+written as safetensors to --output (default transform-codec.safetensors), keyed to the model's weights; use it
+with `PrefixCache(backend, codec=TransformCodec(CodecCalibration.load(PATH), model, average_bits=1.5))`.
+
 examples:
   hf-kvcache calibrate --average-bits 2.5 --output profile-2.5bits.json
   hf-kvcache calibrate --average-bits 3 --choices 2 3 4 8 --tokens 1024 --output profile-3bits.json
@@ -38,6 +44,7 @@ examples:
   hf-kvcache eval --cache quantized:bits=2,key_bits=3 --cache quantized:profile=profile-2.5bits.json
   hf-kvcache calibrate --query-statistics --dataset wikitext2 --tokens 2048 --output query-statistics.json
   hf-kvcache eval --task long-generation --cache triattention:budget=256,statistics=query-statistics.json
+  hf-kvcache calibrate --transform-codec --tokens 4096 --output transform-codec.safetensors
 
 The default text is pg19 (Crime and Punishment when the hub is unreachable), not WikiText-2, so that a
 profile is not calibrated on the text `hf-kvcache eval` measures it on.
@@ -67,11 +74,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--tokens", type=int, default=None, help="calibrate on the first N tokens of the text (default: 512)"
     )
-    parser.add_argument(
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
         "--query-statistics",
         action="store_true",
         help="calibrate TriAttention's per-head query statistics (one forward over the text) instead of a bit "
         "profile; the bit-profile options (--average-bits, --choices, --metric, --cache-settings, --reuse) do not apply",
+    )
+    what.add_argument(
+        "--transform-codec",
+        action="store_true",
+        help="calibrate the prefix store's transform codec (principal components of every layer's keys before "
+        "RoPE and values; one forward over the text) instead of a bit profile; the bit-profile options do not apply",
     )
     parser.add_argument(
         "--average-bits",
@@ -160,6 +174,9 @@ def run(args: argparse.Namespace) -> None:
     if args.query_statistics:
         run_query_statistics(args)
         return
+    if args.transform_codec:
+        run_transform_codec(args)
+        return
     if args.average_bits is None:
         args.average_bits = 2.5
     if args.output is None:
@@ -234,33 +251,39 @@ def calibrate(args: argparse.Namespace, choices: tuple[int, ...], settings: dict
         )
 
 
-def run_query_statistics(args: argparse.Namespace) -> None:
-    """`--query-statistics`: load the model and the text, calibrate, print a table per layer, write the file."""
-    from tqdm.auto import tqdm
-
-    from hf_kvcache.calibration.query_statistics import calibrate_query_statistics
+def load_for_one_pass(args: argparse.Namespace, flag: str, default_output: str) -> tuple:
+    """For a calibration of one forward over the text (`flag`): refuse the bit-profile options, fill in the
+    defaults, check the output, then load the model and the text. Returns (output, model, input_ids, source)."""
     from hf_kvcache.eval.data import load_text, tokenize_text
     from hf_kvcache.models import load_model, model_folder_or_name
 
     given = [name for name in BIT_PROFILE_OPTIONS if getattr(args, name) is not None]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"--query-statistics calibrates no bit profile: {flags} cannot apply")
+        raise ValueError(f"{flag} calibrates no bit profile: {flags} cannot apply")
     for name in ("dataset", "tokens", "chunk_size", "model"):
         if getattr(args, name) is None:
             setattr(args, name, DEFAULTS[name])
     check_int("--tokens", args.tokens, minimum=2)
     check_int("--chunk-size", args.chunk_size, minimum=1)
-    output = writable_file(args.output or "query-statistics.json")
+    output = writable_file(args.output or default_output)
     if args.no_progress:
         transformers.utils.logging.disable_progress_bar()
     model, tokenizer = load_model(model_folder_or_name(args.model), dtype=args.dtype, device=args.device)
     text = load_text(args.dataset)
     input_ids = tokenize_text(text, tokenizer, args.tokens, option="--tokens")
+    return output, model, input_ids, f"{text.dataset} ({text.source})"
+
+
+def run_query_statistics(args: argparse.Namespace) -> None:
+    """`--query-statistics`: load the model and the text, calibrate, print a table per layer, write the file."""
+    from tqdm.auto import tqdm
+
+    from hf_kvcache.calibration.query_statistics import calibrate_query_statistics
+
+    output, model, input_ids, source = load_for_one_pass(args, "--query-statistics", "query-statistics.json")
     with tqdm(total=input_ids.shape[1], desc="calibrating", unit="tok", disable=args.no_progress) as bar:
-        statistics = calibrate_query_statistics(
-            model, input_ids, args.chunk_size, bar.update, source=f"{text.dataset} ({text.source})"
-        )
+        statistics = calibrate_query_statistics(model, input_ids, args.chunk_size, bar.update, source=source)
     statistics.save(output)
     rows = [
         {
@@ -277,4 +300,33 @@ def run_query_statistics(args: argparse.Namespace) -> None:
     print(
         f"\ncalibrated on {statistics.tokens:,} tokens of {statistics.source} in {statistics.seconds:.0f} s; wrote "
         f"{output}; use it with --cache triattention:budget=256,statistics={output}"
+    )
+
+
+def run_transform_codec(args: argparse.Namespace) -> None:
+    """`--transform-codec`: load the model and the text, calibrate, print what each budget keeps, write the file."""
+    from tqdm.auto import tqdm
+
+    from hf_kvcache.calibration.transform_codec import calibrate_transform_codec
+    from hf_kvcache.prefix.transform_codec import allocate_bits
+
+    output, model, input_ids, source = load_for_one_pass(args, "--transform-codec", "transform-codec.safetensors")
+    began = time.perf_counter()
+    with tqdm(total=input_ids.shape[1], desc="calibrating", unit="tok", disable=args.no_progress) as bar:
+        calibration = calibrate_transform_codec(model, input_ids, args.chunk_size, progress=bar.update, source=source)
+    seconds = time.perf_counter() - began
+    calibration.save(output)
+    rows = []
+    for layer, (keys, values) in enumerate(zip(calibration.keys, calibration.values)):
+        row = {"layer": layer, "features": keys.variances.numel()}
+        for kind, decorrelation in (("keys", keys), ("values", values)):
+            for bits in (1, 2):  # the share of the variance the components given bits carry
+                kept = allocate_bits(decorrelation.variances, bits) > 0
+                share = decorrelation.variances[kept].sum() / decorrelation.variances.sum().clamp(min=1e-30)
+                row[f"{kind} variance kept @{bits} bits"] = f"{float(share):.3f}"
+        rows.append(row)
+    print(format_table(rows))
+    print(
+        f"\ncalibrated on {calibration.tokens:,} tokens of {source} in {seconds:.0f} s; wrote {output}; use it with "
+        f"PrefixCache(backend, codec=TransformCodec(CodecCalibration.load({str(output)!r}), model, average_bits=1.5))"
     )

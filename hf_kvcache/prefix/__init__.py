@@ -9,6 +9,10 @@ store = PrefixCache(backend, block_size=256, bits=4)  # 4-bit blocks: 0.28x the 
 output = generate_with_prefix_cache(model, tokenizer(prompt, return_tensors="pt"), store, max_new_tokens=64)
 print(store)  # lookups, hit rate, tokens reused, bytes, evictions, fetch latency
 store.stats()["tiers"]  # the same per level
+
+# transform-coded blocks (hf-kvcache calibrate --transform-codec writes the calibration)
+codec = TransformCodec(CodecCalibration.load("codec.safetensors"), model, average_bits=1.5)
+store = PrefixCache(backend, codec=codec)
 ```
 """
 
@@ -20,15 +24,18 @@ from hf_kvcache.prefix.memory import MemoryBackend
 from hf_kvcache.prefix.redis_backend import RedisBackend
 from hf_kvcache.prefix.store import PrefixCache
 from hf_kvcache.prefix.tiered import TieredBackend
+from hf_kvcache.prefix.transform_codec import CodecCalibration, TransformCodec
 
 __all__ = [
     "Backend",
     "BackendError",
+    "CodecCalibration",
     "DiskBackend",
     "MemoryBackend",
     "PrefixCache",
     "RedisBackend",
     "TieredBackend",
+    "TransformCodec",
     "block_keys",
     "generate_with_prefix_cache",
     "model_fingerprint",

@@ -22,6 +22,7 @@ import json
 import struct
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load, save
@@ -30,6 +31,9 @@ from hf_kvcache.caches.base import FULL_PRECISION, Storage, largest_group
 from hf_kvcache.prefix.keys import LAYOUT_VERSION
 from hf_kvcache.quant.packing import check_bits
 from hf_kvcache.validation import check_int
+
+if TYPE_CHECKING:
+    from hf_kvcache.prefix.transform_codec import TransformCodec
 
 BlockKV = list[tuple[torch.Tensor, torch.Tensor]]
 _METADATA_START = '{"__metadata__":'
@@ -78,25 +82,31 @@ class BlockShape:
 
 @dataclass(frozen=True)
 class BlockFormat:
-    """How a block's KV is stored: full precision (`bits=None`) or `bits`-bit KIVI codes.
+    """How a block's KV is stored: full precision (`bits=None`), `bits`-bit KIVI codes, or transform-coded by a
+    `codec` (`transform_codec.TransformCodec`).
 
     `group_size`: at most, tokens per key block and channels per value group (the largest divisors of the
     block's tokens and of a layer's value channels up to it). Bytes per element at 4 bits: 0.5 for codes plus
     2 x 2 / `group_size` for fp16 statistics, so 64 keeps 4-bit blocks under 0.3x of fp16 blocks.
 
     Raises:
-        ValueError: `bits` not None, 2, 3, 4 or 8; `group_size` not a positive integer.
+        ValueError: `bits` not None, 2, 3, 4 or 8; `group_size` not a positive integer; both `bits` and `codec`.
     """
 
     bits: int | None = None
     group_size: int = 64
+    codec: "TransformCodec | None" = None
 
     def __post_init__(self) -> None:
         if self.bits is not None:
             check_bits(self.bits, hint="or None for full precision")
         check_int("group_size", self.group_size, minimum=1)
+        if self.codec is not None and self.bits is not None:
+            raise ValueError(f"bits={self.bits} and codec=...: a block is stored one way; give one of them")
 
     def describe(self) -> str:
+        if self.codec is not None:
+            return self.codec.describe()
         return "full precision" if self.bits is None else f"{self.bits}-bit KIVI, group_size={self.group_size}"
 
     def storage(self, tokens: int, value_channels: int) -> Storage:
@@ -111,8 +121,13 @@ class BlockFormat:
             key_group_size=largest_group(tokens, self.group_size),
         )
 
-    def pack(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The stored tensors for one layer's `(1, kv_heads, tokens, channels)` keys and values."""
+    def pack(
+        self, keys: torch.Tensor, values: torch.Tensor, layer: int = 0, position: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """The stored tensors for layer `layer`'s `(1, kv_heads, tokens, channels)` keys and values of the prompt's
+        tokens from `position` on (both only matter to a codec)."""
+        if self.codec is not None:
+            return self.codec.encode(layer, keys, values, position)
         store = self.storage(keys.shape[-2], values.shape[-1]).new_store(keys, values)
         store.append(keys, values)
         return {name: tensor.contiguous() for name, tensor in store.state().items()}
@@ -122,10 +137,12 @@ class BlockFormat:
         value_template = state[self.storage(1, 1).store_type.template_names[1]]
         return self.storage(tokens, value_template.shape[-1]).store_from_state(state).read()
 
-    def unpack_layers(self, states: list[dict[str, torch.Tensor]], tokens: int) -> BlockKV:
-        """Every layer's `(kv_heads, tokens, channels)` keys and values. Quantized layers of the same shapes are
-        stacked along the batch dimension and dequantized in one pass: per-layer passes of a few small tensors
-        each cost more in dispatch than in arithmetic."""
+    def unpack_layers(self, states: list[dict[str, torch.Tensor]], tokens: int, position: int = 0) -> BlockKV:
+        """Every layer's `(kv_heads, tokens, channels)` keys and values of a block starting at the prompt's token
+        `position`. Quantized layers of the same shapes are stacked along the batch dimension and dequantized in one
+        pass: per-layer passes of a few small tensors each cost more in dispatch than in arithmetic."""
+        if self.codec is not None:
+            return [self.codec.decode(index, state, tokens, position) for index, state in enumerate(states)]
         if self.bits is None:
             return [tuple(t[0] for t in self.unpack(state, tokens)) for state in states]
         batch_first = self.storage(1, 1).store_type.tensor_names
@@ -178,12 +195,13 @@ def encode_block(
     layers: BlockKV,
     block_format: BlockFormat = BlockFormat(),
     secret: bytes | None = None,
+    position: int = 0,
 ) -> bytes:
-    """Serialize one block; `layers[i]` is layer i's `(keys, values)`, each `(kv_heads, tokens, channels)`.
-    `secret`: sign it with an HMAC under this key instead of a plain checksum."""
+    """Serialize one block; `layers[i]` is layer i's `(keys, values)`, each `(kv_heads, tokens, channels)`, of the
+    prompt's tokens from `position` on. `secret`: sign it with an HMAC under this key instead of a plain checksum."""
     tensors = {}
     for index, (keys, values) in enumerate(layers):
-        state = block_format.pack(*(t.detach().to("cpu")[None] for t in (keys, values)))
+        state = block_format.pack(*(t.detach().to("cpu")[None] for t in (keys, values)), index, position)
         tensors |= {f"{index}.{name}": tensor for name, tensor in state.items()}
     tokens = layers[0][0].shape[-2] if layers else 0
     meta = {"layout": LAYOUT_VERSION, "key": key, "fingerprint": fingerprint, "layers": str(len(layers))}
@@ -255,10 +273,12 @@ def decode_block(
     block_format: BlockFormat = BlockFormat(),
     secret: bytes | None = None,
     shape: BlockShape | None = None,
+    position: int = 0,
 ) -> BlockKV:
     """The `(keys, values)` of every layer (dequantized for a quantized format), after checking the block's
     identity, format, checksum or MAC (with `secret`) and token count, and, given the restoring model's `shape`,
-    every layer's geometry, dtype and finiteness. Raises `CorruptBlock` (`Unauthenticated` for the MAC)."""
+    every layer's geometry, dtype and finiteness. `position`: the prompt's token the block starts at (a codec's
+    RoPE and raw tokens depend on it). Raises `CorruptBlock` (`Unauthenticated` for the MAC)."""
     meta = block_metadata(data)
     expected = {
         "layout": LAYOUT_VERSION,
@@ -282,7 +302,7 @@ def decode_block(
     if layers <= 0 or len(states) != layers or sorted(states) != sorted(map(str, range(layers))):
         raise CorruptBlock(f"expected tensors for {layers} layers, found layers {sorted(states)}")
     try:
-        blocks = block_format.unpack_layers([states[str(index)] for index in range(layers)], block_size)
+        blocks = block_format.unpack_layers([states[str(index)] for index in range(layers)], block_size, position)
     except Exception as error:  # signed, but unreadable: a layout this version cannot read, or a forgery
         raise CorruptBlock(f"layers cannot be read back: {error}") from None
     for index, (keys, values) in enumerate(blocks):

@@ -70,7 +70,7 @@ def _offloaded_entries(model: PreTrainedModel) -> dict[str, bytes]:
     return entries
 
 
-def _weights_digest(model: PreTrainedModel) -> str:
+def weights_digest(model: PreTrainedModel) -> str:
     """Hash of every parameter and buffer: names, shapes, dtypes and all bytes (adapters included, offloaded
     weights read through accelerate)."""
     offloaded = _offloaded_entries(model)
@@ -96,7 +96,7 @@ def model_fingerprint(model: PreTrainedModel) -> str:
         "config": model.config.to_dict(),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "dtype": str(model.dtype),
-        "weights": _weights_digest(model),
+        "weights": weights_digest(model),
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "hf_kvcache": __version__},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()

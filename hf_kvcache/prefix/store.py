@@ -31,6 +31,7 @@ from hf_kvcache.prefix.codec import (
 from hf_kvcache.prefix.keys import block_keys, cache_signature, model_fingerprint
 from hf_kvcache.prefix.stats import LevelStats
 from hf_kvcache.prefix.tiered import TieredBackend, known_total
+from hf_kvcache.prefix.transform_codec import TransformCodec
 from hf_kvcache.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ class PrefixCache:
             `QuantizedCache`'s KIVI codes with their statistics (4 bits: 0.28x of fp16 bytes), restored
             dequantized (lossy: outputs after a hit may differ from a cold run's).
         group_size: with `bits`: tokens per key block and, at most, channels per value group.
+        codec: instead of `bits`, a `TransformCodec` (decorrelated, bit-allocated, zstd-compressed blocks, calibrated
+            for one model: saving or restoring for another raises a ValueError); restores are lossy like `bits`.
         prefetch_blocks: blocks per backend request while restoring; the next request runs in a background
             thread while the blocks just received are checked and decoded, so a long prefix's transfer
             overlaps its decoding. 0 fetches the whole prefix in one request.
@@ -143,6 +146,7 @@ class PrefixCache:
         group_size: int = 64,
         prefetch_blocks: int = 4,
         secret: str | bytes | None = None,
+        codec: TransformCodec | None = None,
     ):
         if not isinstance(backend, Backend):
             raise ValueError(
@@ -153,7 +157,9 @@ class PrefixCache:
         check_int("prefetch_blocks", prefetch_blocks, hint="0 fetches a prefix in one request")
         self.backend = backend
         self.block_size = block_size
-        self.block_format = BlockFormat(bits, group_size)
+        if codec is not None and not isinstance(codec, TransformCodec):
+            raise ValueError(f"codec={codec!r} must be a TransformCodec or None")
+        self.block_format = BlockFormat(bits, group_size, codec)
         self.prefetch_blocks = prefetch_blocks
         self._secret = store_secret(secret)
         self.backend_stats = LevelStats(backend)
@@ -228,8 +234,9 @@ class PrefixCache:
                 try:
                     if len(data) > max_bytes:
                         raise CorruptBlock(f"{len(data)} bytes, more than a block of this model can take ({max_bytes})")
+                    position = len(blocks) * self.block_size
                     block = decode_block(
-                        data, key, fingerprint, self.block_size, self.block_format, self._secret, shape
+                        data, key, fingerprint, self.block_size, self.block_format, self._secret, shape, position
                     )
                 except CorruptBlock as error:
                     self._unusable(key, error)
@@ -264,6 +271,8 @@ class PrefixCache:
         """The model's fingerprint combined with the cache's signature and the block format: KV computed after a
         restore through a quantizing or evicting cache differs from full-precision KV, and a block is read
         in the format it was written in, so each configuration has its own keys."""
+        if self.block_format.codec is not None:
+            self.block_format.codec.check_model(model)
         identity = f"{model_fingerprint(model)}:{cache_signature(cache)}:{self.block_format.describe()}"
         return self._digest(identity)
 
@@ -349,7 +358,8 @@ class PrefixCache:
         for index in range(start // self.block_size, len(keys)):
             begin, end = index * self.block_size - start, (index + 1) * self.block_size - start
             block = [(k[0, :, begin:end], v[0, :, begin:end]) for k, v in layers]
-            data = encode_block(keys[index], fingerprint, block, self.block_format, self._secret)
+            position = index * self.block_size
+            data = encode_block(keys[index], fingerprint, block, self.block_format, self._secret, position)
             try:
                 stored = self.backend.put(keys[index], data, keys[index - 1] if index else None)
             except BackendError as error:
