@@ -2,7 +2,7 @@
 policies, all on the same prompts) merged into one markdown table (accuracy and MiB held per budget, one row per
 spec template) and a PNG of accuracy against budget, one line per template.
 
-Runs are merged only when their task settings (task, samples, prompt tokens, new tokens) are equal: the same
+Runs are merged only when their task settings (task, samples, prompt tokens, new tokens, seed, text, model) are equal: the same
 seeded prompts. A template measured at the same budget in two runs keeps the first file's row.
 
     python benchmarks/plot_retrieval.py benchmarks/results/retrieval.json benchmarks/results/retrieval-512.json \\
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 MIB = 2**20
-SAME_PROMPTS = ("task", "samples", "prompt_tokens", "new_tokens")
+SAME_PROMPTS = ("task", "samples", "prompt_tokens", "new_tokens", "seed", "text", "model")
 
 
 def merged_rows(paths: list[Path]) -> tuple[dict, dict[str, dict[int, dict]]]:
@@ -39,12 +39,21 @@ def merged_rows(paths: list[Path]) -> tuple[dict, dict[str, dict[int, dict]]]:
     return settings or {}, table
 
 
+def short_label(template: str) -> str:
+    """A template as a spec with B for the budget and a file path shortened to its name."""
+    parts = [
+        part.split("=")[0] + "=" + Path(part.split("=", 1)[1]).name if "/" in part else part
+        for part in template.split(",")
+    ]
+    return ",".join(parts).replace("{budget}", "B").replace("{window}", "B-4")
+
+
 def markdown(table: dict[str, dict[int, dict]], budgets: list[int]) -> str:
     header = " | ".join(f"B={b}" for b in budgets)
     lines = [f"| spec (B = budget) | {header} | MiB held {' / '.join(map(str, budgets))} |"]
     lines.append("| --- |" + " --- |" * (len(budgets) + 1))
     for template, rows in table.items():
-        spec = template.replace("{budget}", "B").replace("{window}", "B-4")
+        spec = short_label(template)
         full = None in rows
 
         def cell(budget, key, rows=rows, full=full):
@@ -64,15 +73,18 @@ def plot(table: dict[str, dict[int, dict]], budgets: list[int], settings: dict, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    figure, axes = plt.subplots(figsize=(8, 5.5))
-    for template, rows in table.items():
-        label = template.replace("{budget}", "B").replace("{window}", "B-4")
+    figure, axes = plt.subplots(figsize=(12, 6))
+    colors, markers = plt.get_cmap("tab20").colors, "os^vDP*Xh<>"
+    for index, (template, rows) in enumerate(table.items()):
+        label = short_label(template)
         if None in rows:  # the full cache: a level, not a function of the budget
             axes.axhline(rows[None]["accuracy"], color="black", linestyle="--", label=label)
             continue
         measured = sorted(b for b in rows if b in budgets)
-        axes.plot(measured, [rows[b]["accuracy"] for b in measured], marker="o", label=label)
+        style = {"color": colors[index % len(colors)], "marker": markers[index % len(markers)]}
+        axes.plot(measured, [rows[b]["accuracy"] for b in measured], label=label, **style)
     axes.set(
         xscale="log",
         xticks=budgets,
@@ -81,7 +93,8 @@ def plot(table: dict[str, dict[int, dict]], budgets: list[int], settings: dict, 
         ylabel="accuracy",
         title=f"{settings.get('task')}: {settings.get('samples')} prompts of ~{settings.get('prompt_tokens')} tokens",
     )
-    axes.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

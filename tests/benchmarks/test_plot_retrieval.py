@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plot_retrieval.py"
-SETTINGS = {"task": "passkey", "samples": 2, "budgets": [128], "prompt_tokens": 800, "new_tokens": 8}
+SETTINGS = {"task": "passkey", "samples": 2, "budgets": [128], "prompt_tokens": 800, "new_tokens": 8, "seed": 0}
 
 
 def run_file(path: Path, rows: list[tuple], settings: dict = SETTINGS) -> Path:
