@@ -24,6 +24,7 @@ def test_a_run_measures_every_format_and_writes_its_files(tmp_path, capsys):
     rows = {row["format"]: row for row in result["rows"]}
     assert list(rows) == ["full precision", "4-bit KIVI", "codec 1 bits", "codec 3 bits"]
     exact = rows["full precision"]
+    assert all(row["save ms"] > 0 and row["restore ms"] > 0 for row in rows.values())
     assert exact["first-token max |dlogit|"] == 0 and exact["perplexity"] == pytest.approx(result["exact_perplexity"])
     assert exact["x fp16"] == pytest.approx(2.0, rel=0.1)  # fp32 KV, and the block headers
     assert rows["codec 1 bits"]["bytes/token"] < rows["codec 3 bits"]["bytes/token"] < exact["bytes/token"]
