@@ -247,6 +247,17 @@ def save_tiny_model_folder(folder: Path) -> Path:
     return folder
 
 
+SHORT_TEXT = "The quick brown fox jumps over the lazy dog. " * 20
+
+
+@pytest.fixture
+def folder_and_text(tmp_path) -> tuple[Path, Path]:
+    """A saved tiny model folder and a short text file (`SHORT_TEXT`): what the commands' tests run on."""
+    text = tmp_path / "text.txt"
+    text.write_text(SHORT_TEXT, encoding="utf-8")
+    return save_tiny_model_folder(tmp_path / "model"), text
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param

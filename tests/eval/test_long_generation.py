@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, save_tiny_model_folder
+from conftest import make_tiny_model
 from helpers import random_ids
 from transformers import DynamicCache
 
@@ -125,10 +125,8 @@ def test_compress_once_caches_are_refused_before_the_generation(model, prompt):
         evaluate_long_generation(model, prompt, ["dynamic", "kvzip:budget=8"], NEW_TOKENS, 10, progress=False)
 
 
-def test_the_command(tmp_path, capsys):
-    folder = save_tiny_model_folder(tmp_path / "tiny")
-    text = tmp_path / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+def test_the_command(folder_and_text, tmp_path, capsys):
+    folder, text = folder_and_text
     output = tmp_path / "out"
     argv = ["eval", "--task", "long-generation", "--model", str(folder), "--dataset", str(text)]
     argv += ["--context-tokens", "16", "--max-new-tokens", "24", "--no-progress", "--output", str(output)]

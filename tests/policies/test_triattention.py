@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model, save_tiny_model_folder
+from conftest import make_tiny_model
 from helpers import left_padded_batch, random_ids
 
 from hf_kvcache import EvictionCache, enable_score_capture
@@ -161,10 +161,8 @@ def test_padded_rows_keep_what_each_keeps_alone(tmp_path):
             assert batch.layers[index].kept_positions()[row] == [[p + padding for p in h] for h in kept_alone]
 
 
-def test_the_calibrate_command_writes_statistics_a_cache_takes(tmp_path, capsys):
-    folder = save_tiny_model_folder(tmp_path / "model")
-    text = tmp_path / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+def test_the_calibrate_command_writes_statistics_a_cache_takes(folder_and_text, tmp_path, capsys):
+    folder, text = folder_and_text
     output = tmp_path / "statistics.json"
     argv = ["calibrate", "--query-statistics", "--model", str(folder), "--dataset", str(text), "--tokens", "64"]
     assert main([*argv, "--chunk-size", "16", "--output", str(output), "--no-progress"]) == 0

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny_model, save_tiny_model_folder
+from conftest import make_tiny_model
 from helpers import random_ids
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from hf_kvcache.calibration.transform_codec import calibrate_transform_codec
 from hf_kvcache.cli import main
 from hf_kvcache.compat import CACHE_KWARG
+from hf_kvcache.models import load_model
 from hf_kvcache.prefix import (
     CodecCalibration,
     DiskBackend,
@@ -149,7 +150,7 @@ def test_a_short_block_is_stored_raw(llama, calibration):
     assert all(torch.equal(o, r) for pair in zip(original, restored) for o, r in zip(*pair))
 
 
-@pytest.mark.parametrize("where", ["memory", "disk", "redis", "memory>disk"])
+@pytest.mark.parametrize("where", ["memory", "disk", "redis", "redis-cluster", "memory>disk"])
 def test_codec_blocks_through_every_backend_and_tier_restore_what_the_codec_decodes(
     where, llama, calibration, tmp_path, request
 ):
@@ -159,6 +160,8 @@ def test_codec_blocks_through_every_backend_and_tier_restore_what_the_codec_deco
         backend = DiskBackend(tmp_path / "store")
     elif where == "redis":
         backend = RedisBackend(request.getfixturevalue("redis_server").url, prefix="codec:")
+    elif where == "redis-cluster":
+        backend = RedisBackend(request.getfixturevalue("redis_cluster").url, prefix="codec:", cluster=True)
     else:
         backend = TieredBackend(MemoryBackend(max_bytes=None), DiskBackend(tmp_path / "tiered"))
     codec = TransformCodec(calibration, llama, average_bits=2)
@@ -283,10 +286,8 @@ def test_decoding_refuses_codes_the_codec_did_not_write(llama, calibration):
         TransformCodec(calibration, llama, average_bits=2).decode(0, state, BLOCK, position=0)
 
 
-def test_the_calibrate_command_writes_a_calibration_a_codec_takes(tmp_path, capsys):
-    folder = save_tiny_model_folder(tmp_path / "model")
-    text = tmp_path / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+def test_the_calibrate_command_writes_a_calibration_a_codec_takes(folder_and_text, tmp_path, capsys):
+    folder, text = folder_and_text
     output = tmp_path / "codec.safetensors"
     argv = ["calibrate", "--transform-codec", "--model", str(folder), "--dataset", str(text), "--tokens", "96"]
     assert main([*argv, "--chunk-size", "32", "--output", str(output), "--no-progress"]) == 0
@@ -294,8 +295,6 @@ def test_the_calibrate_command_writes_a_calibration_a_codec_takes(tmp_path, caps
     assert "keys variance kept @1 bits" in printed and f"CodecCalibration.load({str(output)!r})" in printed
     calibration = CodecCalibration.load(output)
     assert calibration.tokens == 96 and "text.txt" in calibration.source
-    from hf_kvcache.models import load_model
-
     model, _ = load_model(str(folder))
     TransformCodec(calibration, model)  # keyed to this model's weights
     assert main([*argv, "--average-bits", "3", "--output", str(output)]) == 2
