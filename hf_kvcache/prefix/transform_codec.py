@@ -48,7 +48,8 @@ CODE_LIMIT = 127
 ENTROPY_STEP = math.sqrt(2 * math.pi * math.e)
 CODE_VERSION = "step-1"  # how components are quantized; part of a codec's identity, so blocks of another never decode
 KINDS = ("keys", "values")
-MAX_CALIBRATION_BYTES = 1 << 32  # a calibration file of a model with 2 x 64 layers of 8,192 features in float32
+# A calibration file's cap: float32 bases of 64 layers of 2,896 features, keys and values (8 KV heads x 128: 1,024).
+MAX_CALIBRATION_BYTES = 1 << 32
 
 
 @dataclass(frozen=True, eq=False)
