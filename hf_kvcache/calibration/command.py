@@ -56,7 +56,8 @@ DEFAULTS = {"dataset": "pg19", "tokens": 512, "chunk_size": 64, "cache_settings"
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "calibrate",
-        help="choose per-layer key/value widths for the quantized cache under an average-bits budget",
+        help="calibrate a model: per-layer key/value widths for the quantized cache (default), TriAttention's query "
+        "statistics (--query-statistics) or the prefix store's transform codec (--transform-codec)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
