@@ -34,7 +34,7 @@ with `--cache triattention:budget=256,statistics=PATH`.
 With --transform-codec it calibrates the prefix store's transform codec (KVTC, https://arxiv.org/abs/2511.01815):
 one chunked forward, then per layer the principal components of its keys (taken out of RoPE) and of its values,
 written as safetensors to --output (default transform-codec.safetensors), keyed to the model's weights; use it
-with `PrefixCache(backend, codec=TransformCodec(CodecCalibration.load(PATH), model, average_bits=1.5))`.
+with `PrefixCache(backend, codec=TransformCodec(CodecCalibration.load(PATH), model, average_bits=2))`.
 
 examples:
   hf-kvcache calibrate --average-bits 2.5 --output profile-2.5bits.json
@@ -132,7 +132,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--output",
         default=None,
-        help="where to write the profile (default: profile.json; query-statistics.json with --query-statistics)",
+        help="where to write the result (default: profile.json; query-statistics.json with --query-statistics; "
+        "transform-codec.safetensors with --transform-codec)",
     )
     parser.add_argument("--device", default=None, help="torch device for the model (default: cpu); e.g. --device cuda")
     parser.add_argument(
@@ -329,5 +330,5 @@ def run_transform_codec(args: argparse.Namespace) -> None:
     print(format_table(rows))
     print(
         f"\ncalibrated on {calibration.tokens:,} tokens of {source} in {seconds:.0f} s; wrote {output}; use it with "
-        f"PrefixCache(backend, codec=TransformCodec(CodecCalibration.load({str(output)!r}), model, average_bits=1.5))"
+        f"PrefixCache(backend, codec=TransformCodec(CodecCalibration.load({str(output)!r}), model, average_bits=2))"
     )

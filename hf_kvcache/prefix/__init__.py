@@ -11,7 +11,7 @@ print(store)  # lookups, hit rate, tokens reused, bytes, evictions, fetch latenc
 store.stats()["tiers"]  # the same per level
 
 # transform-coded blocks (hf-kvcache calibrate --transform-codec writes the calibration)
-codec = TransformCodec(CodecCalibration.load("codec.safetensors"), model, average_bits=1.5)
+codec = TransformCodec(CodecCalibration.load("codec.safetensors"), model, average_bits=2)
 store = PrefixCache(backend, codec=codec)
 ```
 """

@@ -104,7 +104,7 @@ class PrefixCache:
         bits: None stores blocks in the model's precision (restores are exact); 2, 3, 4 or 8 store
             `QuantizedCache`'s KIVI codes with their statistics (4 bits: 0.28x of fp16 bytes), restored
             dequantized (lossy: outputs after a hit may differ from a cold run's).
-        group_size: with `bits`: tokens per key block and, at most, channels per value group.
+        group_size: with `bits`: tokens per key block and, at most, channels per value group (None: 64).
         codec: instead of `bits`, a `TransformCodec` (decorrelated, bit-allocated, zstd-compressed blocks, calibrated
             for one model: saving or restoring for another raises a ValueError); restores are lossy like `bits`.
         prefetch_blocks: blocks per backend request while restoring; the next request runs in a background
@@ -143,7 +143,7 @@ class PrefixCache:
         backend: Backend,
         block_size: int = 256,
         bits: int | None = None,
-        group_size: int = 64,
+        group_size: int | None = None,
         prefetch_blocks: int = 4,
         secret: str | bytes | None = None,
         codec: TransformCodec | None = None,
@@ -158,8 +158,13 @@ class PrefixCache:
         self.backend = backend
         self.block_size = block_size
         if codec is not None and not isinstance(codec, TransformCodec):
-            raise ValueError(f"codec={codec!r} must be a TransformCodec or None")
-        self.block_format = BlockFormat(bits, group_size, codec)
+            raise ValueError(
+                f"codec: a {type(codec).__name__} is not accepted; give a TransformCodec, e.g. "
+                "TransformCodec(CodecCalibration.load(path), model), or None"
+            )
+        if codec is not None and group_size is not None:
+            raise ValueError(f"group_size={group_size} applies to `bits` blocks; a codec's blocks have no groups")
+        self.block_format = BlockFormat(bits, 64 if group_size is None else group_size, codec)
         self.prefetch_blocks = prefetch_blocks
         self._secret = store_secret(secret)
         self.backend_stats = LevelStats(backend)

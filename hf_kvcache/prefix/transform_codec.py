@@ -113,6 +113,12 @@ class CodecCalibration:
     source: str = ""
     tokens: int = 0
 
+    def __repr__(self) -> str:
+        return (
+            f"CodecCalibration({len(self.keys)} layers, model_digest={self.model_digest[:12]}…, {self.tokens:,} tokens "
+            f"of {self.source or 'an unnamed text'})"
+        )
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the calibration as a safetensors file (parents created); returns the path."""
         tensors = {}
@@ -266,7 +272,23 @@ class TransformCodec:
     min_block_tokens: int = 16
     level: int = 3
 
+    def __repr__(self) -> str:
+        return (
+            f"TransformCodec({self.describe()}, raw_tokens={self.raw_tokens}, min_block_tokens={self.min_block_tokens}, "
+            f"level={self.level}, {self.calibration!r})"
+        )
+
     def __post_init__(self) -> None:
+        if not isinstance(self.calibration, CodecCalibration):
+            raise ValueError(
+                f"calibration: a {type(self.calibration).__name__} is not accepted; give a CodecCalibration, e.g. "
+                "CodecCalibration.load('codec.safetensors') (first argument; the model comes second)"
+            )
+        if not isinstance(self.model, torch.nn.Module) or not hasattr(self.model, "config"):
+            raise ValueError(
+                f"model: a {type(self.model).__name__} is not accepted; give the transformers model the calibration "
+                "was made with"
+            )
         check_number("average_bits", self.average_bits, unit=f"code bits per element, at most {MAX_BITS}")
         if self.average_bits > MAX_BITS:
             raise ValueError(f"average_bits={self.average_bits!r} must be at most {MAX_BITS}")
@@ -277,7 +299,8 @@ class TransformCodec:
         if features != self.calibration.layer_features:
             raise ValueError(
                 f"the calibration is for layers of (kv_heads, key channels, value channels) "
-                f"{self.calibration.layer_features[:2]}..., this model's are {features[:2]}...: another model"
+                f"{self.calibration.layer_features[:2]}..., this model's are {features[:2]}...: another model; "
+                "calibrate it for this one with `hf-kvcache calibrate --transform-codec`"
             )
         self.check_model(self.model)
         object.__setattr__(self, "_ropes", layer_ropes(self.model))
@@ -300,7 +323,7 @@ class TransformCodec:
             raise ValueError(
                 f"the transform codec was calibrated for another model (weights digest "
                 f"{self.calibration.model_digest[:12]}…, this model's {digest[:12]}…; a change of dtype counts): "
-                "calibrate it for this one with `hf-kvcache calibrate --transform-codec`"
+                "calibrate it for this one with `hf-kvcache calibrate --transform-codec` (and its --dtype)"
             )
 
     @property

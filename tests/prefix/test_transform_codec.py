@@ -219,8 +219,19 @@ def test_bad_settings_are_refused_naming_them(llama, calibration, settings, mess
 def test_a_format_is_bits_or_a_codec_not_both(llama, calibration):
     with pytest.raises(ValueError, match="bits=4 and codec"):
         BlockFormat(bits=4, codec=TransformCodec(calibration, llama))
-    with pytest.raises(ValueError, match="must be a TransformCodec"):
-        PrefixCache(MemoryBackend(), codec="kvtc")
+    with pytest.raises(ValueError, match="codec: a CodecCalibration is not accepted; give a TransformCodec"):
+        PrefixCache(MemoryBackend(), codec=calibration)
+    with pytest.raises(ValueError, match="group_size=32 applies to `bits` blocks"):
+        PrefixCache(MemoryBackend(), group_size=32, codec=TransformCodec(calibration, llama))
+
+
+def test_arguments_of_the_wrong_kind_are_named_and_reprs_stay_short(llama, calibration):
+    with pytest.raises(ValueError, match="calibration: a LlamaForCausalLM is not accepted"):
+        TransformCodec(llama, calibration)
+    with pytest.raises(ValueError, match="model: a NoneType is not accepted"):
+        TransformCodec(calibration, None)
+    shown = repr(TransformCodec(calibration, llama))
+    assert len(shown) < 300 and "transform codec" in shown and "2 layers" in shown
 
 
 def test_calibration_files_round_trip_and_damaged_ones_are_refused(calibration, tmp_path):
