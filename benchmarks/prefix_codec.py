@@ -30,9 +30,9 @@ from transformers import DynamicCache
 from hf_kvcache.calibration.transform_codec import calibrate_transform_codec
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.eval.data import bundled_text, load_text, tokenize_text
+from hf_kvcache.geometry import model_geometry
 from hf_kvcache.models import MODEL_HELP, load_model, model_title
 from hf_kvcache.prefix import CodecCalibration, MemoryBackend, PrefixCache, TransformCodec
-from hf_kvcache.prefix.transform_codec import cached_layers
 from hf_kvcache.report import format_table
 
 
@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     exact_cache = DynamicCache(config=model.config)
     model(prefix, **{CACHE_KWARG: exact_cache})
     exact, exact_logits = continuation_scores(model, exact_cache, continuation)
-    fp16_bytes_per_token = 2 * sum(layer.kv_heads * (layer.key_dim + layer.value_dim) for layer in cached_layers(model))
+    fp16_bytes_per_token = 2 * sum(
+        heads * (keys + values) for heads, keys, values in model_geometry(model.config).cached_kv_sizes
+    )
 
     rows = []
     for name, store in stores(args, model, calibration).items():

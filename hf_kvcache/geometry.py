@@ -140,6 +140,16 @@ class ModelGeometry:
         return None
 
     @property
+    def cached_layers(self) -> tuple[LayerGeometry, ...]:
+        """The layers that hold KV of their own (not those that read another layer's)."""
+        return tuple(layer for layer in self.layers if layer.kind != SHARED_KIND)
+
+    @property
+    def cached_kv_sizes(self) -> tuple[tuple[int, int, int], ...]:
+        """(kv_heads, key channels, value channels) of every cached layer."""
+        return tuple((layer.kv_heads, layer.key_dim, layer.value_dim) for layer in self.cached_layers)
+
+    @property
     def recurrent_layers(self) -> tuple[LayerGeometry, ...]:
         """The layers that keep a running state instead of per-token KV (hybrid models)."""
         return tuple(layer for layer in self.layers if layer.keeps_recurrent_state)

@@ -178,8 +178,7 @@ def check_long_enough(tokens: int, cache: QuantizedCache, settings: dict[str, ob
 
 def calibration_passes(config: PreTrainedConfig, choices: Sequence[int]) -> int:
     """How many quantized passes `calibrate_bit_profile` runs: 2 x len(choices) per layer that stores KV."""
-    stored = [layer for layer in model_geometry(config).layers if layer.kind != SHARED_KIND]
-    return len(stored) * len(HALVES) * len(check_choices(choices))
+    return len(model_geometry(config).cached_layers) * len(HALVES) * len(check_choices(choices))
 
 
 def calibrate_bit_profile(

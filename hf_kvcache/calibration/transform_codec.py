@@ -8,12 +8,12 @@ from transformers import DynamicCache, PreTrainedModel
 
 from hf_kvcache.compat import CACHE_KWARG
 from hf_kvcache.devices import input_device
+from hf_kvcache.geometry import model_geometry
 from hf_kvcache.prefix.keys import weights_digest
 from hf_kvcache.prefix.transform_codec import (
     KINDS,
     CodecCalibration,
     Decorrelation,
-    cached_layers,
     layer_ropes,
     rotate_to,
 )
@@ -45,7 +45,8 @@ def calibrate_transform_codec(
             f"input_ids must be one row of more than skip_tokens + 1 = {skip_tokens + 1} token ids, got "
             f"{tuple(input_ids.shape)}"
         )
-    layers, ropes = cached_layers(model), layer_ropes(model)
+    geometry, ropes = model_geometry(model.config), layer_ropes(model)
+    layers = geometry.cached_layers
     unserved = [layer.describe() for layer in layers if not layer.is_attention]
     if unserved:
         raise ValueError(f"the transform codec codes attention KV only; {', '.join(unserved)} hold other state")
@@ -65,7 +66,7 @@ def calibrate_transform_codec(
             tensor = getattr(cached, kind)[0, :, skip_tokens:].float().cpu()
             features = rotate_to(rope, tensor, -positions, kind).transpose(0, 1).reshape(len(positions), -1)
             fitted[kind].append(Decorrelation.fit(features))
-    features = tuple((layer.kv_heads, layer.key_dim, layer.value_dim) for layer in layers)
+    features = geometry.cached_kv_sizes
     return CodecCalibration(
         tuple(fitted["keys"]), tuple(fitted["values"]), weights_digest(model), features, source, tokens
     )

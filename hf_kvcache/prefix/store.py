@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache
 from hf_kvcache.caches.base import KVCache
 from hf_kvcache.caches.evicting import EvictionCache
 from hf_kvcache.devices import layer_devices
-from hf_kvcache.geometry import SHARED_KIND, layers_without_per_token_kv, model_geometry
+from hf_kvcache.geometry import layers_without_per_token_kv, model_geometry
 from hf_kvcache.prefix.backend import Backend, BackendError
 from hf_kvcache.prefix.codec import (
     BlockFormat,
@@ -77,8 +77,7 @@ def store_secret(secret: str | bytes | None) -> bytes | None:
 
 def block_shape(model: PreTrainedModel) -> BlockShape:
     """The geometry and dtype every block restored into `model` must have: its layers that cache KV."""
-    layers = [layer for layer in model_geometry(model.config).layers if layer.kind != SHARED_KIND]
-    return BlockShape(tuple((layer.kv_heads, layer.key_dim, layer.value_dim) for layer in layers), model.dtype)
+    return BlockShape(model_geometry(model.config).cached_kv_sizes, model.dtype)
 
 
 def prompt_tokens(input_ids: torch.Tensor | Sequence[int]) -> list[int]:

@@ -34,7 +34,7 @@ from safetensors.torch import load, save
 from transformers import PreTrainedModel
 
 from hf_kvcache.files import read_regular_file
-from hf_kvcache.geometry import SHARED_KIND, model_geometry
+from hf_kvcache.geometry import model_geometry
 from hf_kvcache.prefix.keys import weights_digest
 from hf_kvcache.rope import Rope
 from hf_kvcache.validation import check_int, check_number
@@ -187,11 +187,6 @@ class CodecCalibration:
 _TENSORS = ("mean", "basis", "variances")
 
 
-def cached_layers(model: PreTrainedModel) -> list:
-    """The `LayerGeometry` of every layer whose KV a prefix block holds (layers sharing another's KV hold none)."""
-    return [layer for layer in model_geometry(model.config).layers if layer.kind != SHARED_KIND]
-
-
 def layer_ropes(model: PreTrainedModel) -> tuple[Rope | None, ...]:
     """The rotary embedding to take out of each cached layer's keys (None: its keys carry no rotation).
 
@@ -199,7 +194,7 @@ def layer_ropes(model: PreTrainedModel) -> tuple[Rope | None, ...]:
         ValueError: a layer whose RoPE cannot be undone (named, with the reason).
     """
     ropes = []
-    for layer in cached_layers(model):
+    for layer in model_geometry(model.config).cached_layers:
         if layer.positions == "rope" and layer.rope is None:
             raise ValueError(
                 f"{layer.describe()}: the transform codec cannot take RoPE out of its keys: {layer.rope_problem}"
@@ -295,7 +290,7 @@ class TransformCodec:
         check_int("raw_tokens", self.raw_tokens)
         check_int("min_block_tokens", self.min_block_tokens, minimum=1)
         check_int("level", self.level, minimum=1, maximum=22)
-        features = tuple((layer.kv_heads, layer.key_dim, layer.value_dim) for layer in cached_layers(self.model))
+        features = model_geometry(self.model.config).cached_kv_sizes
         if features != self.calibration.layer_features:
             raise ValueError(
                 f"the calibration is for layers of (kv_heads, key channels, value channels) "
